@@ -1,0 +1,95 @@
+"""The XLA implementation: grouped einsums, float32 softmax, every feature.
+
+It is the reference path of the library: it serves every request (masks,
+bias, dropout, returned weights), never repeats K/V to N heads (queries are
+grouped to ``[B, T, K, G, H]`` instead), and is the fallback of every other
+implementation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gqa_jax.masks import combine_masks, padding_mask, segment_mask
+from gqa_jax.request import AttentionRequest
+from pallas_kernels.masking import visible
+
+Array = jax.Array
+
+
+def request_mask(request: AttentionRequest) -> Array | None:
+    """All of a request's masks combined: bool ``[B|1, N|1, T, S]`` or None."""
+    T, S = request.q_len, request.kv_len
+    positional = None
+    if request.positional:
+        q_pos = request.query_offset[:, None, None] + jnp.arange(T, dtype=jnp.int32)[None, :, None]
+        k_pos = jnp.arange(S, dtype=jnp.int32)[None, None, :]
+        positional = visible(q_pos, k_pos, causal=request.is_causal, window=request.local_window_size)[:, None]
+    padding = None
+    if request.query_seq_lengths is not None or request.key_value_seq_lengths is not None:
+        padding = padding_mask(T, S, request.query_seq_lengths, request.key_value_seq_lengths)
+    segments = None
+    if request.q_segment_ids is not None:
+        segments = segment_mask(request.q_segment_ids, request.kv_segment_ids)
+    return combine_masks(request.mask, positional, padding, segments)
+
+
+def _grouped(x: Array | None, num_kv_heads: int) -> Array | None:
+    """``[B|1, N|1, T, S] -> [B|1, K|1, G|1, T, S]``."""
+    if x is None:
+        return None
+    b, n, t, s = x.shape
+    if n == 1:
+        return x[:, :, None]
+    return x.reshape(b, num_kv_heads, n // num_kv_heads, t, s)
+
+
+def masked_softmax(logits: Array, mask: Array | None) -> Array:
+    """Float32 softmax over the last axis that gives zeros on fully masked rows.
+
+    Entries where ``mask`` is False, and logits of ``-inf`` (from a bias), get
+    zero weight; a row with no visible entry is all zeros, in values and in
+    gradients (never NaN).
+    """
+    logits = logits.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    unnormalized = jnp.exp(logits - row_max)
+    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    return unnormalized / jnp.where(total == 0.0, 1.0, total)
+
+
+def attention_weights(request: AttentionRequest) -> Array:
+    """Softmax weights ``[B, K, G, T, S]`` in float32 (before dropout)."""
+    B, T, N, H = request.query.shape
+    K = request.num_kv_heads
+    q_BTKGH = request.query.reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, request.key, preferred_element_type=jnp.float32)
+    logits = logits * request.scale
+    if request.logits_soft_cap is not None:
+        cap = request.logits_soft_cap
+        logits = cap * jnp.tanh(logits / cap)
+    if request.bias is not None:
+        logits = logits + _grouped(request.bias, K).astype(jnp.float32)
+    return masked_softmax(logits, _grouped(request_mask(request), K))
+
+
+def xla_attention(request: AttentionRequest):
+    """Serves any request; returns ``[B, T, N, Hv]`` (and ``[B, N, T, S]`` weights if asked)."""
+    B, T, N, _ = request.query.shape
+    dtype = request.query.dtype
+    weights = attention_weights(request)
+    probs = weights
+    if request.dropout_rate > 0.0:
+        keep = jax.random.bernoulli(request.dropout_rng, 1.0 - request.dropout_rate, weights.shape)
+        probs = jnp.where(keep, weights / (1.0 - request.dropout_rate), 0.0)
+    out = jnp.einsum(
+        "BKGTS,BSKH->BTKGH", probs.astype(request.value.dtype), request.value, preferred_element_type=jnp.float32
+    )
+    out = out.reshape(B, T, N, request.value_head_dim).astype(dtype)
+    if request.return_weights:
+        return out, weights.reshape(B, N, T, request.kv_len).astype(dtype)
+    return out
