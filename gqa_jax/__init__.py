@@ -7,8 +7,16 @@ with ``N % K == 0``. See `dot_product_attention` for the semantics.
 from gqa_jax.attention import dot_product_attention
 from gqa_jax.dispatch import current_platform, implementations, register_implementation
 from gqa_jax.heads import group_queries, repeat_kv, ungroup_queries
+from gqa_jax.interop import keras_params
 from gqa_jax.kv_cache import KVCache, splice_cache
 from gqa_jax.masks import causal_mask, combine_masks, padding_mask, segment_mask, sliding_window_mask
+from gqa_jax.modules import (
+    CachedMultiHeadAttention,
+    GroupedQueryAttention,
+    GroupQueryAttention,
+    MultiHeadAttention,
+    MultiQueryAttention,
+)
 from gqa_jax.projection import project_heads, project_output
 from gqa_jax.request import AttentionRequest, make_request
 
@@ -16,7 +24,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionRequest",
+    "CachedMultiHeadAttention",
+    "GroupQueryAttention",
+    "GroupedQueryAttention",
     "KVCache",
+    "MultiHeadAttention",
+    "MultiQueryAttention",
     "__version__",
     "causal_mask",
     "combine_masks",
@@ -24,6 +37,7 @@ __all__ = [
     "dot_product_attention",
     "group_queries",
     "implementations",
+    "keras_params",
     "make_request",
     "padding_mask",
     "project_heads",

@@ -1,0 +1,79 @@
+"""`CachedMultiHeadAttention`: keras-hub's ``CachedMultiHeadAttention`` as a Flax linen layer."""
+
+from __future__ import annotations
+
+import jax
+
+from gqa_jax.modules.multi_head_attention import MultiHeadAttention
+
+Array = jax.Array
+
+
+class CachedMultiHeadAttention(MultiHeadAttention):
+    """`MultiHeadAttention` with keras-hub's key/value cache, for autoregressive decoding.
+
+    Three modes, as in ``keras_hub.layers.CachedMultiHeadAttention``:
+
+    - ``cache=None``: plain multi-head attention; returns the output only.
+    - ``cache`` without ``cache_update_index``: attend to the cached keys and
+      values as they are (``key``/``value`` are not used); returns
+      ``(output, cache)``.
+    - ``cache`` with ``cache_update_index``: project ``key``/``value``, write
+      them into the cache at the index with `gqa_jax.splice_cache` (a scalar
+      as in keras-hub, or one index per row ``[B]`` for ragged batches), then
+      attend to the whole cache; returns ``(output, new_cache)``.
+
+    The cache is ``[B, 2, S, N, H]`` (keys, then values), which needs
+    ``value_dim == key_dim`` and rank-3 inputs. As in keras-hub the layer does
+    not mask unwritten cache slots by itself: pass an ``attention_mask
+    [B, T, S]`` (or ``use_causal_mask=True``, where query ``t`` sits at
+    ``cache_update_index + t``).
+
+    Example::
+
+        layer = CachedMultiHeadAttention(num_heads=4, key_dim=16)
+        cache = jnp.zeros((B, 2, max_len, 4, 16))
+        out, cache = layer.apply(variables, x_t, x_t, cache=cache, cache_update_index=t,
+                                 use_causal_mask=True)
+    """
+
+    def __call__(
+        self,
+        query: Array,
+        value: Array | None,
+        key: Array | None = None,
+        attention_mask=None,
+        cache=None,
+        cache_update_index=None,
+        *,
+        deterministic: bool = True,
+        use_causal_mask: bool = False,
+    ):
+        """Attends ``query`` to the new and/or cached keys and values.
+
+        Args:
+          query: ``[B, T, D]``.
+          value: ``[B, S*, Dv]``: new tokens (unused without an index).
+          key: ``[B, S*, Dk]``; defaults to ``value``.
+          attention_mask: bool ``[B, T, S]`` over the cache's ``S`` positions
+            when there is a cache.
+          cache: ``[B, 2, S, N, H]`` or None.
+          cache_update_index: int or int ``[B]``, or None.
+          deterministic: no dropout.
+          use_causal_mask: query ``t`` sees keys up to position
+            ``cache_update_index + t`` (``t`` without a cache). Not in keras-hub,
+            where callers build that ``attention_mask`` themselves.
+
+        Returns:
+          ``output [B, T, Dq]`` without a cache, else ``(output, cache)``.
+        """
+        return self.attend(
+            query,
+            value,
+            key,
+            attention_mask=attention_mask,
+            deterministic=deterministic,
+            use_causal_mask=use_causal_mask,
+            cache=cache,
+            cache_update_index=cache_update_index,
+        )

@@ -1,0 +1,23 @@
+"""Argument checks shared by the linen layers (errors name the field and its value)."""
+
+from __future__ import annotations
+
+import numbers
+
+
+def check_positive_int(name: str, value) -> None:
+    """Raises ``ValueError`` unless ``value`` is a positive int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+
+
+def check_rate(name: str, value) -> None:
+    """Raises ``ValueError`` unless ``value`` is a probability in ``[0, 1)``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {name}={value!r}")
+
+
+def check_optional_positive_int(name: str, value) -> None:
+    """Raises ``ValueError`` unless ``value`` is None or a positive int."""
+    if value is not None:
+        check_positive_int(name, value)

@@ -1,0 +1,215 @@
+"""`GroupedQueryAttention`: Keras ``GroupQueryAttention`` as a Flax linen layer.
+
+Same parameters (``query [Dq,N,H]``, ``key [Dk,K,H]``, ``value [Dv,K,H]``,
+``attention_output [N,H,Dq]``, each with ``kernel`` and ``bias``), same masks,
+same numbers; the attention itself is `gqa_jax.dot_product_attention`, which
+never repeats K/V to N heads. On top of Keras: keras-hub's ``cache`` /
+``cache_update_index`` (with per-row indices) and Flax's ``decode=True`` with
+multi-token, per-row cache writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gqa_jax.attention import dot_product_attention
+from gqa_jax.kv_cache import KVCache
+from gqa_jax.modules.checks import check_positive_int
+from gqa_jax.modules.einsum_dense import dense
+from gqa_jax.modules.initializers import Initializer
+from gqa_jax.modules.keras_attention import (
+    check_keras_fields,
+    keras_attention_kwargs,
+    keras_attention_mask,
+    keras_outputs,
+)
+from gqa_jax.modules.keras_cache import cached_key_value, check_cache
+
+Array = jax.Array
+
+
+def check_sequences(query, value=None, key=None) -> None:
+    """Raises ``ValueError`` unless query ``[B,T,Dq]``, value ``[B,S,Dv]`` and key ``[B,S,Dk]`` agree (None: unused)."""
+    given = [(name, x) for name, x in (("query", query), ("value", value), ("key", key)) if x is not None]
+    for name, x in given:
+        if x.ndim != 3:
+            raise ValueError(f"{name} must have rank 3 [B,T|S,D], got {name}.shape={tuple(x.shape)}")
+    if len({x.shape[0] for _, x in given}) > 1:
+        raise ValueError("batch sizes differ: " + ", ".join(f"{name}.shape={tuple(x.shape)}" for name, x in given))
+    if value is not None and key is not None and value.shape[1] != key.shape[1]:
+        raise ValueError(
+            f"key and value lengths S differ: key.shape={tuple(key.shape)}, value.shape={tuple(value.shape)}"
+        )
+
+
+class GroupedQueryAttention(nn.Module):
+    """Grouped-query attention after ``keras.layers.GroupQueryAttention``.
+
+    ``K = num_key_value_heads`` key/value heads are shared by ``N =
+    num_query_heads`` query heads (``N % K == 0``): multi-query when ``K == 1``,
+    multi-head when ``K == N``.
+
+    Attributes:
+      head_dim: ``H``, size of each head.
+      num_query_heads: ``N``.
+      num_key_value_heads: ``K``.
+      dropout: rate of dropout on the attention weights (training only; needs
+        a ``"dropout"`` rng).
+      use_bias: projections have biases.
+      sliding_window: None, or each query sees keys within
+        ``sliding_window - 1`` positions (Keras' symmetric band).
+      flash_attention: None (dispatch chooses), True (demand a fused kernel:
+        clear error if none serves the call), False (the XLA path). Dropout in
+        training and ``return_attention_scores`` fall back to XLA.
+      kernel_init, bias_init: Flax initializers or Keras names.
+      use_gate: Keras' gated attention: the output heads are multiplied by
+        ``sigmoid(gate(query))`` (parameters ``gate [Dq,N,H]``).
+      dtype: computation dtype; param_dtype: parameter dtype; precision: for
+        the projections.
+      implementation: an ``implementation=`` of `gqa_jax.dot_product_attention`
+        (exclusive with ``flash_attention``).
+      decode: keep a key/value cache in the ``"cache"`` collection: ``init``
+        with inputs of the maximum length allocates it, each
+        ``apply(..., mutable=["cache"])`` appends any number of tokens per row
+        (``num_new``) and attends over everything written so far.
+
+    Example::
+
+        layer = GroupedQueryAttention(head_dim=16, num_query_heads=8, num_key_value_heads=2)
+        params = layer.init(key, x)["params"]                      # x: [B, T, D]
+        y = layer.apply({"params": params}, x, use_causal_mask=True)  # [B, T, D]
+    """
+
+    head_dim: int
+    num_query_heads: int
+    num_key_value_heads: int
+    dropout: float = 0.0
+    use_bias: bool = True
+    sliding_window: int | None = None
+    flash_attention: bool | None = None
+    kernel_init: Initializer | str = "glorot_uniform"
+    bias_init: Initializer | str = "zeros"
+    use_gate: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    implementation: str | Sequence[str] | None = None
+    decode: bool = False
+
+    def __post_init__(self):
+        check_positive_int("head_dim", self.head_dim)
+        check_positive_int("num_query_heads", self.num_query_heads)
+        check_positive_int("num_key_value_heads", self.num_key_value_heads)
+        if self.num_query_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_query_heads={self.num_query_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        check_keras_fields(self)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(
+        self,
+        query: Array,
+        value: Array | None,
+        key: Array | None = None,
+        *,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores: bool = False,
+        deterministic: bool = True,
+        use_causal_mask: bool = False,
+        cache=None,
+        cache_update_index=None,
+        num_new=None,
+    ):
+        """Attends ``query`` to ``key``/``value``.
+
+        Args:
+          query: ``[B, T, Dq]``.
+          value: ``[B, S, Dv]`` (may be None with a ``cache`` and no index).
+          key: ``[B, S, Dk]``; defaults to ``value``.
+          query_mask: bool ``[B, T]``: False queries see nothing (output 0
+            before the output projection).
+          value_mask, key_mask: bool ``[B, S]``: False keys are hidden.
+          attention_mask: bool ``[B, T, S]`` (True = attend). With a cache or
+            in decode mode, ``S`` (here and in the masks above) is the cache's.
+          return_attention_scores: also return the weights ``[B, N, T, S]``.
+          deterministic: no dropout (Keras ``training=False``).
+          use_causal_mask: query ``t`` sees keys ``s <= t`` (top-left, as in
+            Keras); with a cache the queries sit at ``cache_update_index + t``,
+            in decode mode after the tokens already cached.
+          cache: keras-hub cache ``[B, 2, S, K, H]``; without
+            ``cache_update_index`` the layer attends to it as is (``key`` and
+            ``value`` unused).
+          cache_update_index: int or int ``[B]``: where the new keys/values go.
+          num_new: decode mode only: int ``[B]`` valid new tokens per row (the
+            rest of the ``T`` are padding, not written); default all ``T``.
+
+        Returns:
+          ``output [B, T, Dq]``; ``(output, scores)`` with
+          ``return_attention_scores``; and the updated cache last when
+          ``cache`` is given.
+        """
+        N, K, H = self.num_query_heads, self.num_key_value_heads, self.head_dim
+        if cache_update_index is not None and cache is None:
+            raise ValueError(f"cache_update_index needs a cache, got cache=None, {cache_update_index=}")
+        if self.decode and cache is not None:
+            raise ValueError("decode=True keeps its own cache in the 'cache' collection; do not pass cache=")
+        if num_new is not None and not self.decode:
+            raise ValueError(f"num_new is for decode=True, got decode=False and {num_new=}")
+        static_cache = cache is not None and cache_update_index is None
+        key = value if key is None else key
+        query = jnp.asarray(query)
+        if static_cache:
+            check_sequences(query)
+        else:
+            value, key = jnp.asarray(value), jnp.asarray(key)
+            check_sequences(query, value, key)
+        q = dense(self, "query", (N, H), query)
+        gate = nn.sigmoid(dense(self, "gate", (N, H), query)) if self.use_gate else None
+        k = None if static_cache else dense(self, "key", (K, H), key)
+        v = None if static_cache else dense(self, "value", (K, H), value)
+        mask = keras_attention_mask(attention_mask, query_mask, value_mask, key_mask)
+        options = keras_attention_kwargs(
+            self,
+            use_causal_mask=use_causal_mask,
+            query_offset=0 if cache_update_index is None else cache_update_index,
+            deterministic=deterministic,
+            return_attention_scores=return_attention_scores,
+        )
+        if self.decode:
+            result = self._decode(q, k, v, mask=mask, num_new=num_new, options=options)
+        else:
+            if cache is not None:
+                cache = check_cache(cache, batch_size=query.shape[0], num_heads=K, head_dim=H, heads_letter="K")
+                k, v, cache = cached_key_value(cache, cache_update_index, k, v)
+            result = dot_product_attention(q, k, v, mask=mask, **options)
+        out, scores = result if return_attention_scores else (result, None)
+        if gate is not None:
+            out = out * gate.astype(out.dtype)
+        return keras_outputs(dense(self, "attention_output", (query.shape[-1],), out, contract=2), scores, cache)
+
+    def _decode(self, q, k, v, *, mask, num_new, options):
+        """Decode mode: append to the ``"cache"`` collection, attend over it (``options``: attention keywords)."""
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        cache_index = self.variable("cache", "cache_index", jnp.zeros, k.shape[:1], jnp.int32)
+        if not initialized:  # init: the inputs set the capacity; attend without the cache
+            return dot_product_attention(q, k, v, mask=mask, **options)
+        cache = KVCache(cached_key.value, cached_value.value, cache_index.value).update(k, v, num_new=num_new)
+        cached_key.value, cached_value.value, cache_index.value = cache.key, cache.value, cache.lengths
+        options = {name: value for name, value in options.items() if name != "query_offset"}  # the cache's positions
+        return cache.attend(q, num_new=num_new, mask=mask, **options)
+
+
+GroupQueryAttention = GroupedQueryAttention

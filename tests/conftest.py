@@ -1,0 +1,26 @@
+"""Shared test setup: Keras on its JAX backend, and random layer parameters without `jax.random`."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+os.environ["KERAS_BACKEND"] = "jax"  # read by Keras at its first import (in the test modules)
+
+
+@pytest.fixture
+def random_params():
+    """``random_params(layer, *inputs, seed=0, **call_kwargs)``: the params ``layer.init`` would make, drawn by NumPy.
+
+    Compiling `jax.random` initializers costs seconds on a CPU; the shapes come
+    from `jax.eval_shape` (no compilation), the values are fresh normals
+    scaled by ``1/sqrt(shape[0])``.
+    """
+
+    def draw(layer, *inputs, seed=0, **call_kwargs):
+        shapes = jax.eval_shape(lambda: layer.init(jax.random.key(0), *inputs, **call_kwargs))["params"]
+        rng = np.random.default_rng(seed)
+        return jax.tree.map(lambda s: (rng.standard_normal(s.shape) / np.sqrt(s.shape[0])).astype(s.dtype), shapes)
+
+    return draw
