@@ -19,6 +19,7 @@ from gqa_jax.modules import (
 )
 from gqa_jax.projection import project_heads, project_output
 from gqa_jax.request import AttentionRequest, make_request
+from gqa_jax.rope import apply_rope, rope_frequencies
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "MultiHeadAttention",
     "MultiQueryAttention",
     "__version__",
+    "apply_rope",
     "causal_mask",
     "combine_masks",
     "current_platform",
@@ -44,6 +46,7 @@ __all__ = [
     "project_output",
     "register_implementation",
     "repeat_kv",
+    "rope_frequencies",
     "segment_mask",
     "sliding_window_mask",
     "splice_cache",

@@ -1,0 +1,323 @@
+"""Autoregressive generation with a `gqa_jax.models.Decoder`: ragged prefill, then a jitted loop.
+
+`generate` writes every row's prompt (right-padded, per-row lengths) into the
+decoder's `gqa_jax.KVCache` in one forward pass, samples the first new token
+from each row's last prompt position, then runs a ``lax.while_loop`` that feeds
+one token per row per step through the cache until every row has produced its
+end token or ``max_new_tokens`` tokens. The whole thing is one ``jax.jit``
+call that compiles once per shape and sampling setting; the cache is donated
+to it, so the loop updates its buffers in place instead of copying them.
+
+`generate_without_cache` produces the same tokens by recomputing the full
+causal forward pass over the whole sequence at every step: the baseline that
+the cache is measured against (and the oracle of the cache's tests).
+
+Example::
+
+    model = Decoder(DecoderConfig(vocab_size=16))
+    params = model.init(jax.random.key(0), prompts)["params"]
+    out = generate(model, params, prompts, prompt_lengths, max_new_tokens=8, end_token=1)
+    out.tokens          # [B, 8], pad_token after each row's end token
+    out.num_generated   # [B], end token included
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gqa_jax.models import Cache, Decoder, init_cache
+from gqa_jax.request import concrete_value
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked from the logits.
+
+    Attributes:
+      temperature: 0 for greedy (argmax); otherwise logits are divided by it
+        and a token is drawn at random.
+      top_k: keep only the ``top_k`` most likely tokens (None: all).
+      top_p: keep the smallest set of most likely tokens whose probability
+        reaches ``top_p`` (nucleus sampling; None: all).
+    """
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be a non-negative float, got temperature={self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None, got top_k={self.top_k!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None, got top_p={self.top_p!r}")
+        if self.temperature == 0 and (self.top_k is not None or self.top_p is not None):
+            raise ValueError(
+                f"top_k={self.top_k} and top_p={self.top_p} only apply when sampling; "
+                f"set temperature > 0, got temperature={self.temperature}"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample_tokens(logits_BV: Array, rng, sampling: Sampling) -> Array:
+    """Picks one token per row.
+
+    Args:
+      logits_BV: ``[B, V]`` next-token logits.
+      rng: PRNG key (unused when greedy).
+      sampling: the rule.
+
+    Returns:
+      int32 ``[B]`` token ids.
+    """
+    if sampling.greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
+    V = logits_BV.shape[-1]
+    if sampling.top_k is not None:
+        if sampling.top_k > V:
+            raise ValueError(f"top_k={sampling.top_k} must be <= the vocabulary size V={V}")
+        kth_largest = jax.lax.top_k(logits_BV, sampling.top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV >= kth_largest, logits_BV, -jnp.inf)
+    if sampling.top_p is not None:
+        descending = -jnp.sort(-logits_BV, axis=-1)
+        probs = jax.nn.softmax(descending, axis=-1)
+        kept = jnp.cumsum(probs, axis=-1) - probs < sampling.top_p  # the most likely token always stays
+        threshold = jnp.min(jnp.where(kept, descending, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV >= threshold, logits_BV, -jnp.inf)
+    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What `generate` returns.
+
+    Attributes:
+      tokens: int32 ``[B, max_new_tokens]``: each row's new tokens, its end
+        token included, then ``pad_token``.
+      num_generated: int32 ``[B]``: tokens each row produced (end included).
+      cache: the cache after the last step (`generate` only; None for
+        `generate_without_cache`). It holds the prompts and every fed token,
+        i.e. all new tokens but the last; rows that stopped early kept
+        feeding their end token while others ran, so their ``lengths`` may
+        pass their real end.
+    """
+
+    tokens: Array
+    num_generated: Array
+    cache: Cache | None
+
+
+def _check_prompt(prompt_BP, prompt_lengths_B, max_new_tokens: int) -> tuple[Array, Array]:
+    prompt_BP = jnp.asarray(prompt_BP)
+    if prompt_BP.ndim != 2:
+        raise ValueError(f"prompt_BP must have rank 2 [B,P], got prompt_BP.shape={tuple(prompt_BP.shape)}")
+    if not jnp.issubdtype(prompt_BP.dtype, jnp.integer):
+        raise TypeError(f"prompt_BP must be int token ids, got prompt_BP.dtype={prompt_BP.dtype}")
+    B, P = prompt_BP.shape
+    if P < 1:
+        raise ValueError(f"prompts need at least one token, got prompt_BP.shape={tuple(prompt_BP.shape)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens=}")
+    if prompt_lengths_B is None:
+        return prompt_BP.astype(jnp.int32), jnp.full((B,), P, jnp.int32)
+    lengths = jnp.asarray(prompt_lengths_B)
+    if lengths.shape != (B,):
+        raise ValueError(f"prompt_lengths_B must have shape [B]=({B},), got prompt_lengths_B.shape={lengths.shape}")
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"prompt_lengths_B must be an int array, got prompt_lengths_B.dtype={lengths.dtype}")
+    values = concrete_value(lengths)
+    if values is not None and ((values < 1) | (values > P)).any():
+        raise ValueError(f"prompt_lengths_B must be in [1, P={P}], got prompt_lengths_B={values.tolist()}")
+    return prompt_BP.astype(jnp.int32), lengths.astype(jnp.int32)
+
+
+def _check_rng(rng, sampling: Sampling):
+    if rng is not None:
+        return rng
+    if not sampling.greedy:
+        raise ValueError(f"sampling with temperature={sampling.temperature} needs an rng key, got rng=None")
+    return jax.random.key(0)  # never drawn from
+
+
+def _token_ids(end_token: int | None, pad_token: int) -> tuple[Array, Array]:
+    """Traced (so changing them does not recompile); -1 never matches a sampled token."""
+    for name, value in (("end_token", end_token), ("pad_token", pad_token)):
+        if value is not None and not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {name}={value!r}")
+    end = -1 if end_token is None else end_token
+    return jnp.asarray(end, jnp.int32), jnp.asarray(pad_token, jnp.int32)
+
+
+def _sample_loop(step, state, logits_BV, rng, *, max_new_tokens, sampling, end_token, pad_token):
+    """The loop shared by both paths; returns ``(tokens, num_generated, state)``.
+
+    ``step(state, tokens_B, i) -> (logits_BV, state)`` feeds new token ``i - 1`` and gives the logits of token ``i``.
+    """
+    B = logits_BV.shape[0]
+    rng, first_rng = jax.random.split(rng)
+    token = sample_tokens(logits_BV, first_rng, sampling)
+    tokens = jnp.full((B, max_new_tokens), pad_token, jnp.int32).at[:, 0].set(token)
+    done = token == end_token
+    count = jnp.ones((B,), jnp.int32)
+
+    def cond(carry):
+        i, _, _, done, _, _, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, tokens, last, done, count, state, rng = carry
+        logits_BV, state = step(state, last, i)
+        rng, step_rng = jax.random.split(rng)
+        token = jnp.where(done, pad_token, sample_tokens(logits_BV, step_rng, sampling))
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
+        count = count + (~done).astype(jnp.int32)
+        last = jnp.where(done, last, token)  # stopped rows keep feeding their end token, a valid id
+        done = done | (token == end_token)
+        return i + 1, tokens, last, done, count, state, rng
+
+    carry = (jnp.ones((), jnp.int32), tokens, token, done, count, state, rng)
+    _, tokens, _, _, count, state, _ = jax.lax.while_loop(cond, body, carry)
+    return tokens, count, state
+
+
+def _zero_padding(prompt_BP: Array, lengths_B: Array) -> Array:
+    """Token 0 in place of the padding (which may hold ids outside the vocabulary, e.g. -1)."""
+    return jnp.where(jnp.arange(prompt_BP.shape[1])[None, :] < lengths_B[:, None], prompt_BP, 0)
+
+
+def _last_valid(logits_BTV: Array, lengths_B: Array) -> Array:
+    """``logits_BTV[b, lengths_B[b] - 1]``: ``[B, V]``."""
+    return jnp.take_along_axis(logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+
+
+_STATIC = ("model", "max_new_tokens", "sampling")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
+def _generate_cached(model, params, prompt_BP, lengths_B, cache, rng, end_token, pad_token, *, max_new_tokens,
+                     sampling):
+    variables = {"params": params}
+    logits_BPV, cache = model.apply(variables, _zero_padding(prompt_BP, lengths_B), cache, num_new=lengths_B)
+
+    def step(cache, tokens_B, i):
+        logits_B1V, cache = model.apply(variables, tokens_B[:, None], cache)
+        return logits_B1V[:, 0], cache
+
+    tokens, count, cache = _sample_loop(
+        step, cache, _last_valid(logits_BPV, lengths_B), rng,
+        max_new_tokens=max_new_tokens, sampling=sampling, end_token=end_token, pad_token=pad_token,
+    )
+    return Generation(tokens, count, cache)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate_uncached(model, params, prompt_BP, lengths_B, rng, end_token, pad_token, *, max_new_tokens, sampling):
+    variables = {"params": params}
+    B = prompt_BP.shape[0]
+    rows = jnp.arange(B)
+    sequence = jnp.pad(_zero_padding(prompt_BP, lengths_B), ((0, 0), (0, max_new_tokens)))
+
+    def step(sequence, tokens_B, i):
+        position = lengths_B + i - 1
+        sequence = sequence.at[rows, position].set(tokens_B)
+        return model.apply(variables, sequence)[rows, position], sequence
+
+    tokens, count, _ = _sample_loop(
+        step, sequence, _last_valid(model.apply(variables, sequence), lengths_B), rng,
+        max_new_tokens=max_new_tokens, sampling=sampling, end_token=end_token, pad_token=pad_token,
+    )
+    return Generation(tokens, count, None)
+
+
+def generate(
+    model: Decoder,
+    params,
+    prompt_BP,
+    prompt_lengths_B=None,
+    *,
+    max_new_tokens: int,
+    cache: Cache | None = None,
+    sampling: Sampling = Sampling(),
+    end_token: int | None = None,
+    pad_token: int = 0,
+    rng=None,
+) -> Generation:
+    """Generates up to ``max_new_tokens`` tokens per row through a KV cache.
+
+    Args:
+      model: the `Decoder`.
+      params: its ``params`` collection.
+      prompt_BP: int ``[B, P]`` prompts, right-padded (the padding may hold any int).
+      prompt_lengths_B: optional int ``[B]`` real prompt lengths, each in
+        ``[1, P]``; default ``P``.
+      max_new_tokens: the most tokens generated per row.
+      cache: optional cache from `gqa_jax.models.init_cache` (empty, or
+        holding earlier tokens that the prompts continue). It is donated: do
+        not use it after the call; use ``Generation.cache``. Default: a new
+        one of capacity ``P + max_new_tokens``.
+      sampling: greedy by default.
+      end_token: a row stops after producing it (None: rows run to
+        ``max_new_tokens``).
+      pad_token: fills the tokens after a row's end (any int; never fed to the model).
+      rng: PRNG key; needed unless greedy.
+
+    Returns:
+      A `Generation`.
+
+    Raises:
+      ValueError: for bad prompts or lengths, or a cache that cannot hold
+        ``P + max_new_tokens`` more tokens per row.
+    """
+    prompt_BP, lengths_B = _check_prompt(prompt_BP, prompt_lengths_B, max_new_tokens)
+    B, P = prompt_BP.shape
+    if cache is None:
+        cache = init_cache(model.config, B, P + max_new_tokens)
+    used = concrete_value(cache[0].lengths)
+    used = 0 if used is None else int(used.max())
+    if used + P + max_new_tokens > cache[0].capacity:
+        raise ValueError(
+            f"the cache cannot hold the prompts and new tokens: cache lengths (max {used}) + prompt length P={P} "
+            f"+ {max_new_tokens=} = {used + P + max_new_tokens} > cache capacity={cache[0].capacity}"
+        )
+    return _generate_cached(
+        model, params, prompt_BP, lengths_B, tuple(cache), _check_rng(rng, sampling), *_token_ids(end_token, pad_token),
+        max_new_tokens=max_new_tokens, sampling=sampling,
+    )
+
+
+def generate_without_cache(
+    model: Decoder,
+    params,
+    prompt_BP,
+    prompt_lengths_B=None,
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    end_token: int | None = None,
+    pad_token: int = 0,
+    rng=None,
+) -> Generation:
+    """`generate` that recomputes the whole ``[B, P + max_new_tokens]`` causal pass at every step.
+
+    Same arguments (no cache) and, for the same ``rng``, the same tokens as
+    `generate` up to floating-point rounding; quadratically more work. It is
+    the baseline that cached decoding is measured against.
+    """
+    prompt_BP, lengths_B = _check_prompt(prompt_BP, prompt_lengths_B, max_new_tokens)
+    return _generate_uncached(
+        model, params, prompt_BP, lengths_B, _check_rng(rng, sampling), *_token_ids(end_token, pad_token),
+        max_new_tokens=max_new_tokens, sampling=sampling,
+    )

@@ -1,0 +1,324 @@
+"""A small Llama-style decoder built from this library's parts.
+
+Token embedding, then ``num_layers`` pre-norm blocks (RMSNorm, rotary
+grouped-query attention through `gqa_jax.project_heads`, `gqa_jax.apply_rope`,
+`gqa_jax.dot_product_attention` / `gqa_jax.KVCache`, and
+`gqa_jax.project_output`; RMSNorm, SwiGLU MLP), a final RMSNorm and an LM head
+(or the transposed embedding when tied). Attention goes through dispatch, so
+the model uses the GPU/TPU kernels where they serve the call.
+
+Two ways to call `Decoder`:
+
+* ``logits = model.apply({"params": params}, tokens_BT)``: causal forward pass
+  over whole sequences (training, scoring). Right padding is harmless: a valid
+  token never sees a later one.
+* ``logits, cache = model.apply({"params": params}, tokens_BT, cache, num_new=n)``:
+  the tokens continue each row after the ``cache.lengths`` tokens already in
+  ``cache`` (a tuple of `gqa_jax.KVCache`, one per layer, from `init_cache`);
+  only the first ``n[b]`` tokens of row ``b`` are real (ragged prefill).
+  `gqa_jax.decoding` drives this.
+
+Parameter layout and Llama-family (Hugging Face ``LlamaForCausalLM``) names.
+``D`` model dim, ``N`` heads, ``K`` KV heads, ``H`` head dim, ``F`` MLP dim,
+``V`` vocabulary; HF linear weights are ``[out, in]``. `params_from_hf` does
+this mapping (``...`` is ``model.layers.{i}.``)::
+
+    HF name [shape]                                 our path [shape]                       conversion
+    model.embed_tokens.weight [V, D]                embed/embedding [V, D]                 as is
+    ...input_layernorm.weight [D]                   layers_{i}/attention_norm/scale [D]    as is
+    ...self_attn.q_proj.weight [N*H, D]             layers_{i}/attention/query [D, N, H]   w.T.reshape(D, N, H)
+    ...self_attn.k_proj.weight [K*H, D]             layers_{i}/attention/key [D, K, H]     w.T.reshape(D, K, H)
+    ...self_attn.v_proj.weight [K*H, D]             layers_{i}/attention/value [D, K, H]   w.T.reshape(D, K, H)
+    ...self_attn.o_proj.weight [D, N*H]             layers_{i}/attention/output [N, H, D]  w.T.reshape(N, H, D)
+    ...post_attention_layernorm.weight [D]          layers_{i}/mlp_norm/scale [D]          as is
+    ...mlp.gate_proj.weight [F, D]                  layers_{i}/mlp/gate/kernel [D, F]      w.T
+    ...mlp.up_proj.weight [F, D]                    layers_{i}/mlp/up/kernel [D, F]        w.T
+    ...mlp.down_proj.weight [D, F]                  layers_{i}/mlp/down/kernel [F, D]      w.T
+    model.norm.weight [D]                           final_norm/scale [D]                   as is
+    lm_head.weight [V, D] (untied only)             lm_head/kernel [D, V]                  w.T
+
+Config: ``hidden_size -> model_dim``, ``num_hidden_layers -> num_layers``,
+``num_attention_heads -> num_heads``, ``num_key_value_heads -> num_kv_heads``,
+``head_dim``, ``intermediate_size -> mlp_dim``, ``rope_theta``,
+``rms_norm_eps -> norm_eps``, ``tie_word_embeddings -> tie_embeddings``.
+
+Hugging Face checkpoints already use the half-split rotary convention of
+`gqa_jax.apply_rope` (their conversion script permuted Meta's interleaved
+``q``/``k`` rows), so no permutation is needed; Meta's original
+``consolidated.pth`` weights would need that permutation first. Not
+supported: ``rope_scaling`` (Llama 3.1+ long-context frequencies), attention
+or MLP biases (Qwen2), sliding windows (Mistral v0.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gqa_jax.attention import dot_product_attention
+from gqa_jax.kv_cache import KVCache
+from gqa_jax.projection import project_heads, project_output
+from gqa_jax.rope import apply_rope
+
+Array = jax.Array
+Cache = tuple[KVCache, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Sizes and options of a `Decoder`.
+
+    Attributes:
+      vocab_size: ``V``.
+      num_layers: transformer blocks.
+      model_dim: ``D``.
+      num_heads: query heads ``N``.
+      num_kv_heads: key/value heads ``K``; ``N % K == 0`` (``K == N``: MHA,
+        ``K == 1``: MQA).
+      head_dim: ``H``; default ``D // N``.
+      mlp_dim: hidden size ``F`` of the SwiGLU MLP; default ``4 * D``.
+      rope_theta: base of the rotary frequencies.
+      norm_eps: RMSNorm epsilon.
+      tie_embeddings: compute logits with the transposed token embedding
+        instead of a separate LM head.
+      dtype: computation (and cache) dtype.
+      param_dtype: parameter dtype.
+      implementation: passed to `gqa_jax.dot_product_attention` (None: the
+        fastest that serves each call on this platform).
+    """
+
+    vocab_size: int
+    num_layers: int = 2
+    model_dim: int = 64
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None
+    mlp_dim: int | None = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    implementation: str | tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.model_dim % self.num_heads:
+                raise ValueError(
+                    f"model_dim={self.model_dim} must be a multiple of num_heads={self.num_heads} "
+                    f"when head_dim is not given"
+                )
+            object.__setattr__(self, "head_dim", self.model_dim // self.num_heads)
+        if self.mlp_dim is None:
+            object.__setattr__(self, "mlp_dim", 4 * self.model_dim)
+        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if isinstance(self.implementation, list):
+            object.__setattr__(self, "implementation", tuple(self.implementation))
+
+
+def _projection_init(in_axes, out_axes):
+    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axes, out_axis=out_axes)
+
+
+class Attention(nn.Module):
+    """Rotary grouped-query self-attention, with or without a `KVCache`.
+
+    Parameters ``query [D, N, H]``, ``key [D, K, H]``, ``value [D, K, H]``,
+    ``output [N, H, D]``; no biases.
+    """
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None, num_new=None):
+        """``[B, T, D] -> ([B, T, D], cache)`` with queries and keys rotated to ``positions_BT``."""
+        cfg = self.config
+        D, N, K, H = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        in_init, out_init = _projection_init(0, (1, 2)), _projection_init((0, 1), 2)
+        w_q_DNH = self.param("query", in_init, (D, N, H), cfg.param_dtype)
+        w_k_DKH = self.param("key", in_init, (D, K, H), cfg.param_dtype)
+        w_v_DKH = self.param("value", in_init, (D, K, H), cfg.param_dtype)
+        w_o_NHD = self.param("output", out_init, (N, H, D), cfg.param_dtype)
+        x_BTD, w_q_DNH, w_k_DKH, w_v_DKH, w_o_NHD = nn.dtypes.promote_dtype(
+            x_BTD, w_q_DNH, w_k_DKH, w_v_DKH, w_o_NHD, dtype=cfg.dtype
+        )
+        q_BTNH = apply_rope(project_heads(x_BTD, w_q_DNH), positions_BT, theta=cfg.rope_theta)
+        k_BTKH = apply_rope(project_heads(x_BTD, w_k_DKH), positions_BT, theta=cfg.rope_theta)
+        v_BTKH = project_heads(x_BTD, w_v_DKH)
+        if cache is None:
+            out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=cfg.implementation)
+        else:
+            cache = cache.update(k_BTKH, v_BTKH, num_new=num_new)
+            out_BTNH = cache.attend(q_BTNH, num_new=num_new, implementation=cfg.implementation)
+        return project_output(out_BTNH, w_o_NHD), cache
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``, no biases."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.config
+        dense = lambda features, name: nn.Dense(  # noqa: E731
+            features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name
+        )
+        hidden = nn.silu(dense(cfg.mlp_dim, "gate")(x_BTD)) * dense(cfg.mlp_dim, "up")(x_BTD)
+        return dense(cfg.model_dim, "down")(hidden)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None, num_new=None):
+        cfg = self.config
+        norm = lambda name: nn.RMSNorm(  # noqa: E731
+            epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name
+        )
+        attended, cache = Attention(cfg, name="attention")(norm("attention_norm")(x_BTD), positions_BT, cache, num_new)
+        x_BTD = x_BTD + attended
+        x_BTD = x_BTD + MLP(cfg, name="mlp")(norm("mlp_norm")(x_BTD))
+        return x_BTD, cache
+
+
+class Decoder(nn.Module):
+    """The Llama-style decoder; see the module docstring for its parameters.
+
+    Example::
+
+        config = DecoderConfig(vocab_size=256, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
+        model = Decoder(config)
+        params = model.init(jax.random.key(0), tokens)["params"]
+        logits = model.apply({"params": params}, tokens)          # [B, T, V]
+    """
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT, cache: Sequence[KVCache] | None = None, *, num_new=None):
+        """Logits of the next token at every position.
+
+        Args:
+          tokens_BT: int ``[B, T]`` token ids.
+          cache: optional tuple of `KVCache` (one per layer, from `init_cache`)
+            holding each row's earlier tokens; the tokens continue them.
+          num_new: with a cache, optional int ``[B]``: only the first
+            ``num_new[b]`` tokens of row ``b`` are written and attend (right
+            padding); default all ``T``.
+
+        Returns:
+          float32 logits ``[B, T, V]`` without a cache; ``(logits, new_cache)``
+          with one. Logits at padded positions are meaningless.
+
+        Raises:
+          ValueError, TypeError: for wrong token shapes or dtypes, a cache of
+            the wrong number of layers, or ``num_new`` without a cache.
+        """
+        cfg = self.config
+        tokens_BT = jnp.asarray(tokens_BT)
+        if tokens_BT.ndim != 2:
+            raise ValueError(f"tokens_BT must have rank 2 [B,T], got tokens_BT.shape={tuple(tokens_BT.shape)}")
+        if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
+            raise TypeError(f"tokens_BT must be integer token ids, got tokens_BT.dtype={tokens_BT.dtype}")
+        T = tokens_BT.shape[1]
+        if cache is None:
+            if num_new is not None:
+                raise ValueError("num_new needs a cache, got cache=None")
+            positions_BT = jnp.arange(T, dtype=jnp.int32)[None, :]
+        else:
+            if len(cache) != cfg.num_layers:
+                raise ValueError(f"cache must hold one KVCache per layer: {len(cache)=} != {cfg.num_layers=}")
+            positions_BT = cache[0].lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+
+        embed = nn.Embed(cfg.vocab_size, cfg.model_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="embed")
+        x_BTD = embed(tokens_BT)
+        new_cache = []
+        for i in range(cfg.num_layers):
+            x_BTD, layer_cache = Block(cfg, name=f"layers_{i}")(
+                x_BTD, positions_BT, None if cache is None else cache[i], num_new
+            )
+            new_cache.append(layer_cache)
+        x_BTD = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm")(x_BTD)
+        if cfg.tie_embeddings:
+            logits_BTV = embed.attend(x_BTD)
+        else:
+            logits_BTV = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="lm_head"
+            )(x_BTD)
+        logits_BTV = logits_BTV.astype(jnp.float32)
+        return logits_BTV if cache is None else (logits_BTV, tuple(new_cache))
+
+
+def init_cache(config: DecoderConfig, batch_size: int, max_length: int) -> Cache:
+    """An empty cache for a `Decoder`: one `KVCache` per layer, capacity ``max_length``, in ``config.dtype``."""
+    return tuple(
+        KVCache.init(batch_size, max_length, config.num_kv_heads, config.head_dim, config.dtype)
+        for _ in range(config.num_layers)
+    )
+
+
+def params_from_hf(state_dict: Mapping[str, Any], config: DecoderConfig) -> dict:
+    """Maps a Hugging Face ``LlamaForCausalLM`` state dict onto `Decoder` parameters.
+
+    Args:
+      state_dict: HF names (see the module docstring's table) to arrays
+        (NumPy, or anything ``np.asarray`` takes, e.g. ``tensor.float().numpy()``).
+      config: the matching config.
+
+    Returns:
+      The ``params`` collection, in ``config.param_dtype``.
+
+    Raises:
+      KeyError: for a missing weight.
+      ValueError: for a weight whose shape does not match the config.
+    """
+    D, N, K, H = config.model_dim, config.num_heads, config.num_kv_heads, config.head_dim
+    F, V = config.mlp_dim, config.vocab_size
+
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        w = np.asarray(state_dict[name])
+        if w.shape != shape:
+            raise ValueError(f"{name} must have shape {shape} for this config, got {w.shape}")
+        return w
+
+    def cast(tree):
+        return jax.tree_util.tree_map(lambda w: jnp.asarray(w, config.param_dtype), tree)
+
+    params = {"embed": {"embedding": get("model.embed_tokens.weight", (V, D))}}
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        params[f"layers_{i}"] = {
+            "attention_norm": {"scale": get(p + "input_layernorm.weight", (D,))},
+            "attention": {
+                "query": get(p + "self_attn.q_proj.weight", (N * H, D)).T.reshape(D, N, H),
+                "key": get(p + "self_attn.k_proj.weight", (K * H, D)).T.reshape(D, K, H),
+                "value": get(p + "self_attn.v_proj.weight", (K * H, D)).T.reshape(D, K, H),
+                "output": get(p + "self_attn.o_proj.weight", (D, N * H)).T.reshape(N, H, D),
+            },
+            "mlp_norm": {"scale": get(p + "post_attention_layernorm.weight", (D,))},
+            "mlp": {
+                "gate": {"kernel": get(p + "mlp.gate_proj.weight", (F, D)).T},
+                "up": {"kernel": get(p + "mlp.up_proj.weight", (F, D)).T},
+                "down": {"kernel": get(p + "mlp.down_proj.weight", (D, F)).T},
+            },
+        }
+    params["final_norm"] = {"scale": get("model.norm.weight", (D,))}
+    if not config.tie_embeddings:
+        params["lm_head"] = {"kernel": get("lm_head.weight", (V, D)).T}
+    return cast(params)

@@ -1,0 +1,69 @@
+"""`python -m gqa_jax.demo` at a small size: it learns, grades itself right, and reports decoding speed."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from gqa_jax import demo
+from gqa_jax.demo_task import Examples, decode
+
+
+def test_demo_learns_and_reports(capsys):
+    # 32 rows everywhere (30 problems + the prompt's 2), so the speed test reuses the compiled cached loop
+    argv = ["--size", "tiny", "--steps", "300", "--max-digits", "3", "--batch-size", "32", "--eval-examples", "30",
+            "--decode-tokens", "4", "--prompt", "931", "--seed", "1"]
+    assert demo.main(argv) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+
+    losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", captured.err)]
+    assert len(losses) >= 10 and losses[-1] < losses[0] / 2, losses
+
+    samples = re.findall(r"^\s+(sort|reverse)\s+(\d+) -> (\S*)\s+(ok|wrong, expected (\d+))$", out, re.MULTILINE)
+    assert [s[:2] for s in samples[:2]] == [("sort", "931"), ("reverse", "931")]
+    assert len(samples) == 8
+    for op, digits, answer, verdict, expected in samples:  # the demo grades against the true answer
+        truth = "".join(sorted(digits)) if op == "sort" else digits[::-1]
+        assert (verdict == "ok") == (answer == truth)
+        assert verdict == "ok" or expected == truth
+
+    accuracy = float(re.search(r"accuracy on 30 new problems: (\d+\.\d)% exact", out).group(1))
+    assert accuracy >= 50.0, out  # chance is far below: the model learned the task
+
+    speeds = re.findall(r"([\d,]+) tokens/s", out)
+    assert len(speeds) == 2 and all(float(s.replace(",", "")) > 0 for s in speeds)
+    assert re.search(r"the cache is \d+\.\dx faster", out)
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--help"])
+    assert exit_info.value.code == 0
+    usage = capsys.readouterr().out
+    for flag in ("--steps", "--size", "--implementation", "--batch-size", "--prompt", "--seed"):
+        assert flag in usage
+
+
+def test_bad_flags(capsys):
+    assert demo.main(["--prompt", "12a4"]) == 2
+    assert "1 to max_digits=8 digits, got '12a4'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo.main(["--steps", "0"])
+    assert "--steps must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_task_data_is_what_it_says():
+    examples = Examples.random(np.random.default_rng(), 50, 6)
+    tokens, weights = examples.training_batch()
+    prompts, prompt_lengths = examples.prompts()
+    for i in range(50):
+        k = examples.lengths[i]
+        digits = "".join(map(str, examples.digits[i, :k]))
+        op = "S" if examples.ops[i] == 0 else "R"
+        answer = "".join(sorted(digits)) if op == "S" else digits[::-1]
+        assert decode(tokens[i]) == f"{op}{digits}={answer}"
+        assert decode(prompts[i, : prompt_lengths[i]]) == f"{op}{digits}="
+        assert np.flatnonzero(weights[i]).tolist() == list(range(k + 1, 2 * k + 2))  # predictions of answer + end

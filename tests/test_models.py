@@ -1,0 +1,185 @@
+"""The reference decoder: Hugging Face weight mapping against a NumPy Llama, and the cache invariant."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gqa_jax.models import Decoder, DecoderConfig, init_cache, params_from_hf
+from tests.reference import reference_attention
+
+
+def random_hf_weights(cfg: DecoderConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A random ``LlamaForCausalLM`` state dict (HF names, ``[out, in]`` weights) for ``cfg``."""
+    D, N, K, H, F, V = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
+
+    def dense(out_dim, in_dim):
+        return (rng.standard_normal((out_dim, in_dim)) / np.sqrt(in_dim)).astype(np.float32)
+
+    def norm():
+        return (1.0 + 0.2 * rng.standard_normal(D)).astype(np.float32)
+
+    sd = {"model.embed_tokens.weight": rng.standard_normal((V, D)).astype(np.float32), "model.norm.weight": norm()}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        sd.update({
+            p + "input_layernorm.weight": norm(),
+            p + "self_attn.q_proj.weight": dense(N * H, D),
+            p + "self_attn.k_proj.weight": dense(K * H, D),
+            p + "self_attn.v_proj.weight": dense(K * H, D),
+            p + "self_attn.o_proj.weight": dense(D, N * H),
+            p + "post_attention_layernorm.weight": norm(),
+            p + "mlp.gate_proj.weight": dense(F, D),
+            p + "mlp.up_proj.weight": dense(F, D),
+            p + "mlp.down_proj.weight": dense(D, F),
+        })
+    if not cfg.tie_embeddings:
+        sd["lm_head.weight"] = dense(V, D)
+    return sd
+
+
+def numpy_llama(sd: dict[str, np.ndarray], cfg: DecoderConfig, tokens: np.ndarray) -> np.ndarray:
+    """Float64 logits ``[B, T, V]`` following Hugging Face ``LlamaForCausalLM`` step by step."""
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    w = {name: np.asarray(value, np.float64) for name, value in sd.items()}
+    B, T = tokens.shape
+
+    def rms_norm(x, weight):
+        return weight * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps)
+
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, H, 2) / H)
+    emb = np.concatenate([np.outer(np.arange(T), inv_freq)] * 2, axis=-1)[None, :, None, :]  # [1, T, 1, H]
+
+    def rotary(x):  # HF apply_rotary_pos_emb: x * cos + rotate_half(x) * sin
+        x1, x2 = x[..., : H // 2], x[..., H // 2 :]
+        return x * np.cos(emb) + np.concatenate([-x2, x1], axis=-1) * np.sin(emb)
+
+    x = w["model.embed_tokens.weight"][tokens]
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        h = rms_norm(x, w[p + "input_layernorm.weight"])
+        q = rotary((h @ w[p + "self_attn.q_proj.weight"].T).reshape(B, T, N, H))
+        k = rotary((h @ w[p + "self_attn.k_proj.weight"].T).reshape(B, T, K, H))
+        v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(B, T, K, H)
+        attended, _ = reference_attention(q, k, v, is_causal=True)
+        x = x + attended.reshape(B, T, N * H) @ w[p + "self_attn.o_proj.weight"].T
+        h = rms_norm(x, w[p + "post_attention_layernorm.weight"])
+        gate = h @ w[p + "mlp.gate_proj.weight"].T
+        x = x + (gate / (1 + np.exp(-gate)) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+    x = rms_norm(x, w["model.norm.weight"])
+    head = w["model.embed_tokens.weight"] if cfg.tie_embeddings else w["lm_head.weight"]
+    return x @ head.T
+
+
+def _rel_err(out, ref) -> float:
+    out = np.asarray(out, np.float64)
+    assert np.isfinite(out).all()
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+CONFIGS = {
+    "gqa2_untied": DecoderConfig(vocab_size=29, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=48),
+    "mqa_tied_theta": DecoderConfig(
+        vocab_size=23, num_layers=1, model_dim=24, num_heads=4, num_kv_heads=1, head_dim=8, mlp_dim=40,
+        rope_theta=500000.0, norm_eps=1e-6, tie_embeddings=True,
+    ),
+    "mha": DecoderConfig(vocab_size=19, num_layers=1, model_dim=16, num_heads=2, num_kv_heads=2, implementation="xla"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(cfg: DecoderConfig):
+    model = Decoder(cfg)
+    forward = jax.jit(lambda params, tokens: model.apply({"params": params}, tokens))
+    cached = jax.jit(lambda params, tokens, cache, num_new: model.apply({"params": params}, tokens, cache,
+                                                                       num_new=num_new))
+    return forward, cached
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_hf_weights_give_hf_logits(name):
+    cfg = CONFIGS[name]
+    rng = np.random.default_rng()
+    sd = random_hf_weights(cfg, rng)
+    tokens = rng.integers(0, cfg.vocab_size, (2, 7))
+    logits = _jitted(cfg)[0](params_from_hf(sd, cfg), tokens)
+    assert logits.shape == (2, 7, cfg.vocab_size) and logits.dtype == jnp.float32
+    assert _rel_err(logits, numpy_llama(sd, cfg, tokens)) < 2e-5
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_mapped_params_have_the_init_layout(name):
+    cfg = CONFIGS[name]
+    shapes = jax.eval_shape(Decoder(cfg).init, jax.random.key(0), jnp.zeros((1, 3), jnp.int32))["params"]
+    mapped = params_from_hf(random_hf_weights(cfg, np.random.default_rng()), cfg)
+    assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(mapped)
+    assert jax.tree_util.tree_map(lambda s: s.shape, shapes) == jax.tree_util.tree_map(lambda a: a.shape, mapped)
+
+
+def test_cached_prefill_steps_and_chunks_equal_the_full_pass():
+    """Ragged prefill, then one token per step, then a ragged two-token chunk: logits match the full pass."""
+    cfg = CONFIGS["gqa2_untied"]
+    rng = np.random.default_rng()
+    params = params_from_hf(random_hf_weights(cfg, rng), cfg)
+    forward, cached = _jitted(cfg)
+    B, T = 3, 11
+    sequence = rng.integers(0, cfg.vocab_size, (B, T))
+    full = np.asarray(forward(params, sequence))
+    rows = np.arange(B)[:, None]
+
+    prompt_lengths = np.array([5, 1, 7])
+    cache = init_cache(cfg, B, 12)
+    logits, cache = cached(params, sequence[:, :7], cache, prompt_lengths)
+    for b, n in enumerate(prompt_lengths):
+        assert _rel_err(logits[b, :n], full[b, :n]) < 1e-5
+    for chunk in ([1, 1, 1], [1, 1, 1], [2, 1, 2]):
+        n_new = np.array(chunk)
+        start = np.asarray(cache[0].lengths)
+        positions = start[:, None] + np.arange(2)
+        width = max(chunk)
+        logits, cache = cached(params, sequence[rows, positions[:, :width]], cache, None if width == 1 else n_new)
+        for b, n in enumerate(n_new):
+            assert _rel_err(logits[b, :n], full[b, start[b] : start[b] + n]) < 1e-5
+    np.testing.assert_array_equal(cache[0].lengths, prompt_lengths + np.array([4, 3, 4]))
+
+
+def test_implementation_reaches_dispatch():
+    cfg = DecoderConfig(vocab_size=11, num_layers=1, model_dim=16, num_heads=2, num_kv_heads=1,
+                        implementation="no_such_kernel")
+    params = params_from_hf(random_hf_weights(cfg, np.random.default_rng()), cfg)
+    with pytest.raises(ValueError, match="implementation='no_such_kernel'"):
+        jax.eval_shape(lambda p: Decoder(cfg).apply({"params": p}, jnp.zeros((1, 3), jnp.int32)), params)
+
+
+def test_bad_configs_and_inputs():
+    with pytest.raises(ValueError, match="num_heads=6 must be a multiple of num_kv_heads=4"):
+        DecoderConfig(vocab_size=10, model_dim=48, num_heads=6, num_kv_heads=4)
+    with pytest.raises(ValueError, match="model_dim=30 must be a multiple of num_heads=4"):
+        DecoderConfig(vocab_size=10, model_dim=30, num_heads=4)
+    with pytest.raises(ValueError, match="head_dim=7 must be even"):
+        DecoderConfig(vocab_size=10, head_dim=7)
+    with pytest.raises(ValueError, match="vocab_size must be a positive int, got vocab_size=0"):
+        DecoderConfig(vocab_size=0)
+
+    cfg = CONFIGS["mha"]
+    model, tokens = Decoder(cfg), jnp.zeros((2, 3), jnp.int32)
+    params = params_from_hf(random_hf_weights(cfg, np.random.default_rng()), cfg)
+    shape_of = lambda *args, **kwargs: jax.eval_shape(  # noqa: E731
+        lambda p: model.apply({"params": p}, *args, **kwargs), params
+    )
+    with pytest.raises(ValueError, match="num_new needs a cache"):
+        shape_of(tokens, num_new=jnp.ones(2, jnp.int32))
+    with pytest.raises(ValueError, match=r"len\(cache\)=2 != cfg.num_layers=1"):
+        shape_of(tokens, init_cache(cfg, 2, 8) * 2)
+    with pytest.raises(TypeError, match="tokens_BT.dtype=float32"):
+        shape_of(jnp.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"tokens_BT.shape=\(2, 3, 1\)"):
+        shape_of(jnp.zeros((2, 3, 1), jnp.int32))
+    sd = random_hf_weights(cfg, np.random.default_rng())
+    sd["model.layers.0.self_attn.k_proj.weight"] = sd["model.layers.0.self_attn.k_proj.weight"][:4]
+    with pytest.raises(ValueError, match=r"k_proj.weight must have shape \(16, 16\)"):
+        params_from_hf(sd, cfg)
