@@ -100,3 +100,31 @@ def kv_range(q_first, q_last, *, causal: bool, window: tuple[int, int] | None, k
         lo = jnp.maximum(lo, q_first - left)
         hi = jnp.minimum(hi, q_last + right + 1)
     return lo.astype(jnp.int32), hi.astype(jnp.int32)
+
+
+def q_range(k_first, k_last, *, causal: bool, window: tuple[int, int] | None, query_offset, q_len):
+    """Half-open range ``[lo, hi)`` of query *indices* that can see any key in a tile.
+
+    The backward's key/value-tile loops use it to skip query tiles that see no
+    key of the tile whose positions run from ``k_first`` to ``k_last``.
+
+    Args:
+      k_first: position of the tile's first key (int scalar).
+      k_last: position of the tile's last key (int scalar).
+      causal: whether the causal rule is on.
+      window: optional ``(left, right)`` window sizes.
+      query_offset: position of query index 0 (int scalar).
+      q_len: number of valid queries (int scalar).
+
+    Returns:
+      ``(lo, hi)`` int32 scalars, ``0 <= lo``, ``hi <= q_len``.
+    """
+    lo = jnp.zeros((), jnp.int32)
+    hi = jnp.asarray(q_len, jnp.int32)
+    if causal:
+        lo = jnp.maximum(lo, k_first - query_offset)
+    if window is not None:
+        left, right = window
+        lo = jnp.maximum(lo, k_first - right - query_offset)
+        hi = jnp.minimum(hi, k_last + left + 1 - query_offset)
+    return lo.astype(jnp.int32), hi.astype(jnp.int32)

@@ -1,0 +1,143 @@
+"""``python -m gqa_jax.bench``: our kernels against the peers, side by side in one process.
+
+Examples::
+
+    python -m gqa_jax.bench                # every prefill and decode shape (GPU)
+    python -m gqa_jax.bench --quick        # tiny shapes, CPU smoke run (interpret mode)
+    python -m gqa_jax.bench --only decode --out bench_out
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+from typing import Callable
+
+import jax
+
+from gqa_jax.bench import decode, e2e, prefill
+from gqa_jax.bench.report import markdown_table, write_chart, write_json
+from gqa_jax.bench.timing import environment, time_fn
+from gqa_jax.progress import ProgressBar
+
+
+def _short(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0][:90]
+
+
+def _prefill_modes(build: Callable, shape, quick: bool) -> dict:
+    return prefill.timed_functions(build(shape, interpret=quick))
+
+
+def _decode_modes(build: Callable, shape, quick: bool) -> dict:
+    return {"decode": (jax.jit(build(shape, interpret=quick)), lambda *inputs: inputs)}
+
+
+def run_family(shapes, impls: dict, make_inputs: Callable, modes: Callable, mode_names: tuple[str, ...],
+               metric: Callable, *, quick: bool, reps: int, bar: ProgressBar, done: int) -> tuple[list[dict], int]:
+    """Times every implementation on every shape; a failure becomes the row's ``error``."""
+    results = []
+    for shape in shapes:
+        inputs = make_inputs(shape, jax.random.key(0))
+        for impl, build in impls.items():
+            try:
+                timed, error = modes(build, shape, quick), None
+            except Exception as e:  # a peer that is not importable or cannot serve the shape
+                timed, error = None, _short(e)
+            for mode in mode_names:
+                row = {"case": shape.name, "mode": mode, "impl": impl, "seconds": None}
+                if timed is None:
+                    row["error"] = error
+                else:
+                    fn, args = timed[mode]
+                    try:
+                        row["seconds"] = time_fn(fn, [args(*inputs)], reps=reps)
+                        row.update(metric(shape, mode, row["seconds"]))
+                    except Exception as e:  # out of memory, unsupported on this device ...
+                        row["error"] = _short(e)
+                results.append(row)
+                done += 1
+                bar.update(done, f"{shape.name} {mode} {impl}")
+        del inputs
+    return results, done
+
+
+def run_end_to_end(shapes, quick: bool, reps: int, bar: ProgressBar, done: int) -> tuple[list[dict], int]:
+    """Tokens/s of the reference decoder's generation loop per attention implementation."""
+    results = []
+    for shape in shapes:
+        for impl in e2e.IMPLEMENTATIONS:
+            row = {"case": shape.name, "mode": "generate", "impl": impl, "seconds": None}
+            if quick and impl != "xla":
+                row["error"] = "skipped: GPU kernels only"
+            else:
+                try:
+                    row["seconds"] = time_fn(e2e.make_generate(shape, impl), [()], reps=max(3, reps // 3))
+                    row["tokens_per_s"] = shape.new_token_count() / row["seconds"]
+                except Exception as e:  # an implementation that cannot serve on this platform
+                    row["error"] = _short(e)
+            results.append(row)
+            done += 1
+            bar.update(done, f"{shape.name} {impl}")
+    return results, done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gqa_jax.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes for a CPU smoke run (interpret mode)")
+    parser.add_argument("--only", choices=("prefill", "decode", "e2e"), help="run one family of shapes")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (median); default 10, 3 with --quick")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for results.json and charts")
+    args = parser.parse_args(argv)
+    reps = args.reps or (3 if args.quick else 10)
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    command = "python -m gqa_jax.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    run_prefill, run_decode = args.only in (None, "prefill"), args.only in (None, "decode")
+    run_e2e = args.only in (None, "e2e")
+
+    prefill_shapes = prefill.QUICK_SHAPES if args.quick else prefill.FULL_SHAPES
+    decode_shapes = decode.QUICK_SHAPES if args.quick else decode.FULL_SHAPES
+    prefill_impls, decode_impls = prefill.implementations(args.quick), decode.implementations(args.quick)
+    e2e_shapes = e2e.shapes(args.quick)
+    total = (run_prefill * 2 * len(prefill_shapes) * len(prefill_impls)
+             + run_decode * len(decode_shapes) * len(decode_impls)
+             + run_e2e * len(e2e_shapes) * len(e2e.IMPLEMENTATIONS))
+    bar = ProgressBar(max(total, 1), label="bench")
+    timing = functools.partial(run_family, quick=args.quick, reps=reps, bar=bar)
+    prefill_rows, decode_rows, e2e_rows, done, copy = [], [], [], 0, None
+    if run_prefill:
+        prefill_rows, done = timing(
+            prefill_shapes, prefill_impls, prefill.make_inputs, _prefill_modes, ("fwd", "fwd+bwd"),
+            lambda shape, mode, s: {"tflops": shape.flops(mode) / s / 1e12}, done=done)
+    if run_decode:
+        copy = decode.copy_bandwidth(functools.partial(time_fn, reps=reps), 1 << (20 if args.quick else 29))
+        decode_rows, done = timing(
+            decode_shapes, decode_impls, decode.make_inputs, _decode_modes, ("decode",),
+            lambda shape, mode, s: {"gbps": shape.kv_bytes() / s / 1e9,
+                                    "of_copy": shape.kv_bytes() / s / 1e9 / copy}, done=done)
+    if run_e2e:
+        e2e_rows, done = run_end_to_end(e2e_shapes, args.quick, reps, bar, done)
+    bar.close()
+
+    env_line = " | ".join(f"{k} {v}" for k, v in env.items())
+    write_json(args.out / "results.json", dict(env, copy_gbps=copy), prefill_rows + decode_rows + e2e_rows, command)
+    print(f"\n{command}\n{env_line}\nresults: {args.out / 'results.json'}")
+    if prefill_rows:
+        write_chart(args.out / "prefill.png", prefill_rows, "tflops", "TFLOP/s", f"prefill attention, {env['device']}")
+        print("\nPrefill, bf16 (TFLOP/s; forward 4·B·T·S·N·H, halved when causal; backward 2.5x forward)\n")
+        print(markdown_table(prefill_rows, prefill.OURS, "tflops", "TFLOP/s"))
+    if decode_rows:
+        write_chart(args.out / "decode.png", decode_rows, "gbps", "GB/s of K/V read", f"decode attention, {env['device']}")
+        print(f"\nDecode, T=1, bf16 cache (GB/s of K/V up to each row's length; copy bandwidth {copy:.0f} GB/s)\n")
+        print(markdown_table(decode_rows, decode.OURS, "gbps", "GB/s", extra="of_copy"))
+    if e2e_rows:
+        print("\nEnd-to-end greedy decoding with gqa_jax.decoding.generate (new tokens/s, prefill included)\n")
+        print(markdown_table(e2e_rows, "pallas_triton", "tokens_per_s", "tokens/s"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Decode attention: one new token per row against a bf16 KV cache with per-row lengths.
+
+Decoding is memory-bound, so the figure is GB/s of K/V actually read (K and V
+up to each row's length) and its fraction of the copy bandwidth measured in
+the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import gqa_jax
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeShape:
+    """Query ``[B,1,N,H]`` against a cache ``[B,S,K,H]``; ragged: lengths spread over (0, S/2), mean S/4."""
+
+    B: int
+    S: int
+    N: int
+    K: int
+    H: int = 128
+    ragged: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"B{self.B} S{self.S} N{self.N} K{self.K} H{self.H}" + (" ragged" if self.ragged else "")
+
+    def lengths(self) -> np.ndarray:
+        if not self.ragged:
+            return np.full((self.B,), self.S, np.int32)
+        lengths = np.linspace(self.S // 32, self.S // 2 - self.S // 32, self.B).astype(np.int32)
+        return np.random.default_rng(0).permutation(lengths)
+
+    def kv_bytes(self, itemsize: int = 2) -> int:
+        """Bytes of K and V up to each row's length."""
+        return int(self.lengths().sum()) * self.K * self.H * 2 * itemsize
+
+
+FULL_SHAPES = [
+    DecodeShape(8, 8192, 32, 8),
+    DecodeShape(1, 32768, 32, 8),
+    DecodeShape(32, 4096, 32, 8),
+    DecodeShape(16, 8192, 64, 8),
+    DecodeShape(16, 16384, 32, 8, ragged=True),
+]
+QUICK_SHAPES = [DecodeShape(2, 256, 4, 2, H=64, ragged=True)]
+
+OURS = "gqa_jax pallas_triton"
+CUDNN_CAPACITY = "jax.nn cudnn (capacity lengths)"
+
+
+def _ours(shape: DecodeShape, interpret: bool) -> Callable:
+    if interpret:
+        from pallas_kernels.gpu import decode_attention
+
+        return lambda q, k, v, n: decode_attention(q, k, v, n, interpret=True)
+    return lambda q, k, v, n: gqa_jax.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=n,
+                                                            implementation="pallas_triton")
+
+
+def _jax_nn(implementation: str, capacity: bool = False):
+    def build(shape: DecodeShape, interpret: bool) -> Callable:
+        if capacity and not shape.ragged:
+            raise ValueError("only for ragged shapes")
+        return lambda q, k, v, n: jax.nn.dot_product_attention(
+            q, k, v, key_value_seq_lengths=None if capacity else n, implementation=implementation)
+    return build
+
+
+def _jax_pallas_decode_op(shape: DecodeShape, interpret: bool) -> Callable:
+    from jax.experimental.pallas.ops.gpu import decode_attention as op
+
+    return lambda q, k, v, n: op.gqa(q[:, 0], k, v, kv_seq_len=n, sm_scale=1 / math.sqrt(shape.H),
+                                     interpret=interpret)[:, None]
+
+
+def _tokamax(shape: DecodeShape, interpret: bool) -> Callable:
+    import tokamax
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # tokamax reads absl flags; keep it off our command line
+    return lambda q, k, v, n: tokamax.dot_product_attention(q, k, v, key_value_seq_lengths=n)
+
+
+def implementations(quick: bool) -> dict[str, Callable]:
+    """Name -> builder(shape, interpret) of every implementation to time."""
+    impls = {OURS: _ours, "jax.nn xla": _jax_nn("xla")}
+    if not quick:
+        impls["jax.nn cudnn"] = _jax_nn("cudnn")
+        impls[CUDNN_CAPACITY] = _jax_nn("cudnn", capacity=True)
+        impls["jax pallas decode op"] = _jax_pallas_decode_op
+        impls["tokamax"] = _tokamax
+    return impls
+
+
+def make_inputs(shape: DecodeShape, key) -> tuple:
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (shape.B, 1, shape.N, shape.H), jnp.bfloat16)
+    k = jax.random.normal(kk, (shape.B, shape.S, shape.K, shape.H), jnp.bfloat16)
+    v = jax.random.normal(kv, (shape.B, shape.S, shape.K, shape.H), jnp.bfloat16)
+    return q, k, v, jnp.asarray(shape.lengths())
+
+
+def copy_bandwidth(time_fn, num_elements: int = 1 << 29) -> float:
+    """GB/s of ``x + 1`` over a bf16 array (1 GiB by default; bytes read plus written)."""
+    x = jax.random.normal(jax.random.key(1), (num_elements,), jnp.bfloat16)
+    seconds = time_fn(jax.jit(lambda x: x + 1), [(x,)])
+    return 2 * x.nbytes / seconds / 1e9

@@ -1,0 +1,71 @@
+"""Tables, JSON and a chart from benchmark results."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def ratio_to_best_peer(results: list[dict], ours: str, metric: str) -> dict[tuple[str, str], float | None]:
+    """``(case, mode) -> ours / best peer`` on ``metric`` (higher is better)."""
+    groups = defaultdict(dict)
+    for r in results:
+        if r.get(metric) is not None:
+            groups[(r["case"], r["mode"])][r["impl"]] = r[metric]
+    ratios = {}
+    for key, by_impl in groups.items():
+        peers = [v for name, v in by_impl.items() if name != ours]
+        ratios[key] = by_impl[ours] / max(peers) if ours in by_impl and peers else None
+    return ratios
+
+
+def markdown_table(results: list[dict], ours: str, metric: str, unit: str, extra: str | None = None) -> str:
+    """One row per (case, mode, implementation), our row marked with the ratio to the best peer."""
+    ratios = ratio_to_best_peer(results, ours, metric)
+    header = f"| case | mode | implementation | time (ms) | {unit} |" + (f" {extra} |" if extra else "") + " ours / best peer |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in results:
+        value = "—" if r.get(metric) is None else f"{r[metric]:.1f}"
+        ms = "—" if r.get("seconds") is None else f"{1e3 * r['seconds']:.3f}"
+        note = r.get("error") or ""
+        ratio = ""
+        if r["impl"] == ours and ratios.get((r["case"], r["mode"])) is not None:
+            ratio = f"{ratios[(r['case'], r['mode'])]:.2f}x"
+        row = f"| {r['case']} | {r['mode']} | {r['impl']} | {ms} | {value if not note else note} |"
+        if extra:
+            row += f" {'' if r.get(extra) is None else format(r[extra], '.2f')} |"
+        lines.append(row + f" {ratio} |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, environment: dict, results: list[dict], command: str) -> None:
+    path.write_text(json.dumps({"command": command, "environment": environment, "results": results}, indent=2))
+
+
+def write_chart(path: Path, results: list[dict], metric: str, unit: str, title: str) -> bool:
+    """Grouped bar chart of ``metric`` per case and mode; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    cases = sorted({(r["case"], r["mode"]) for r in results}, key=lambda c: [r["case"] for r in results].index(c[0]))
+    impls = list(dict.fromkeys(r["impl"] for r in results))
+    values = {(r["case"], r["mode"], r["impl"]): r.get(metric) or 0.0 for r in results}
+    width = 0.8 / max(len(impls), 1)
+    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(cases)), 5))
+    for i, impl in enumerate(impls):
+        xs = [c + i * width for c in range(len(cases))]
+        ax.bar(xs, [values.get((case, mode, impl), 0.0) for case, mode in cases], width, label=impl)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
+    ax.set_xticklabels([f"{case}\n{mode}" for case, mode in cases], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,0 +1,508 @@
+"""Decode attention for NVIDIA GPUs: Pallas with the Triton lowering.
+
+A few new queries per row (``T`` of 1 to 16: single-token, speculative or
+chunked decoding) attend to a KV cache ``[B, S, K, H]`` that is read in place,
+with per-row valid lengths. Decoding is bound by memory bandwidth, so the
+kernel is built to read every needed cache byte once and no other:
+
+* GQA packing: a program reads each K/V tile once for all ``G = N // K`` query
+  heads and all ``T`` tokens of its KV head; those ``G*T`` query rows are the M
+  dimension of the tile matmuls (padded to 16, the smallest Triton dot).
+* Lengths bound the loop: a program visits only the tiles holding keys that
+  its queries can see (`pallas_kernels.masking.kv_range`: length, causal,
+  window) and masks its loads at that bound, so cache memory past a row's
+  length is never read and time follows the real lengths, not the capacity.
+* Split-K (flash-decoding): each row's visible range is cut into
+  ``num_splits`` runs of tiles handled by separate programs, which write
+  float32 partial softmax statistics that a small jnp reduction combines. The
+  split count is chosen from B, K, S and the SM count so that one row fills
+  the GPU as well as 32 rows do.
+
+Grid ``(B, K, row_blocks, num_splits)``. Softmax statistics are float32 and
+in base 2 (``exp2``); outputs are in the input dtype; rows that see no key
+give zeros. The backward pass is the flash-attention backward under the same
+rules (decoding rarely differentiates; gradients are correct, not tuned).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.arguments import check_qkv, check_scale, check_soft_cap, row_vector, window_pair
+from pallas_kernels.gpu.flash_attention import flash_attention
+from pallas_kernels.masking import MASK_VALUE, kv_range, visible
+
+LOG2_E = math.log2(math.e)
+# SMs of an H100 SXM, used when no GPU reports its own count.
+DEFAULT_SM_COUNT = 132
+# Programs one SM is assumed to run at once; the split heuristic fills
+# DEFAULT_SM_COUNT * RESIDENT_PROGRAMS_PER_SM program slots.
+RESIDENT_PROGRAMS_PER_SM = 2
+# Fewest splits whose last wave of programs is at least this full.
+MIN_WAVE_EFFICIENCY = 0.75
+# A split gets at least this many key tiles of a full-capacity row.
+MIN_TILES_PER_SPLIT = 4
+MAX_SPLITS = 64
+# Triton dots need M >= 16; query rows beyond MAX_BLOCK_ROWS go to more programs.
+MIN_BLOCK_ROWS = 16
+MAX_BLOCK_ROWS = 64
+
+
+def _is_power_of_two(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def _next_power_of_two(x: int) -> int:
+    return 1 << max(x - 1, 0).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBlockSizes:
+    """Tiling and launch parameters of the decode kernel.
+
+    Attributes:
+      block_k: keys per tile; a power of two >= 16.
+      num_splits: programs sharing one row's visible key range (split-K).
+      block_rows: packed query rows (``G*T``) per program; a power of two >= 16.
+      num_warps: warps per program (1, 2, 4, 8 or 16).
+      num_stages: software-pipelining depth of the tile loads (>= 1).
+    """
+
+    block_k: int
+    num_splits: int
+    block_rows: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {name}={value!r}")
+        for name in ("block_k", "block_rows"):
+            value = getattr(self, name)
+            if not _is_power_of_two(value) or value < 16:
+                raise ValueError(f"{name}={value} must be a power of two >= 16")
+        if self.num_splits < 1:
+            raise ValueError(f"num_splits={self.num_splits} must be >= 1")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+
+
+def gpu_sm_count() -> int:
+    """Streaming multiprocessors of the first GPU, or `DEFAULT_SM_COUNT` without one."""
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:
+        return DEFAULT_SM_COUNT
+    count = getattr(devices[0], "core_count", None)
+    return int(count) if count else DEFAULT_SM_COUNT
+
+
+def choose_num_splits(
+    batch: int, num_kv_heads: int, kv_len: int, *, block_k: int, row_blocks: int = 1, sm_count: int | None = None
+) -> int:
+    """Split-K factor that fills the GPU with programs.
+
+    Returns the fewest splits whose programs (``batch * num_kv_heads *
+    row_blocks * splits``) fill ``sm_count * RESIDENT_PROGRAMS_PER_SM`` slots
+    with the last wave at least `MIN_WAVE_EFFICIENCY` full, giving each split
+    at least `MIN_TILES_PER_SPLIT` tiles of a full row and at most `MAX_SPLITS`.
+
+    Args:
+      batch: B.
+      num_kv_heads: K.
+      kv_len: cache capacity S.
+      block_k: keys per tile.
+      row_blocks: programs per KV head for the packed query rows.
+      sm_count: SMs of the GPU; default `gpu_sm_count()`.
+
+    Returns:
+      An int in ``[1, MAX_SPLITS]``.
+    """
+    sm_count = gpu_sm_count() if sm_count is None else sm_count
+    slots = sm_count * RESIDENT_PROGRAMS_PER_SM
+    programs = batch * num_kv_heads * row_blocks
+    most = max(1, min(MAX_SPLITS, kv_len // (MIN_TILES_PER_SPLIT * block_k)))
+    for splits in range(1, most + 1):
+        waves = programs * splits / slots
+        if waves / math.ceil(waves) >= MIN_WAVE_EFFICIENCY:
+            return splits
+    return most
+
+
+def default_block_sizes(
+    batch: int,
+    kv_len: int,
+    num_kv_heads: int,
+    num_rows: int,
+    head_dim: int,
+    dtype,
+    *,
+    num_splits: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    sm_count: int | None = None,
+) -> DecodeBlockSizes:
+    """The block sizes for a decode shape; given values override the table.
+
+    Table: ``block_k`` 128 when a cache row (``H`` padded) is at most 256 bytes,
+    else 64 (never above S rounded up to a power of two); ``block_rows`` the
+    packed rows ``G*T`` padded to a power of two in [16, 64]; 4 warps up to 32
+    rows with tiles under 128 keys, else 8; 3 pipeline stages when a K plus V tile is at most 32 KiB,
+    else 2; ``num_splits`` from `choose_num_splits`.
+
+    Args:
+      batch: B.
+      kv_len: cache capacity S.
+      num_kv_heads: K.
+      num_rows: packed query rows per KV head, ``G * T``.
+      head_dim: the larger of H and Hv.
+      dtype: cache dtype.
+      num_splits, block_k, num_warps, num_stages: overrides (None: table).
+      sm_count: SMs of the GPU; default `gpu_sm_count()`.
+
+    Returns:
+      A validated `DecodeBlockSizes`.
+    """
+    itemsize = jnp.dtype(dtype).itemsize
+    row_bytes = _next_power_of_two(max(head_dim, 16)) * itemsize
+    if block_k is None:
+        block_k = min(128 if row_bytes <= 256 else 64, max(16, _next_power_of_two(kv_len)))
+    block_rows = min(max(_next_power_of_two(num_rows), MIN_BLOCK_ROWS), MAX_BLOCK_ROWS)
+    if num_warps is None:  # 8 warps measured faster on an H100 for 128-key tiles (BENCHMARKS.md)
+        num_warps = 4 if block_rows <= 32 and block_k < 128 else 8
+    if num_stages is None:
+        num_stages = 3 if 2 * block_k * row_bytes <= 32 * 1024 else 2
+    blocks = DecodeBlockSizes(
+        block_k=block_k,
+        num_splits=1 if num_splits is None else num_splits,
+        block_rows=block_rows,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if num_splits is None:
+        num_splits = choose_num_splits(
+            batch, num_kv_heads, kv_len, block_k=block_k, row_blocks=-(-num_rows // block_rows), sm_count=sm_count
+        )
+        blocks = dataclasses.replace(blocks, num_splits=num_splits)
+    return blocks
+
+
+def _base2_logits(qk, scale: float, soft_cap: float | None):
+    """``cap * tanh(scale * qk / cap)`` (or ``scale * qk``) in base-2 units."""
+    if soft_cap is None:
+        return qk * (scale * LOG2_E)
+    return jnp.tanh(qk * (scale / soft_cap)) * (soft_cap * LOG2_E)
+
+
+def _load_tile(ref, start, block_k: int, in_range, width: int):
+    """Rows ``[start, start + block_k)`` of a ``[S, width_padded]`` ref, zero past the bound."""
+    width_padded = ref.shape[-1]
+    mask = in_range[:, None]
+    if width != width_padded:
+        mask = mask & (jnp.arange(width_padded, dtype=jnp.int32) < width)[None, :]
+    return plgpu.load(ref.at[pl.ds(start, block_k), :], mask=mask, other=0.0)
+
+
+def _row_offsets(base, token, width: int, real):
+    """Flat offsets ``base + token * width + column`` of ``[rows, width_padded]`` and their mask."""
+    width_padded = _next_power_of_two(max(width, 16))
+    columns = jnp.arange(width_padded, dtype=jnp.int32)
+    offsets = base + token[:, None] * width + columns[None, :]
+    return offsets, real[:, None] & (columns < width)[None, :]
+
+
+def _store(ref, offsets, mask, value):
+    """Masked scatter into a flat ref. Masked lanes point past the end: never written."""
+    plgpu.store(ref.at[jnp.where(mask, offsets, ref.shape[0])], value, mask=mask)
+
+
+def _decode_kernel(
+    lengths_ref,  # [] keys of this row (clamped to S)
+    offsets_ref,  # [] position of this row's first query
+    q_ref,  # [B*T*N*H] the whole query, flat
+    k_ref,  # [S, Hp] this row's key cache of one KV head
+    v_ref,  # [S, Hvp]
+    *out_refs,  # (out [B*T*N*Hv],) or (acc [splits*B*T*N*Hv], m [splits*B*T*N], l [splits*B*T*N]), flat
+    scale: float,
+    causal: bool,
+    window: tuple[int, int] | None,
+    soft_cap: float | None,
+    q_len: int,
+    num_heads: int,
+    group: int,
+    head_dim: int,
+    value_head_dim: int,
+    blocks: DecodeBlockSizes,
+):
+    block_rows, block_k, num_splits = blocks.block_rows, blocks.block_k, blocks.num_splits
+    batch_row, kv_head, row_block, split = (pl.program_id(axis) for axis in range(4))
+    length, offset = lengths_ref[()], offsets_ref[()]
+
+    # Packed query rows of this KV head, t-major: row = t * G + g reads head kv_head * G + g.
+    num_rows = q_len * group
+    first_row = row_block * block_rows
+    rows = first_row + jnp.arange(block_rows, dtype=jnp.int32)
+    t = lax.div(rows, group)
+    real = rows < num_rows
+    token = (batch_row * q_len + t) * num_heads + kv_head * group + rows - t * group  # flat (b, t, n)
+    q_pos = offset + t
+    last_row = jnp.minimum(first_row + block_rows, num_rows) - 1
+    lo, hi = kv_range(
+        offset + lax.div(first_row, group), offset + lax.div(last_row, group),
+        causal=causal, window=window, kv_len=length,
+    )
+    # This split's run of the tiles that cover [lo, hi).
+    first_tile = lax.div(lo, block_k)
+    num_tiles = jnp.where(hi > lo, lax.div(hi + block_k - 1, block_k) - first_tile, 0)
+    per_split = lax.div(num_tiles + num_splits - 1, num_splits)
+    start = first_tile + split * per_split
+    stop = jnp.minimum(start + per_split, first_tile + num_tiles)
+
+    q_offsets, q_mask = _row_offsets(0, token, head_dim, real)
+    q = plgpu.load(q_ref.at[q_offsets], mask=q_mask, other=0.0)
+
+    def body(tile, carry):
+        acc, m_prev, l_prev = carry
+        k_start = tile * block_k
+        k_pos = k_start + jnp.arange(block_k, dtype=jnp.int32)
+        in_range = k_pos < hi
+        k = _load_tile(k_ref, k_start, block_k, in_range, head_dim)
+        qk = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        s = _base2_logits(qk, scale, soft_cap)
+        mask = in_range[None, :]
+        rule = visible(q_pos[:, None], k_pos[None, :], causal=causal, window=window)
+        if rule is not None:
+            mask = mask & rule
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        correction = jnp.exp2(m_prev - m_next)
+        p = jnp.where(mask, jnp.exp2(s - m_next[:, None]), 0.0)
+        v = _load_tile(v_ref, k_start, block_k, in_range, value_head_dim)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return acc * correction[:, None] + pv, m_next, l_prev * correction + jnp.sum(p, axis=1)
+
+    init = (
+        jnp.zeros((block_rows, v_ref.shape[-1]), jnp.float32),
+        jnp.full((block_rows,), MASK_VALUE, jnp.float32),
+        jnp.zeros((block_rows,), jnp.float32),
+    )
+    acc, m, l = lax.fori_loop(start, stop, body, init)
+
+    if num_splits == 1:
+        (out_ref,) = out_refs
+        out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+        _store(out_ref, *_row_offsets(0, token, value_head_dim, real), out.astype(out_ref.dtype))
+    else:
+        acc_ref, m_ref, l_ref = out_refs
+        split_base = split * (m_ref.shape[0] // num_splits)  # B*T*N tokens per split
+        _store(acc_ref, *_row_offsets(split_base * value_head_dim, token, value_head_dim, real), acc)
+        _store(m_ref, split_base + token, real, m)
+        _store(l_ref, split_base + token, real, l)
+
+
+def decode_attention(
+    query,
+    key_cache,
+    value_cache,
+    lengths,
+    *,
+    scale: float | None = None,
+    is_causal: bool = True,
+    query_offset=None,
+    local_window_size: int | tuple[int, int] | None = None,
+    logits_soft_cap: float | None = None,
+    num_splits: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+):
+    """Attention of a few new queries to a KV cache with per-row lengths.
+
+    Semantics are those of `gqa_jax.dot_product_attention` with
+    ``key_value_seq_lengths=lengths``: query head ``n`` reads KV head ``n // G``;
+    query ``t`` of row ``b`` sits at position ``lengths[b] - T + t`` (the newest
+    ``T`` tokens) unless ``query_offset`` says otherwise; keys ``s <
+    lengths[b]`` are valid. Lengths are clamped to ``[0, S]`` for the keys (a
+    row of length 0 gives zeros) while positions use them as given, so an
+    overflowed cache keeps its true positions. Memory past a row's length is
+    never read.
+
+    Args:
+      query: ``[B, T, N, H]``; T is small (1 to 16), larger T works but packs
+        ``G*T`` rows per KV head into more programs.
+      key_cache: ``[B, S, K, H]`` with ``N % K == 0``, same dtype as query
+        (bfloat16, float16 or float32).
+      value_cache: ``[B, S, K, Hv]``.
+      lengths: int ``[B]`` valid keys per row.
+      scale: logit scale; default ``1 / sqrt(H)``.
+      is_causal: queries see keys at positions ``<=`` their own.
+      query_offset: optional int scalar or ``[B]`` position of each row's
+        first query; default ``lengths - T``.
+      local_window_size: int or ``(left, right)``: a query at position ``p``
+        sees keys in ``[p - left, p + right]``.
+      logits_soft_cap: ``cap * tanh(logits / cap)`` on the scaled logits.
+      num_splits, block_k, num_warps, num_stages: tuning overrides; None picks
+        them from `default_block_sizes`.
+      interpret: run the kernel in the Pallas interpreter (CPU).
+
+    Returns:
+      ``[B, T, N, Hv]`` in the query dtype. Differentiable (dense backward).
+
+    Raises:
+      ValueError, TypeError: for inconsistent shapes, dtypes or options.
+      NotImplementedError: for a dtype the kernel does not support.
+
+    Example::
+
+        out = decode_attention(q_BTNH, cache.key, cache.value, cache.lengths)
+    """
+    query, key_cache, value_cache = jnp.asarray(query), jnp.asarray(key_cache), jnp.asarray(value_cache)
+    check_qkv(query, key_cache, value_cache, names=("query", "key_cache", "value_cache"))
+    B, T, N, H = query.shape
+    _, S, K, Hv = value_cache.shape
+    lengths = row_vector("lengths", lengths, B)
+    offsets = lengths - T if query_offset is None else row_vector("query_offset", query_offset, B)
+    blocks = default_block_sizes(
+        B, S, K, T * (N // K), max(H, Hv), query.dtype,
+        num_splits=num_splits, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+    )
+    flat_size = blocks.num_splits * B * T * N * max(H, Hv)
+    if flat_size >= 2**31:
+        raise ValueError(
+            f"num_splits * B*T*N * max(H, Hv) = {flat_size} must be < 2**31 (int32 offsets), got "
+            f"num_splits={blocks.num_splits}, {query.shape=}, {value_cache.shape=}"
+        )
+    static = _Static(
+        scale=check_scale(scale, H),
+        causal=bool(is_causal),
+        window=window_pair(local_window_size),
+        soft_cap=check_soft_cap(logits_soft_cap),
+        blocks=blocks,
+        interpret=bool(interpret),
+    )
+    return _decode(query, key_cache, value_cache, jnp.clip(lengths, 0, S), offsets, static)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """The hashable, trace-time arguments of `_decode`."""
+
+    scale: float
+    causal: bool
+    window: tuple[int, int] | None
+    soft_cap: float | None
+    blocks: DecodeBlockSizes
+    interpret: bool
+
+
+@functools.partial(jax.jit, static_argnames=("static",))
+def _decode_forward(query, key_cache, value_cache, lengths, offsets, static: _Static):
+    B, T, N, H = query.shape
+    _, S, K, Hv = value_cache.shape
+    blocks = static.blocks
+    splits = blocks.num_splits
+    row_blocks = -(-T * (N // K) // blocks.block_rows)
+    head_padded = _next_power_of_two(max(H, 16))
+    value_padded = _next_power_of_two(max(Hv, 16))
+    tokens = B * T * N
+
+    def whole(size):
+        return pl.BlockSpec((size,), lambda b, k, r, s: (0,))
+
+    row_spec = pl.BlockSpec((None,), lambda b, k, r, s: (b,))
+    in_specs = [
+        row_spec,
+        row_spec,
+        whole(tokens * H),
+        pl.BlockSpec((None, S, None, head_padded), lambda b, k, r, s: (b, 0, k, 0)),
+        pl.BlockSpec((None, S, None, value_padded), lambda b, k, r, s: (b, 0, k, 0)),
+    ]
+    if splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((tokens * Hv,), query.dtype)]
+    else:
+        out_shape = [
+            jax.ShapeDtypeStruct((splits * tokens * Hv,), jnp.float32),
+            jax.ShapeDtypeStruct((splits * tokens,), jnp.float32),
+            jax.ShapeDtypeStruct((splits * tokens,), jnp.float32),
+        ]
+    kernel = functools.partial(
+        _decode_kernel,
+        scale=static.scale,
+        causal=static.causal,
+        window=static.window,
+        soft_cap=static.soft_cap,
+        q_len=T,
+        num_heads=N,
+        group=N // K,
+        head_dim=H,
+        value_head_dim=Hv,
+        blocks=blocks,
+    )
+    results = pl.pallas_call(
+        kernel,
+        grid=(B, K, row_blocks, splits),
+        in_specs=in_specs,
+        out_specs=[whole(x.shape[0]) for x in out_shape],
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        interpret=static.interpret,
+        name="gqa_decode_attention",
+    )(lengths, offsets, query.reshape(-1), key_cache, value_cache)
+    if splits == 1:
+        return results[0].reshape(B, T, N, Hv)
+    acc, m, l = results
+    out = _combine_splits(acc.reshape(splits, B, T, N, Hv), m.reshape(splits, B, T, N), l.reshape(splits, B, T, N))
+    return out.astype(query.dtype)
+
+
+def _combine_splits(acc, m, l):
+    """Merges per-split partials ``acc [splits,B,T,N,Hv]``, ``m, l [splits,B,T,N]`` (base 2).
+
+    Splits that saw no key hold ``m = MASK_VALUE``, ``l = 0``, ``acc = 0`` and
+    get zero weight; a row that no split saw gives zeros.
+    """
+    m_max = jnp.max(m, axis=0)
+    weight = jnp.exp2(m - m_max)
+    total = jnp.sum(weight * l, axis=0)
+    out = jnp.sum(weight[..., None] * acc, axis=0)
+    return out / jnp.where(total == 0.0, 1.0, total)[..., None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _decode(query, key_cache, value_cache, lengths, offsets, static: _Static):
+    return _decode_forward(query, key_cache, value_cache, lengths, offsets, static)
+
+
+def _decode_fwd(query, key_cache, value_cache, lengths, offsets, static):
+    out = _decode_forward(query, key_cache, value_cache, lengths, offsets, static)
+    return out, (query, key_cache, value_cache, lengths, offsets)
+
+
+def _decode_bwd(static, residuals, d_out):
+    """The flash-attention backward under the same rules (lengths, offsets, window, soft-cap)."""
+    query, key_cache, value_cache, lengths, offsets = residuals
+    _, pullback = jax.vjp(
+        lambda q, k, v: flash_attention(
+            q, k, v, scale=static.scale, is_causal=static.causal, query_offset=offsets,
+            key_value_seq_lengths=lengths, local_window_size=static.window, logits_soft_cap=static.soft_cap,
+            interpret=static.interpret,
+        ),
+        query, key_cache, value_cache,
+    )
+    return (*pullback(d_out), None, None)
+
+
+_decode.defvjp(_decode_fwd, _decode_bwd)
