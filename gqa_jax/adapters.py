@@ -108,3 +108,4 @@ register_implementation("xla", xla_attention, platforms=("cpu", "gpu", "tpu"), p
 register_implementation("cudnn", cudnn_attention, platforms=("gpu",), priority=10)
 
 from gqa_jax import adapters_gpu as _adapters_gpu  # noqa: E402,F401  (registers "pallas_triton")
+from gqa_jax import adapters_tpu as _adapters_tpu  # noqa: E402,F401  (registers "pallas_tpu")

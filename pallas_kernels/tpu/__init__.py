@@ -1,0 +1,11 @@
+"""Pallas kernels for TPUs (Mosaic TPU): flash attention (forward and backward) and decode attention.
+
+Both take BTNH arrays with grouped K/V heads and the keywords of their GPU
+twins in `pallas_kernels.gpu`; ``interpret=True`` runs them in the Pallas TPU
+interpret mode on any backend (how they are tested on CPUs).
+"""
+
+from pallas_kernels.tpu.decode_attention import decode_attention
+from pallas_kernels.tpu.flash_attention import BlockSizes, flash_attention
+
+__all__ = ["BlockSizes", "decode_attention", "flash_attention"]
