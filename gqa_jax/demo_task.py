@@ -56,9 +56,9 @@ class Examples:
         for i, (_, text) in enumerate(problems):
             digits[i, : len(text)] = [int(c) for c in text]
         return cls(
-            ops=np.array([OPERATIONS.index(op) for op, _ in problems]),
+            ops=np.array([OPERATIONS.index(op) for op, _ in problems], np.int64),
             digits=digits,
-            lengths=np.array([len(text) for _, text in problems]),
+            lengths=np.array([len(text) for _, text in problems], np.int64),
         )
 
     @property

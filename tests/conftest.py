@@ -8,6 +8,10 @@ import pytest
 
 os.environ["KERAS_BACKEND"] = "jax"  # read by Keras at its first import (in the test modules)
 
+# Float32 cases compare against float64 oracles: keep float32 matrix products at full float32
+# precision on GPUs too (XLA and Triton default to TF32 there); bf16/fp16 cases cover the fast paths.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 
 @pytest.fixture
 def random_params():

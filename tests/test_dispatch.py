@@ -95,6 +95,7 @@ def test_sequence_of_names_is_tried_in_order(fake_gpu, recorder):
 
 def test_register_a_new_implementation(monkeypatch):
     monkeypatch.setattr(dispatch, "_REGISTRY", dict(dispatch._REGISTRY))
+    monkeypatch.setattr(dispatch, "current_platform", lambda: "cpu")
     seen = []
 
     def mine(request):
