@@ -23,19 +23,9 @@ import jax.numpy as jnp
 
 from gqa_jax.attention import dot_product_attention
 from gqa_jax.request import concrete_value
+from pallas_kernels.arguments import row_vector
 
 Array = jax.Array
-
-
-def _row_vector(name: str, x, batch_size: int) -> Array:
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise TypeError(f"{name} must be an integer scalar or [B] array, got {name}.dtype={x.dtype}")
-    if x.ndim == 0:
-        x = jnp.broadcast_to(x, (batch_size,))
-    if x.shape != (batch_size,):
-        raise ValueError(f"{name} must be a scalar or have shape [B]=({batch_size},), got {name}.shape={tuple(x.shape)}")
-    return x.astype(jnp.int32)
 
 
 def splice_cache(cache, new, index, *, num_new=None) -> Array:
@@ -66,8 +56,8 @@ def splice_cache(cache, new, index, *, num_new=None) -> Array:
         )
     B, S = cache.shape[:2]
     T = new.shape[1]
-    index = _row_vector("index", index, B)
-    count = jnp.full((B,), T, jnp.int32) if num_new is None else _row_vector("num_new", num_new, B)
+    index = row_vector("index", index, B)
+    count = jnp.full((B,), T, jnp.int32) if num_new is None else row_vector("num_new", num_new, B)
     index_value, count_value = concrete_value(index), concrete_value(count)
     if count_value is not None and ((count_value < 0) | (count_value > T)).any():
         raise ValueError(f"num_new must be in [0, T={T}], got num_new={count_value.tolist()}")
@@ -155,7 +145,7 @@ class KVCache:
         if key_new.shape[:2] != value_new.shape[:2]:
             raise ValueError(f"key_new and value_new [B,T,...] differ: {key_new.shape=}, {value_new.shape=}")
         B, T = key_new.shape[:2]
-        count = jnp.full((B,), T, jnp.int32) if num_new is None else _row_vector("num_new", num_new, B)
+        count = jnp.full((B,), T, jnp.int32) if num_new is None else row_vector("num_new", num_new, B)
         return KVCache(
             key=splice_cache(self.key, key_new, self.lengths, num_new=count),
             value=splice_cache(self.value, value_new, self.lengths, num_new=count),
@@ -183,7 +173,7 @@ class KVCache:
         if query.ndim != 4:
             raise ValueError(f"query must have rank 4 [B,T,N,H], got query.shape={tuple(query.shape)}")
         B, T = query.shape[:2]
-        count = jnp.full((B,), T, jnp.int32) if num_new is None else _row_vector("num_new", num_new, B)
+        count = jnp.full((B,), T, jnp.int32) if num_new is None else row_vector("num_new", num_new, B)
         positional = is_causal or kwargs.get("local_window_size") is not None
         return dot_product_attention(
             query,

@@ -30,10 +30,11 @@ BWD = [dict(block_q_dkv=a, block_k_dkv=b, block_q_dq=c, block_k_dq=d, num_warps_
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--bwd", action="store_true", help="sweep the backward tiles (forward+backward timed)")
+    parser.add_argument("--shape", default="", help="only shapes whose name contains this")
     args = parser.parse_args()
     print(environment())
     rows = []
-    for shape in SHAPES:
+    for shape in [s for s in SHAPES if args.shape in s.name]:
         q, k, v, do = prefill.make_inputs(shape, jax.random.key(0))
         mode = "fwd+bwd" if args.bwd else "fwd"
         cudnn = prefill.timed_functions(prefill._jax_nn("cudnn")(shape, False))[mode]

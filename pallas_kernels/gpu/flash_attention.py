@@ -232,19 +232,13 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_se
         k_start = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(k_start, bk), :]
         bias = bias_ref[:, pl.ds(k_start, bk)] if bias_ref is not None else None
-        if masked or bias is not None or st.soft_cap is not None or st.scale <= 0:
-            s2, _ = _tile_logits(q, k, bias, st)
-            if masked:
-                k_idx = k_start + jnp.arange(bk, dtype=jnp.int32)
-                kv_seg = kv_seg_ref[pl.ds(k_start, bk)] if kv_seg_ref is not None else None
-                s2 = jnp.where(_tile_mask(q_pos, k_idx, kv_len, q_seg, kv_seg, st), s2, MASK_VALUE)
-            m_new = jnp.maximum(m, jnp.max(s2, axis=1))
-            p = jnp.exp2(s2 - m_new[:, None])
-        else:  # plain tile: scale the row max, not the tile, so scale and shift fuse into one FMA
-            s = plgpu.dot(q, k, trans_b=True)
-            c = st.scale * LOG2E
-            m_new = jnp.maximum(m, jnp.max(s, axis=1) * c)
-            p = jnp.exp2(s * c - m_new[:, None])
+        s2, _ = _tile_logits(q, k, bias, st)
+        if masked:
+            k_idx = k_start + jnp.arange(bk, dtype=jnp.int32)
+            kv_seg = kv_seg_ref[pl.ds(k_start, bk)] if kv_seg_ref is not None else None
+            s2 = jnp.where(_tile_mask(q_pos, k_idx, kv_len, q_seg, kv_seg, st), s2, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s2, axis=1))
+        p = jnp.exp2(s2 - m_new[:, None])
         alpha = jnp.exp2(m - m_new)
         l = l * alpha + jnp.sum(p, axis=1)
         v = v_ref[pl.ds(k_start, bk), :]
