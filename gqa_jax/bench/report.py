@@ -52,8 +52,8 @@ def write_chart(path: Path, results: list[dict], metric: str, unit: str, title: 
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    cases = sorted({(r["case"], r["mode"]) for r in results}, key=lambda c: [r["case"] for r in results].index(c[0]))
-    impls = list(dict.fromkeys(r["impl"] for r in results))
+    cases = list(dict.fromkeys((r["case"], r["mode"]) for r in results))  # in the order they ran
+    impls = list(dict.fromkeys(r["impl"] for r in results if r.get(metric)))  # those with a figure
     values = {(r["case"], r["mode"], r["impl"]): r.get(metric) or 0.0 for r in results}
     width = 0.8 / max(len(impls), 1)
     fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(cases)), 5))
