@@ -168,6 +168,19 @@ def _tile_mask(q_pos, k_idx, kv_len, q_seg, kv_seg, st: _Static):
     return mask
 
 
+def _kv_tile_logits(q, q_pos, q_seg, k_start, k_ref, bias_ref, kv_seg_ref, kv_len, block_k: int, st: _Static, *,
+                    masked: bool):
+    """One key tile of a query tile (forward and dQ): the key tile, its base-2 logits and the soft-cap tanh."""
+    k = k_ref[pl.ds(k_start, block_k), :]
+    bias = bias_ref[:, pl.ds(k_start, block_k)] if bias_ref is not None else None
+    s2, t = _tile_logits(q, k, bias, st)
+    if masked:
+        k_idx = k_start + jnp.arange(block_k, dtype=jnp.int32)
+        kv_seg = kv_seg_ref[pl.ds(k_start, block_k)] if kv_seg_ref is not None else None
+        s2 = jnp.where(_tile_mask(q_pos, k_idx, kv_len, q_seg, kv_seg, st), s2, MASK_VALUE)
+    return k, s2, t
+
+
 def _full_block_range(blk_lo, blk_hi, full_first_pos, full_end_pos, block: int, st: _Static):
     """Sub-range ``[f_lo, f_hi)`` of ``[blk_lo, blk_hi)`` whose tiles need no mask.
 
@@ -230,13 +243,8 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_se
     def body(j, carry, *, masked):
         acc, m, l = carry
         k_start = pl.multiple_of(j * bk, bk)
-        k = k_ref[pl.ds(k_start, bk), :]
-        bias = bias_ref[:, pl.ds(k_start, bk)] if bias_ref is not None else None
-        s2, _ = _tile_logits(q, k, bias, st)
-        if masked:
-            k_idx = k_start + jnp.arange(bk, dtype=jnp.int32)
-            kv_seg = kv_seg_ref[pl.ds(k_start, bk)] if kv_seg_ref is not None else None
-            s2 = jnp.where(_tile_mask(q_pos, k_idx, kv_len, q_seg, kv_seg, st), s2, MASK_VALUE)
+        _, s2, _ = _kv_tile_logits(q, q_pos, q_seg, k_start, k_ref, bias_ref, kv_seg_ref, kv_len, bk, st,
+                                   masked=masked)
         m_new = jnp.maximum(m, jnp.max(s2, axis=1))
         p = jnp.exp2(s2 - m_new[:, None])
         alpha = jnp.exp2(m - m_new)
@@ -329,14 +337,9 @@ def _dq_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_seg_ref
 
     def body(j, dq, *, masked):
         k_start = pl.multiple_of(j * bk, bk)
-        k = k_ref[pl.ds(k_start, bk), :]
+        k, s2, t = _kv_tile_logits(q, q_pos, q_seg, k_start, k_ref, bias_ref, kv_seg_ref, kv_len, bk, st,
+                                   masked=masked)
         v = v_ref[pl.ds(k_start, bk), :]
-        bias = bias_ref[:, pl.ds(k_start, bk)] if bias_ref is not None else None
-        s2, t = _tile_logits(q, k, bias, st)
-        if masked:
-            k_idx = k_start + jnp.arange(bk, dtype=jnp.int32)
-            kv_seg = kv_seg_ref[pl.ds(k_start, bk)] if kv_seg_ref is not None else None
-            s2 = jnp.where(_tile_mask(q_pos, k_idx, kv_len, q_seg, kv_seg, st), s2, MASK_VALUE)
         p = jnp.exp2(s2 - lse[:, None])
         dp = plgpu.dot(do, v, trans_b=True)
         ds = p * (dp - delta[:, None])
