@@ -6,7 +6,6 @@ from typing import Sequence
 
 import jax
 
-from gqa_jax import adapters as _adapters  # noqa: F401  (registers the built-in implementations)
 from gqa_jax.dispatch import run
 from gqa_jax.request import make_request
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.masking import default_query_offset, visible
+from pallas_kernels.rules import Rules, default_query_offset, normalize_window
 
 Array = jax.Array
 
@@ -44,7 +44,7 @@ def causal_mask(q_len: int, kv_len: int, query_offset=None) -> Array:
     """
     q_pos = _query_positions(q_len, kv_len, query_offset)
     k_pos = jnp.arange(kv_len, dtype=jnp.int32)
-    return visible(q_pos[:, :, None], k_pos[None, None, :], causal=True, window=None)[:, None]
+    return Rules(q_offset=None, is_causal=True).visible(q_pos[:, :, None], k_pos[None, None, :])[:, None]
 
 
 def sliding_window_mask(q_len: int, kv_len: int, window, query_offset=None) -> Array:
@@ -60,14 +60,10 @@ def sliding_window_mask(q_len: int, kv_len: int, window, query_offset=None) -> A
     Returns:
       bool ``[B|1, 1, T, S]``.
     """
-    if isinstance(window, int):
-        window = (window, window)
-    left, right = window
-    if left < 0 or right < 0:
-        raise ValueError(f"window sizes must be non-negative, got (left, right)={(left, right)}")
+    window = normalize_window(window)
     q_pos = _query_positions(q_len, kv_len, query_offset)
     k_pos = jnp.arange(kv_len, dtype=jnp.int32)
-    return visible(q_pos[:, :, None], k_pos[None, None, :], causal=False, window=(left, right))[:, None]
+    return Rules(q_offset=None, window=window).visible(q_pos[:, :, None], k_pos[None, None, :])[:, None]
 
 
 def padding_mask(q_len: int, kv_len: int, query_seq_lengths=None, key_value_seq_lengths=None) -> Array:

@@ -1,14 +1,19 @@
-"""Argument checks and padding shared by the public wrappers of every kernel."""
+"""Tensor checks and padding shared by the front end and the public wrapper of every kernel.
+
+The rules of a call (scale, causal, offsets, lengths, segments, window,
+soft-cap) are validated by `pallas_kernels.rules.Rules.create`; the tensors
+(query, key, value, bias) by the functions here. Both are the only validators:
+`gqa_jax.dot_product_attention` and each kernel wrapper call the same ones, so
+they accept and refuse the same arguments with the same messages.
+"""
 
 from __future__ import annotations
-
-import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+# Input dtypes the kernels serve.
+KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -16,50 +21,114 @@ def round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def check_qkv(query, key, value, names: tuple[str, str, str] = ("query", "key", "value")) -> None:
-    """Ranks, matching sizes, ``N % K == 0`` and one supported dtype.
+def is_power_of_two(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def next_power_of_two(x: int) -> int:
+    """The smallest power of two ``>= x`` (1 for ``x <= 1``)."""
+    return 1 << max(x - 1, 0).bit_length()
+
+
+def check_qkv(query, key, value, *, names: tuple[str, str, str] = ("query", "key", "value"),
+              dtypes: tuple[jnp.dtype, ...] | None = KERNEL_DTYPES) -> None:
+    """Ranks, matching sizes, ``N % K == 0``, non-empty heads and one dtype.
 
     Args:
       query: ``[B, T, N, H]``.
       key: ``[B, S, K, H]``.
       value: ``[B, S, K, Hv]``.
       names: how the three are called in messages (e.g. ``key_cache``).
+      dtypes: the dtypes served; None allows every floating dtype.
 
     Raises:
       ValueError: for ranks or sizes that disagree.
       TypeError: for differing or unsupported dtypes.
     """
     q_name, k_name, v_name = names
-    for name, x in zip(names, (query, key, value)):
+    letters = ("B,T,N,H", "B,S,K,H", "B,S,K,Hv")
+    for name, x, axes in zip(names, (query, key, value), letters):
         if x.ndim != 4:
-            raise ValueError(f"{name} must have rank 4, got {name}.shape={tuple(x.shape)}")
-    if key.shape[0] != query.shape[0] or value.shape[:3] != key.shape[:3] or key.shape[3] != query.shape[3]:
+            raise ValueError(f"{name} must have rank 4 [{axes}], got {name}.shape={tuple(x.shape)}")
+    if key.shape[0] != query.shape[0] or value.shape[0] != query.shape[0]:
         raise ValueError(
-            f"shapes disagree: {q_name} [B,T,N,H]={tuple(query.shape)}, {k_name} [B,S,K,H]={tuple(key.shape)}, "
-            f"{v_name} [B,S,K,Hv]={tuple(value.shape)}"
+            f"batch sizes differ: {q_name}.shape[0]={query.shape[0]}, {k_name}.shape[0]={key.shape[0]}, "
+            f"{v_name}.shape[0]={value.shape[0]}"
+        )
+    if key.shape[3] != query.shape[3]:
+        raise ValueError(
+            f"{q_name} and {k_name} head dims differ: {q_name}.shape[3]={query.shape[3]}, "
+            f"{k_name}.shape[3]={key.shape[3]}"
+        )
+    if value.shape[1:3] != key.shape[1:3]:
+        raise ValueError(
+            f"{v_name} [B,S,K,Hv] must match {k_name} [B,S,K,H] on S and K, got {k_name}.shape={tuple(key.shape)}, "
+            f"{v_name}.shape={tuple(value.shape)}"
         )
     num_heads, num_kv_heads = query.shape[2], key.shape[2]
     if num_kv_heads == 0 or num_heads % num_kv_heads:
         raise ValueError(f"num_heads N={num_heads} must be a multiple of num_kv_heads K={num_kv_heads}")
+    if query.shape[3] == 0 or value.shape[3] == 0:
+        raise ValueError(
+            f"head dims must be positive, got {q_name}.shape={tuple(query.shape)}, {v_name}.shape={tuple(value.shape)}"
+        )
+    if key.shape[1] == 0:
+        raise ValueError(f"{k_name} must hold at least one key, got {k_name}.shape={tuple(key.shape)}")
+    for name, x in zip(names, (query, key, value)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating-point array, got {name}.dtype={x.dtype}")
     if not query.dtype == key.dtype == value.dtype:
         raise TypeError(
             f"{q_name}, {k_name} and {v_name} must share a dtype, got {q_name}.dtype={query.dtype}, "
             f"{k_name}.dtype={key.dtype}, {v_name}.dtype={value.dtype}"
         )
-    if jnp.dtype(query.dtype) not in SUPPORTED_DTYPES:
-        raise TypeError(f"dtype must be one of bfloat16, float16, float32, got {q_name}.dtype={query.dtype}")
+    if dtypes is not None and jnp.dtype(query.dtype) not in dtypes:
+        raise TypeError(f"dtype must be one of {[str(d) for d in dtypes]}, got {q_name}.dtype={query.dtype}")
 
 
-def window_pair(local_window_size) -> tuple[int, int] | None:
-    """``None``, an int or a ``(left, right)`` pair of non-negative ints -> a pair or None."""
-    if local_window_size is None:
-        return None
-    window = (local_window_size,) * 2 if isinstance(local_window_size, numbers.Integral) else tuple(local_window_size)
-    if len(window) != 2 or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window):
-        raise TypeError(f"local_window_size must be an int or a (left, right) pair of ints, got {local_window_size=}")
-    if min(window) < 0:
-        raise ValueError(f"local_window_size must be non-negative, got {local_window_size=}")
-    return int(window[0]), int(window[1])
+def check_bias(name: str, x, B: int, N: int, T: int, S: int, *, boolean: bool = False) -> jax.Array:
+    """A bias (or boolean mask) of rank 2 ``[T,S]``, 3 ``[B,T,S]`` or 4 ``[B,N,T,S]``, as rank 4.
+
+    Each axis is either full or 1 (broadcast).
+
+    Args:
+      name: ``"bias"`` or ``"mask"``, for messages.
+      x: the array.
+      B, N, T, S: the sizes of the call.
+      boolean: a mask (bool, or integer 0/1 turned into bool) rather than a float bias.
+
+    Returns:
+      ``[B|1, N|1, T|1, S|1]``.
+
+    Raises:
+      ValueError: for a rank or axis size that does not fit.
+      TypeError: for a dtype that does not fit.
+    """
+    x = jnp.asarray(x)
+    if x.ndim == 2:
+        x = x[None, None]
+    elif x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim != 4:
+        raise ValueError(f"{name} must have rank 2 [T,S], 3 [B,T,S] or 4 [B,N,T,S], got {name}.shape={tuple(x.shape)}")
+    for axis, (letter, size) in enumerate(zip("BNTS", (B, N, T, S))):
+        if x.shape[axis] not in (1, size):
+            raise ValueError(
+                f"{name} axis {letter} must be 1 or {letter}={size}, got {name}.shape={tuple(x.shape)} "
+                f"for query [B,T,N,H] and key [B,S,K,H] with {B=}, {T=}, {N=}, {S=}"
+            )
+    if boolean:
+        if x.dtype == jnp.bool_:
+            return x
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(
+                f"{name} must be boolean (True = attend) or integer 0/1, got {name}.dtype={x.dtype}; "
+                "pass an additive float mask as bias"
+            )
+        return x != 0
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array, got {name}.dtype={x.dtype}")
+    return x
 
 
 def row_vector(name: str, x, batch: int, default: int | None = None) -> jax.Array:
@@ -76,24 +145,6 @@ def row_vector(name: str, x, batch: int, default: int | None = None) -> jax.Arra
     if x.shape != (batch,):
         raise ValueError(f"{name} must be a scalar or have shape [B]=({batch},), got {name}.shape={tuple(x.shape)}")
     return x.astype(jnp.int32)
-
-
-def check_soft_cap(logits_soft_cap) -> float | None:
-    """A positive float or None."""
-    if logits_soft_cap is None:
-        return None
-    if not isinstance(logits_soft_cap, numbers.Real) or not logits_soft_cap > 0:
-        raise ValueError(f"logits_soft_cap must be a positive float or None, got {logits_soft_cap=}")
-    return float(logits_soft_cap)
-
-
-def check_scale(scale, head_dim: int) -> float:
-    """The logit scale: ``1/sqrt(H)`` by default, else a real number."""
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
-    return float(scale)
 
 
 def pad_axis(x, axis: int, size: int):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import gqa_jax
-from gqa_jax import adapters_gpu, dispatch
+from gqa_jax import dispatch
+from gqa_jax.implementations import pallas_triton
 
 
 def _inputs(T=6, S=6, seed=0):
@@ -24,10 +25,11 @@ def recorder(monkeypatch):
     calls = []
     for name, impl in list(dispatch._REGISTRY.items()):
         def wrapped(request, _impl=impl):
-            result = _impl.adapter(request)
+            result = _impl(request)
             calls.append(_impl.name)
             return result
-        monkeypatch.setitem(dispatch._REGISTRY, name, dispatch.Implementation(name, impl.platforms, impl.priority, wrapped))
+        monkeypatch.setitem(dispatch._REGISTRY, name,
+                            dispatch.Implementation(name, impl.platforms, impl.priority, impl.supports, wrapped))
     return calls
 
 
@@ -35,7 +37,7 @@ def recorder(monkeypatch):
 def fake_gpu(monkeypatch):
     """Dispatch as if on a GPU, with the Triton kernels in interpret mode."""
     monkeypatch.setattr(dispatch, "current_platform", lambda: "gpu")
-    monkeypatch.setattr(adapters_gpu, "interpret", True)
+    monkeypatch.setattr(pallas_triton, "interpret", True)
 
 
 def test_platform_order():
@@ -64,7 +66,7 @@ def test_decode_shaped_requests_use_the_decode_kernel(fake_gpu, monkeypatch):
     import pallas_kernels.gpu as gpu_kernels
 
     used = []
-    for name in ("decode_attention", "flash_attention"):
+    for name in ("decode_attention_core", "flash_attention_core"):
         original = getattr(gpu_kernels, name)
         monkeypatch.setattr(gpu_kernels, name, lambda *a, _f=original, _n=name, **kw: (used.append(_n), _f(*a, **kw))[1])
     q, k, v = _inputs(T=2, S=40)
@@ -74,7 +76,7 @@ def test_decode_shaped_requests_use_the_decode_kernel(fake_gpu, monkeypatch):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
     q, k, v = _inputs(T=20, S=40)
     gqa_jax.dot_product_attention(q, k, v, is_causal=True)
-    assert used == ["decode_attention", "flash_attention"]
+    assert used == ["decode_attention_core", "flash_attention_core"]
 
 
 def test_explicit_name_that_cannot_serve_raises_with_reason(fake_gpu):

@@ -43,7 +43,7 @@ def _has_gpu() -> bool:
 
 needs_gpu = pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
 # Small tiles and an odd split count: several splits per row, some of them empty.
-SPLIT = dict(block_k=32, num_splits=3)
+SPLIT = dict(block_sizes=DecodeBlockSizes(block_k=32, num_splits=3))
 
 
 class TestDecodeInterpret(DecodeKernelCases):
@@ -114,7 +114,7 @@ def test_cache_past_lengths_is_never_read(interpret):
     past = np.arange(S)[None, :, None, None] >= lengths[:, None, None, None]
     k_poisoned, v_poisoned = jnp.where(past, jnp.nan, k), jnp.where(past, jnp.inf, v)
     fn = jax.jit(lambda q, k, v, lengths: decode_attention(
-        q, k, v, lengths, block_k=16, num_splits=4, interpret=interpret))
+        q, k, v, lengths, block_sizes=DecodeBlockSizes(block_k=16, num_splits=4), interpret=interpret))
     out = fn(q, k_poisoned, v_poisoned, jnp.asarray(lengths))
     tol = TOLERANCE["float32"] if interpret else TOLERANCE_TF32
     assert_close(out, _decode_reference(q, k, v, lengths), "float32", tol)
@@ -164,7 +164,8 @@ def test_single_split_normalizes_in_the_kernel():
     case = DECODE_CASES[4]  # T=4, G=4, window, lengths 511 and 90
     q, k, v, _, rules = make_inputs(case, seed=case.seed)
     lengths = rules.pop("lengths")
-    out = decode_attention(q, k, v, jnp.asarray(lengths), block_k=64, num_splits=1, interpret=True, **rules)
+    out = decode_attention(q, k, v, jnp.asarray(lengths), block_sizes=DecodeBlockSizes(block_k=64, num_splits=1),
+                           interpret=True, **rules)
     assert_close(out, _decode_reference(q, k, v, lengths, **rules), case.dtype)
 
 
@@ -211,7 +212,7 @@ def test_invalid_inputs_name_the_values():
     with pytest.raises(TypeError, match="key_cache.dtype=float16"):
         decode_attention(q, k2.astype(jnp.float16), k2, lengths, interpret=True)
     with pytest.raises(ValueError, match="block_k=48 must be a power of two"):
-        decode_attention(q, k2, k2, lengths, block_k=48, interpret=True)
+        decode_attention(q, k2, k2, lengths, block_sizes=DecodeBlockSizes(block_k=48), interpret=True)
     with pytest.raises(ValueError, match="num_splits=0 must be >= 1"):
         DecodeBlockSizes(block_k=64, num_splits=0, block_rows=16, num_warps=4, num_stages=2)
     with pytest.raises(ValueError, match="local_window_size must be non-negative"):
@@ -220,4 +221,5 @@ def test_invalid_inputs_name_the_values():
     big_q = jax.ShapeDtypeStruct((128, 16, 64, 256), jnp.bfloat16)
     big_k = jax.ShapeDtypeStruct((128, 64, 8, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="must be < 2\\*\\*31"):
-        jax.eval_shape(lambda q, k: decode_attention(q, k, k, jnp.ones(128, jnp.int32), num_splits=64), big_q, big_k)
+        jax.eval_shape(lambda q, k: decode_attention(q, k, k, jnp.ones(128, jnp.int32),
+                                                     block_sizes=DecodeBlockSizes(num_splits=64)), big_q, big_k)

@@ -15,6 +15,7 @@ import pytest
 
 import gqa_jax
 from gqa_jax import dispatch
+from gqa_jax.implementations import pallas_tpu
 from gqa_jax.decoding import generate
 from gqa_jax.models import Decoder, DecoderConfig
 from gqa_jax.modules import GroupedQueryAttention
@@ -30,13 +31,14 @@ def on_tpu(monkeypatch):
     """Dispatch sees a TPU; returns the list of TPU kernels called, in order."""
     calls = []
     for name in KERNELS:
-        kernel = getattr(tpu, name)
+        kernel = getattr(tpu, f"{name}_core")
 
         def recording(*args, _kernel=kernel, _name=name, **kwargs):
             calls.append(_name)
-            return _kernel(*args, interpret=True, **kwargs)
+            return _kernel(*args, **kwargs)
 
-        monkeypatch.setattr(tpu, name, recording)
+        monkeypatch.setattr(tpu, f"{name}_core", recording)
+    monkeypatch.setattr(pallas_tpu, "interpret", True)
     monkeypatch.setattr(dispatch, "current_platform", lambda: "tpu")
     # Traces made while faking the platform must not be reused by later tests, nor earlier ones here.
     jax.clear_caches()

@@ -79,7 +79,8 @@ def _decode(q, k, v, lengths, rules, **static):
 
 class TestDecodeInterpret(DecodeKernelCases):
     def decode(self, q, k_cache, v_cache, lengths, **rules):
-        return _decode(q, k_cache, v_cache, lengths, rules, block_k=128, interpret=True)
+        return _decode(q, k_cache, v_cache, lengths, rules, block_sizes=tpu.DecodeBlockSizes(block_k=128),
+                       interpret=True)
 
 
 @NEEDS_TPU
@@ -143,7 +144,7 @@ def test_decode_never_reads_past_lengths_or_before_window():
     first = lengths - T - window[0]
     keep = (np.arange(S)[None, :] >= first[:, None]) & (np.arange(S)[None, :] < lengths[:, None])
     out = _decode(q, _poison(k, keep), _poison(v, keep), lengths, dict(local_window_size=window),
-                  block_k=128, interpret=True)
+                  block_sizes=tpu.DecodeBlockSizes(block_k=128), interpret=True)
     ref, _ = reference_attention(q, k, v, is_causal=True, query_offset=lengths - T, key_value_seq_lengths=lengths,
                                  local_window_size=window)
     assert_close(out, ref, "float32")
@@ -190,10 +191,11 @@ def _qkv(B=1, T=8, S=8, N=2, K=1, H=64, dtype=jnp.float32):
         (lambda: tpu.flash_attention(*_qkv(dtype=jnp.int32)), TypeError, ["int32"]),
         (lambda: tpu.flash_attention(*_qkv(), q_segment_ids=np.zeros((1, 8), np.int32)), ValueError,
          ["q_segment_ids", "kv_segment_ids"]),
-        (lambda: tpu.flash_attention(*_qkv(), bias=jnp.zeros((2, 2, 8, 8))), ValueError, ["bias", "(1, 2, 8, 8)"]),
+        (lambda: tpu.flash_attention(*_qkv(), bias=jnp.zeros((2, 2, 8, 8))), ValueError, ["bias", "B=1", "(2, 2, 8, 8)"]),
         (lambda: tpu.flash_attention(*_qkv(), interpret="yes"), TypeError, ["interpret='yes'"]),
         (lambda: tpu.flash_attention(*_qkv(), logits_soft_cap=-1.0), ValueError, ["logits_soft_cap=-1.0"]),
-        (lambda: tpu.decode_attention(*_qkv(T=1), np.array([8]), block_k=100), ValueError,
+        (lambda: tpu.decode_attention(*_qkv(T=1), np.array([8]), block_sizes=tpu.DecodeBlockSizes(block_k=100)),
+         ValueError,
          ["block_k=100", "NUM_LANES=128"]),
         (lambda: tpu.decode_attention(*_qkv(T=1), np.array([8, 8])), ValueError, ["lengths", "(1,)"]),
     ],

@@ -70,7 +70,8 @@ def test_decode_forward_and_backward_lower_for_tpu(case, block_k):
     lengths = rules.pop("lengths")
 
     def decode(q, k, v, lengths, **kw):
-        return tpu.decode_attention(q, k, v, lengths, block_k=block_k, **kw)
+        blocks = None if block_k is None else tpu.DecodeBlockSizes(block_k=block_k)
+        return tpu.decode_attention(q, k, v, lengths, block_sizes=blocks, **kw)
 
     exported = export_for_tpu(_with_grads(decode), (q, k, v, lengths), rules)
     assert exported.count(KERNEL_CALL) == 4  # decode; its backward: flash forward, dQ, dK/dV

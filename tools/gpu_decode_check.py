@@ -92,9 +92,7 @@ def sweep_shape(shape: decode.DecodeShape, copy_gbs: float) -> dict:
         config = dataclasses.replace(default, **blocks)
         label = f"ours bk{config.block_k} st{config.num_stages} w{config.num_warps} sp{config.num_splits}"
 
-        fn = jax.jit(lambda q, k, v, n: decode_attention(
-            q, k, v, n, block_k=config.block_k, num_splits=config.num_splits, num_warps=config.num_warps,
-            num_stages=config.num_stages))
+        fn = jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n, block_sizes=config))
         try:
             error = _relative_error(fn(*args[0]), xla_out)
         except Exception as e:  # e.g. shared memory exceeded for this tile config

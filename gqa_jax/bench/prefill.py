@@ -40,7 +40,9 @@ class PrefillShape:
 
 FULL_SHAPES = [
     PrefillShape(B, S, N, K, H, causal)
-    for (B, S, N, K, H) in [(2, 4096, 32, 8, 128), (1, 16384, 32, 8, 128), (4, 2048, 16, 2, 64)]
+    for (B, S, N, K, H) in [
+        (2, 4096, 32, 8, 128), (1, 16384, 32, 8, 128), (4, 2048, 16, 2, 64), (8, 1024, 32, 4, 128)
+    ]
     for causal in (True, False)
 ]
 QUICK_SHAPES = [PrefillShape(1, 128, 4, 2, 64, causal) for causal in (True, False)]

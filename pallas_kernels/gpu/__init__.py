@@ -1,6 +1,19 @@
-"""Pallas attention kernels for NVIDIA GPUs (Triton lowering)."""
+"""Pallas attention kernels for NVIDIA GPUs (Triton lowering).
 
-from pallas_kernels.gpu.decode_attention import DecodeBlockSizes, decode_attention
-from pallas_kernels.gpu.flash_attention import BlockSizes, flash_attention
+Each kernel has a public wrapper (the keywords of `gqa_jax.dot_product_attention`,
+validated by `pallas_kernels.rules.Rules.create`) and a ``*_core`` that takes
+checked tensors and a `Rules` unchanged, as dispatch calls it.
+"""
 
-__all__ = ["BlockSizes", "DecodeBlockSizes", "decode_attention", "flash_attention"]
+from pallas_kernels.gpu.decode_attention import DecodeBlockSizes, decode_attention, decode_attention_core
+from pallas_kernels.gpu.flash_attention import BlockSizes, flash_attention, flash_attention_core, flash_backward
+
+__all__ = [
+    "BlockSizes",
+    "DecodeBlockSizes",
+    "decode_attention",
+    "decode_attention_core",
+    "flash_attention",
+    "flash_attention_core",
+    "flash_backward",
+]

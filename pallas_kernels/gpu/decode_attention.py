@@ -36,11 +36,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.arguments import check_qkv, check_scale, check_soft_cap, row_vector, window_pair
-from pallas_kernels.gpu.flash_attention import flash_attention
-from pallas_kernels.masking import MASK_VALUE, kv_range, visible
+from pallas_kernels.arguments import check_qkv, is_power_of_two, next_power_of_two, row_vector
+from pallas_kernels.gpu.flash_attention import flash_attention_core
+from pallas_kernels.numerics import LOG2E, MASK_VALUE
+from pallas_kernels.rules import Rules
 
-LOG2_E = math.log2(math.e)
 # SMs of an H100 SXM, used when no GPU reports its own count.
 DEFAULT_SM_COUNT = 132
 # Programs one SM is assumed to run at once; the split heuristic fills
@@ -56,17 +56,9 @@ MIN_BLOCK_ROWS = 16
 MAX_BLOCK_ROWS = 64
 
 
-def _is_power_of_two(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
-
-
-def _next_power_of_two(x: int) -> int:
-    return 1 << max(x - 1, 0).bit_length()
-
-
 @dataclasses.dataclass(frozen=True)
 class DecodeBlockSizes:
-    """Tiling and launch parameters of the decode kernel.
+    """Tiling and launch parameters of the decode kernel; a field left None is picked by `default_block_sizes`.
 
     Attributes:
       block_k: keys per tile; a power of two >= 16.
@@ -76,25 +68,25 @@ class DecodeBlockSizes:
       num_stages: software-pipelining depth of the tile loads (>= 1).
     """
 
-    block_k: int
-    num_splits: int
-    block_rows: int
-    num_warps: int
-    num_stages: int
+    block_k: int | None = None
+    num_splits: int | None = None
+    block_rows: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
 
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an int, got {name}={value!r}")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TypeError(f"{name} must be an int or None, got {name}={value!r}")
         for name in ("block_k", "block_rows"):
             value = getattr(self, name)
-            if not _is_power_of_two(value) or value < 16:
+            if value is not None and (not is_power_of_two(value) or value < 16):
                 raise ValueError(f"{name}={value} must be a power of two >= 16")
-        if self.num_splits < 1:
+        if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"num_splits={self.num_splits} must be >= 1")
-        if self.num_warps not in (1, 2, 4, 8, 16):
+        if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
-        if self.num_stages < 1:
+        if self.num_stages is not None and self.num_stages < 1:
             raise ValueError(f"num_stages={self.num_stages} must be >= 1")
 
 
@@ -176,10 +168,10 @@ def default_block_sizes(
       A validated `DecodeBlockSizes`.
     """
     itemsize = jnp.dtype(dtype).itemsize
-    row_bytes = _next_power_of_two(max(head_dim, 16)) * itemsize
+    row_bytes = next_power_of_two(max(head_dim, 16)) * itemsize
     if block_k is None:
-        block_k = min(128 if row_bytes <= 256 else 64, max(16, _next_power_of_two(kv_len)))
-    block_rows = min(max(_next_power_of_two(num_rows), MIN_BLOCK_ROWS), MAX_BLOCK_ROWS)
+        block_k = min(128 if row_bytes <= 256 else 64, max(16, next_power_of_two(kv_len)))
+    block_rows = min(max(next_power_of_two(num_rows), MIN_BLOCK_ROWS), MAX_BLOCK_ROWS)
     if num_warps is None:  # 8 warps measured faster on an H100 for 128-key tiles (BENCHMARKS.md)
         num_warps = 4 if block_rows <= 32 and block_k < 128 else 8
     if num_stages is None:
@@ -199,33 +191,211 @@ def default_block_sizes(
     return blocks
 
 
-def _base2_logits(qk, scale: float, soft_cap: float | None):
-    """``cap * tanh(scale * qk / cap)`` (or ``scale * qk``) in base-2 units."""
-    if soft_cap is None:
-        return qk * (scale * LOG2_E)
-    return jnp.tanh(qk * (scale / soft_cap)) * (soft_cap * LOG2_E)
+# ---------------------------------------------------------------------------
+# Public wrappers.
 
 
-def _load_tile(ref, start, block_k: int, in_range, width: int):
-    """Rows ``[start, start + block_k)`` of a ``[S, width_padded]`` ref, zero past the bound."""
-    width_padded = ref.shape[-1]
-    mask = in_range[:, None]
-    if width != width_padded:
-        mask = mask & (jnp.arange(width_padded, dtype=jnp.int32) < width)[None, :]
-    return plgpu.load(ref.at[pl.ds(start, block_k), :], mask=mask, other=0.0)
+def decode_attention(
+    query,
+    key_cache,
+    value_cache,
+    lengths,
+    *,
+    scale: float | None = None,
+    is_causal: bool = True,
+    query_offset=None,
+    local_window_size: int | tuple[int, int] | None = None,
+    logits_soft_cap: float | None = None,
+    block_sizes: DecodeBlockSizes | None = None,
+    interpret: bool = False,
+):
+    """Attention of a few new queries to a KV cache with per-row lengths.
+
+    Semantics are those of `gqa_jax.dot_product_attention` with
+    ``key_value_seq_lengths=lengths`` (rules validated by
+    `pallas_kernels.rules.Rules.create`): query head ``n`` reads KV head
+    ``n // G``; query ``t`` of row ``b`` sits at position ``lengths[b] - T + t``
+    (the newest ``T`` tokens) unless ``query_offset`` says otherwise; keys
+    ``s < lengths[b]`` are valid; a row of length 0 gives zeros. Memory past a
+    row's length is never read.
+
+    Args:
+      query: ``[B, T, N, H]``; T is small (1 to 16), larger T works but packs
+        ``G*T`` rows per KV head into more programs.
+      key_cache: ``[B, S, K, H]`` with ``N % K == 0``, same dtype as query
+        (bfloat16, float16 or float32).
+      value_cache: ``[B, S, K, Hv]``.
+      lengths: int scalar or ``[B]`` valid keys per row, in ``[0, S]``.
+      scale: logit scale; default ``1 / sqrt(H)``.
+      is_causal: queries see keys at positions ``<=`` their own.
+      query_offset: optional int scalar or ``[B]`` position of each row's
+        first query; default ``lengths - T``.
+      local_window_size: int or ``(left, right)``: a query at position ``p``
+        sees keys in ``[p - left, p + right]``.
+      logits_soft_cap: ``cap * tanh(logits / cap)`` on the scaled logits.
+      block_sizes: tuning overrides; fields left None are picked by
+        `default_block_sizes`.
+      interpret: run the kernel in the Pallas interpreter (CPU).
+
+    Returns:
+      ``[B, T, N, Hv]`` in the query dtype. Differentiable (flash backward).
+
+    Raises:
+      ValueError, TypeError: for inconsistent shapes, dtypes or rules.
+
+    Example::
+
+        out = decode_attention(q_BTNH, cache.key, cache.value, cache.lengths)
+    """
+    query, key_cache, value_cache = jnp.asarray(query), jnp.asarray(key_cache), jnp.asarray(value_cache)
+    check_qkv(query, key_cache, value_cache, names=("query", "key_cache", "value_cache"))
+    rules = Rules.create(
+        query, key_cache, scale=scale, is_causal=is_causal, query_offset=query_offset,
+        key_value_seq_lengths=row_vector("lengths", lengths, query.shape[0]), local_window_size=local_window_size,
+        logits_soft_cap=logits_soft_cap,
+    )
+    return decode_attention_core(query, key_cache, value_cache, rules, block_sizes=block_sizes, interpret=interpret)
 
 
-def _row_offsets(base, token, width: int, real):
-    """Flat offsets ``base + token * width + column`` of ``[rows, width_padded]`` and their mask."""
-    width_padded = _next_power_of_two(max(width, 16))
-    columns = jnp.arange(width_padded, dtype=jnp.int32)
-    offsets = base + token[:, None] * width + columns[None, :]
-    return offsets, real[:, None] & (columns < width)[None, :]
+def decode_attention_core(query, key_cache, value_cache, rules: Rules, *,
+                          block_sizes: DecodeBlockSizes | None = None, interpret: bool = False):
+    """`decode_attention` on checked inputs: ``rules`` from `Rules.create` (no query lengths or segments).
+
+    Args:
+      query: ``[B, T, N, H]``.
+      key_cache: ``[B, S, K, H]``.
+      value_cache: ``[B, S, K, Hv]``.
+      rules: the validated rules; ``kv_len`` None means every row holds ``S`` keys.
+      block_sizes: tuning overrides, as in `decode_attention`.
+      interpret: run the kernel in the Pallas interpreter (CPU).
+
+    Returns:
+      ``[B, T, N, Hv]`` in the query dtype.
+    """
+    if rules.q_len is not None or rules.has_segments:
+        raise ValueError("decode_attention serves neither query_seq_lengths nor segment ids; use flash_attention")
+    B, T, N, H = query.shape
+    _, S, K, Hv = value_cache.shape
+    overrides = block_sizes or DecodeBlockSizes()
+    blocks = default_block_sizes(
+        B, S, K, T * (N // K), max(H, Hv), query.dtype, num_splits=overrides.num_splits,
+        block_k=overrides.block_k, num_warps=overrides.num_warps, num_stages=overrides.num_stages,
+    )
+    if overrides.block_rows is not None:
+        blocks = dataclasses.replace(blocks, block_rows=overrides.block_rows)
+    flat_size = blocks.num_splits * B * T * N * max(H, Hv)
+    if flat_size >= 2**31:
+        raise ValueError(
+            f"num_splits * B*T*N * max(H, Hv) = {flat_size} must be < 2**31 (int32 offsets), got "
+            f"num_splits={blocks.num_splits}, {query.shape=}, {value_cache.shape=}"
+        )
+    lengths = jnp.clip(rules.lengths(T, S)[1], 0, S)
+    return _decode(query, key_cache, value_cache, dataclasses.replace(rules, kv_len=lengths), rules.statics(),
+                   blocks, bool(interpret))
 
 
-def _store(ref, offsets, mask, value):
-    """Masked scatter into a flat ref. Masked lanes point past the end: never written."""
-    plgpu.store(ref.at[jnp.where(mask, offsets, ref.shape[0])], value, mask=mask)
+# ---------------------------------------------------------------------------
+# Differentiable core.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _decode(query, key_cache, value_cache, rules: Rules, statics: Rules, blocks: DecodeBlockSizes, interpret: bool):
+    return _decode_forward(query, key_cache, value_cache, rules, statics, blocks, interpret)
+
+
+def _decode_fwd(query, key_cache, value_cache, rules, statics, blocks, interpret):
+    out = _decode_forward(query, key_cache, value_cache, rules, statics, blocks, interpret)
+    return out, (query, key_cache, value_cache, rules)
+
+
+def _decode_bwd(statics, blocks, interpret, residuals, d_out):
+    """The flash-attention backward under the same rules (lengths, offsets, window, soft-cap)."""
+    query, key_cache, value_cache, rules = residuals
+    _, pullback = jax.vjp(
+        lambda q, k, v: flash_attention_core(q, k, v, rules, interpret=interpret), query, key_cache, value_cache
+    )
+    return (*pullback(d_out), None)
+
+
+_decode.defvjp(_decode_fwd, _decode_bwd)
+
+
+# ---------------------------------------------------------------------------
+# pallas_call builder and the split-K merge.
+
+
+@functools.partial(jax.jit, static_argnames=("statics", "blocks", "interpret"))
+def _decode_forward(query, key_cache, value_cache, rules: Rules, statics: Rules, blocks: DecodeBlockSizes,
+                    interpret: bool):
+    B, T, N, H = query.shape
+    _, S, K, Hv = value_cache.shape
+    splits = blocks.num_splits
+    row_blocks = -(-T * (N // K) // blocks.block_rows)
+    head_padded = next_power_of_two(max(H, 16))
+    value_padded = next_power_of_two(max(Hv, 16))
+    tokens = B * T * N
+
+    def whole(size):
+        return pl.BlockSpec((size,), lambda b, k, r, s: (0,))
+
+    row_spec = pl.BlockSpec((None,), lambda b, k, r, s: (b,))
+    in_specs = [
+        row_spec,
+        row_spec,
+        whole(tokens * H),
+        pl.BlockSpec((None, S, None, head_padded), lambda b, k, r, s: (b, 0, k, 0)),
+        pl.BlockSpec((None, S, None, value_padded), lambda b, k, r, s: (b, 0, k, 0)),
+    ]
+    if splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((tokens * Hv,), query.dtype)]
+    else:
+        out_shape = [
+            jax.ShapeDtypeStruct((splits * tokens * Hv,), jnp.float32),
+            jax.ShapeDtypeStruct((splits * tokens,), jnp.float32),
+            jax.ShapeDtypeStruct((splits * tokens,), jnp.float32),
+        ]
+    kernel = functools.partial(
+        _decode_kernel,
+        rules=statics,
+        q_len=T,
+        num_heads=N,
+        group=N // K,
+        head_dim=H,
+        value_head_dim=Hv,
+        blocks=blocks,
+    )
+    results = pl.pallas_call(
+        kernel,
+        grid=(B, K, row_blocks, splits),
+        in_specs=in_specs,
+        out_specs=[whole(x.shape[0]) for x in out_shape],
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="gqa_decode_attention",
+    )(rules.kv_len, rules.q_offset, query.reshape(-1), key_cache, value_cache)
+    if splits == 1:
+        return results[0].reshape(B, T, N, Hv)
+    acc, m, l = results
+    out = _combine_splits(acc.reshape(splits, B, T, N, Hv), m.reshape(splits, B, T, N), l.reshape(splits, B, T, N))
+    return out.astype(query.dtype)
+
+
+def _combine_splits(acc, m, l):
+    """Merges per-split partials ``acc [splits,B,T,N,Hv]``, ``m, l [splits,B,T,N]`` (base 2).
+
+    Splits that saw no key hold ``m = MASK_VALUE``, ``l = 0``, ``acc = 0`` and
+    get zero weight; a row that no split saw gives zeros.
+    """
+    m_max = jnp.max(m, axis=0)
+    weight = jnp.exp2(m - m_max)
+    total = jnp.sum(weight * l, axis=0)
+    out = jnp.sum(weight[..., None] * acc, axis=0)
+    return out / jnp.where(total == 0.0, 1.0, total)[..., None]
+
+
+# ---------------------------------------------------------------------------
+# Kernel body.
 
 
 def _decode_kernel(
@@ -235,10 +405,7 @@ def _decode_kernel(
     k_ref,  # [S, Hp] this row's key cache of one KV head
     v_ref,  # [S, Hvp]
     *out_refs,  # (out [B*T*N*Hv],) or (acc [splits*B*T*N*Hv], m [splits*B*T*N], l [splits*B*T*N]), flat
-    scale: float,
-    causal: bool,
-    window: tuple[int, int] | None,
-    soft_cap: float | None,
+    rules: Rules,
     q_len: int,
     num_heads: int,
     group: int,
@@ -259,10 +426,7 @@ def _decode_kernel(
     token = (batch_row * q_len + t) * num_heads + kv_head * group + rows - t * group  # flat (b, t, n)
     q_pos = offset + t
     last_row = jnp.minimum(first_row + block_rows, num_rows) - 1
-    lo, hi = kv_range(
-        offset + lax.div(first_row, group), offset + lax.div(last_row, group),
-        causal=causal, window=window, kv_len=length,
-    )
+    lo, hi = rules.kv_range(offset + lax.div(first_row, group), offset + lax.div(last_row, group), length)
     # This split's run of the tiles that cover [lo, hi).
     first_tile = lax.div(lo, block_k)
     num_tiles = jnp.where(hi > lo, lax.div(hi + block_k - 1, block_k) - first_tile, 0)
@@ -280,9 +444,9 @@ def _decode_kernel(
         in_range = k_pos < hi
         k = _load_tile(k_ref, k_start, block_k, in_range, head_dim)
         qk = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        s = _base2_logits(qk, scale, soft_cap)
+        s = _base2_logits(qk, rules.scale, rules.soft_cap)
         mask = in_range[None, :]
-        rule = visible(q_pos[:, None], k_pos[None, :], causal=causal, window=window)
+        rule = rules.visible(q_pos[:, None], k_pos[None, :])
         if rule is not None:
             mask = mask & rule
         s = jnp.where(mask, s, MASK_VALUE)
@@ -312,197 +476,34 @@ def _decode_kernel(
         _store(l_ref, split_base + token, real, l)
 
 
-def decode_attention(
-    query,
-    key_cache,
-    value_cache,
-    lengths,
-    *,
-    scale: float | None = None,
-    is_causal: bool = True,
-    query_offset=None,
-    local_window_size: int | tuple[int, int] | None = None,
-    logits_soft_cap: float | None = None,
-    num_splits: int | None = None,
-    block_k: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    interpret: bool = False,
-):
-    """Attention of a few new queries to a KV cache with per-row lengths.
-
-    Semantics are those of `gqa_jax.dot_product_attention` with
-    ``key_value_seq_lengths=lengths``: query head ``n`` reads KV head ``n // G``;
-    query ``t`` of row ``b`` sits at position ``lengths[b] - T + t`` (the newest
-    ``T`` tokens) unless ``query_offset`` says otherwise; keys ``s <
-    lengths[b]`` are valid. Lengths are clamped to ``[0, S]`` for the keys (a
-    row of length 0 gives zeros) while positions use them as given, so an
-    overflowed cache keeps its true positions. Memory past a row's length is
-    never read.
-
-    Args:
-      query: ``[B, T, N, H]``; T is small (1 to 16), larger T works but packs
-        ``G*T`` rows per KV head into more programs.
-      key_cache: ``[B, S, K, H]`` with ``N % K == 0``, same dtype as query
-        (bfloat16, float16 or float32).
-      value_cache: ``[B, S, K, Hv]``.
-      lengths: int ``[B]`` valid keys per row.
-      scale: logit scale; default ``1 / sqrt(H)``.
-      is_causal: queries see keys at positions ``<=`` their own.
-      query_offset: optional int scalar or ``[B]`` position of each row's
-        first query; default ``lengths - T``.
-      local_window_size: int or ``(left, right)``: a query at position ``p``
-        sees keys in ``[p - left, p + right]``.
-      logits_soft_cap: ``cap * tanh(logits / cap)`` on the scaled logits.
-      num_splits, block_k, num_warps, num_stages: tuning overrides; None picks
-        them from `default_block_sizes`.
-      interpret: run the kernel in the Pallas interpreter (CPU).
-
-    Returns:
-      ``[B, T, N, Hv]`` in the query dtype. Differentiable (dense backward).
-
-    Raises:
-      ValueError, TypeError: for inconsistent shapes, dtypes or options.
-      NotImplementedError: for a dtype the kernel does not support.
-
-    Example::
-
-        out = decode_attention(q_BTNH, cache.key, cache.value, cache.lengths)
-    """
-    query, key_cache, value_cache = jnp.asarray(query), jnp.asarray(key_cache), jnp.asarray(value_cache)
-    check_qkv(query, key_cache, value_cache, names=("query", "key_cache", "value_cache"))
-    B, T, N, H = query.shape
-    _, S, K, Hv = value_cache.shape
-    lengths = row_vector("lengths", lengths, B)
-    offsets = lengths - T if query_offset is None else row_vector("query_offset", query_offset, B)
-    blocks = default_block_sizes(
-        B, S, K, T * (N // K), max(H, Hv), query.dtype,
-        num_splits=num_splits, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
-    )
-    flat_size = blocks.num_splits * B * T * N * max(H, Hv)
-    if flat_size >= 2**31:
-        raise ValueError(
-            f"num_splits * B*T*N * max(H, Hv) = {flat_size} must be < 2**31 (int32 offsets), got "
-            f"num_splits={blocks.num_splits}, {query.shape=}, {value_cache.shape=}"
-        )
-    static = _Static(
-        scale=check_scale(scale, H),
-        causal=bool(is_causal),
-        window=window_pair(local_window_size),
-        soft_cap=check_soft_cap(logits_soft_cap),
-        blocks=blocks,
-        interpret=bool(interpret),
-    )
-    return _decode(query, key_cache, value_cache, jnp.clip(lengths, 0, S), offsets, static)
+# ---------------------------------------------------------------------------
+# Tile helpers.
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """The hashable, trace-time arguments of `_decode`."""
-
-    scale: float
-    causal: bool
-    window: tuple[int, int] | None
-    soft_cap: float | None
-    blocks: DecodeBlockSizes
-    interpret: bool
+def _base2_logits(qk, scale: float, soft_cap: float | None):
+    """``cap * tanh(scale * qk / cap)`` (or ``scale * qk``) in base-2 units."""
+    if soft_cap is None:
+        return qk * (scale * LOG2E)
+    return jnp.tanh(qk * (scale / soft_cap)) * (soft_cap * LOG2E)
 
 
-@functools.partial(jax.jit, static_argnames=("static",))
-def _decode_forward(query, key_cache, value_cache, lengths, offsets, static: _Static):
-    B, T, N, H = query.shape
-    _, S, K, Hv = value_cache.shape
-    blocks = static.blocks
-    splits = blocks.num_splits
-    row_blocks = -(-T * (N // K) // blocks.block_rows)
-    head_padded = _next_power_of_two(max(H, 16))
-    value_padded = _next_power_of_two(max(Hv, 16))
-    tokens = B * T * N
-
-    def whole(size):
-        return pl.BlockSpec((size,), lambda b, k, r, s: (0,))
-
-    row_spec = pl.BlockSpec((None,), lambda b, k, r, s: (b,))
-    in_specs = [
-        row_spec,
-        row_spec,
-        whole(tokens * H),
-        pl.BlockSpec((None, S, None, head_padded), lambda b, k, r, s: (b, 0, k, 0)),
-        pl.BlockSpec((None, S, None, value_padded), lambda b, k, r, s: (b, 0, k, 0)),
-    ]
-    if splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((tokens * Hv,), query.dtype)]
-    else:
-        out_shape = [
-            jax.ShapeDtypeStruct((splits * tokens * Hv,), jnp.float32),
-            jax.ShapeDtypeStruct((splits * tokens,), jnp.float32),
-            jax.ShapeDtypeStruct((splits * tokens,), jnp.float32),
-        ]
-    kernel = functools.partial(
-        _decode_kernel,
-        scale=static.scale,
-        causal=static.causal,
-        window=static.window,
-        soft_cap=static.soft_cap,
-        q_len=T,
-        num_heads=N,
-        group=N // K,
-        head_dim=H,
-        value_head_dim=Hv,
-        blocks=blocks,
-    )
-    results = pl.pallas_call(
-        kernel,
-        grid=(B, K, row_blocks, splits),
-        in_specs=in_specs,
-        out_specs=[whole(x.shape[0]) for x in out_shape],
-        out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
-        interpret=static.interpret,
-        name="gqa_decode_attention",
-    )(lengths, offsets, query.reshape(-1), key_cache, value_cache)
-    if splits == 1:
-        return results[0].reshape(B, T, N, Hv)
-    acc, m, l = results
-    out = _combine_splits(acc.reshape(splits, B, T, N, Hv), m.reshape(splits, B, T, N), l.reshape(splits, B, T, N))
-    return out.astype(query.dtype)
+def _load_tile(ref, start, block_k: int, in_range, width: int):
+    """Rows ``[start, start + block_k)`` of a ``[S, width_padded]`` ref, zero past the bound."""
+    width_padded = ref.shape[-1]
+    mask = in_range[:, None]
+    if width != width_padded:
+        mask = mask & (jnp.arange(width_padded, dtype=jnp.int32) < width)[None, :]
+    return plgpu.load(ref.at[pl.ds(start, block_k), :], mask=mask, other=0.0)
 
 
-def _combine_splits(acc, m, l):
-    """Merges per-split partials ``acc [splits,B,T,N,Hv]``, ``m, l [splits,B,T,N]`` (base 2).
-
-    Splits that saw no key hold ``m = MASK_VALUE``, ``l = 0``, ``acc = 0`` and
-    get zero weight; a row that no split saw gives zeros.
-    """
-    m_max = jnp.max(m, axis=0)
-    weight = jnp.exp2(m - m_max)
-    total = jnp.sum(weight * l, axis=0)
-    out = jnp.sum(weight[..., None] * acc, axis=0)
-    return out / jnp.where(total == 0.0, 1.0, total)[..., None]
+def _row_offsets(base, token, width: int, real):
+    """Flat offsets ``base + token * width + column`` of ``[rows, width_padded]`` and their mask."""
+    width_padded = next_power_of_two(max(width, 16))
+    columns = jnp.arange(width_padded, dtype=jnp.int32)
+    offsets = base + token[:, None] * width + columns[None, :]
+    return offsets, real[:, None] & (columns < width)[None, :]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _decode(query, key_cache, value_cache, lengths, offsets, static: _Static):
-    return _decode_forward(query, key_cache, value_cache, lengths, offsets, static)
-
-
-def _decode_fwd(query, key_cache, value_cache, lengths, offsets, static):
-    out = _decode_forward(query, key_cache, value_cache, lengths, offsets, static)
-    return out, (query, key_cache, value_cache, lengths, offsets)
-
-
-def _decode_bwd(static, residuals, d_out):
-    """The flash-attention backward under the same rules (lengths, offsets, window, soft-cap)."""
-    query, key_cache, value_cache, lengths, offsets = residuals
-    _, pullback = jax.vjp(
-        lambda q, k, v: flash_attention(
-            q, k, v, scale=static.scale, is_causal=static.causal, query_offset=offsets,
-            key_value_seq_lengths=lengths, local_window_size=static.window, logits_soft_cap=static.soft_cap,
-            interpret=static.interpret,
-        ),
-        query, key_cache, value_cache,
-    )
-    return (*pullback(d_out), None, None)
-
-
-_decode.defvjp(_decode_fwd, _decode_bwd)
+def _store(ref, offsets, mask, value):
+    """Masked scatter into a flat ref. Masked lanes point past the end: never written."""
+    plgpu.store(ref.at[jnp.where(mask, offsets, ref.shape[0])], value, mask=mask)

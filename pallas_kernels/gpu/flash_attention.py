@@ -6,29 +6,31 @@ tiles of key/value head ``n // G`` in place (K/V are never repeated), and the
 backward accumulates dK/dV of a key/value head over its ``G`` query heads in
 registers.
 
-Masks are rules, never dense ``[T,S]`` arrays: causal with per-row query
-offsets, query and key lengths, segment ids, a sliding window, and a logit
-soft-cap; an optional dense bias. Key tiles a query tile cannot see are not
-visited, and tiles every query sees are computed without any mask arithmetic.
-Rows that see no key give zeros, and zero gradients.
+Masks are rules (`pallas_kernels.rules.Rules`), never dense ``[T,S]`` arrays:
+causal with per-row query offsets, query and key lengths, segment ids, a
+sliding window, and a logit soft-cap; an optional dense bias. Key tiles a
+query tile cannot see are not visited, and tiles every query sees are computed
+without any mask arithmetic. Rows that see no key give zeros, and zero
+gradients.
 
 Any sequence lengths work (the wrapper pads to the tile sizes and masks the
 padding by lengths); head dims are padded to a power of two. Softmax statistics
 and accumulators are float32; the exponent runs in base 2 with ``log2(e)``
-folded into the scale.
+folded into the scale (`pallas_kernels.numerics`).
 
-Kernels: ``_forward_kernel`` (grid ``(N, B, T/block_q)``, query tiles of the
-causal diagonal first), ``_dkdv_kernel`` (grid ``(K, B, S/block_k)``, loops over
-the ``G`` query heads and the visible query tiles) and ``_dq_kernel`` (grid
-``(N, B, T/block_q)``). The bias gradient, when a bias is given, is computed by
-XLA from the kernel's softmax statistics (and dropped by XLA when unused).
+Kernels: ``gqa_flash_forward`` (grid ``(N, B, T/block_q)``, query tiles of the
+causal diagonal first), ``gqa_flash_dkdv`` (grid ``(K, B, S/block_k)``, loops
+over the ``G`` query heads and the visible query tiles) and ``gqa_flash_dq``
+(grid ``(N, B, T/block_q)``). The bias gradient, when a bias is given, is
+computed by XLA from the kernel's softmax statistics (and dropped by XLA when
+unused). `flash_backward` runs the two backward kernels from an external
+forward's output and log-sum-exp (the Mosaic-GPU forward uses it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -36,23 +38,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.arguments import check_qkv, check_scale, check_soft_cap, pad_axis, row_vector, window_pair
-from pallas_kernels.masking import MASK_VALUE, default_query_offset, kv_range, q_range, visible
+from pallas_kernels.arguments import check_bias, check_qkv, is_power_of_two, next_power_of_two, pad_axis
+from pallas_kernels.numerics import DEAD_LSE, LOG2E, MASK_VALUE
+from pallas_kernels.rules import Rules
 
-LOG2E = math.log2(math.e)
-# The log-sum-exp stored for rows that see no key: exp2(s - DEAD_LSE) == 0, so
-# such rows contribute nothing to any gradient.
-DEAD_LSE = 1e30
 MIN_BLOCK = 16  # the smallest tile side tl.dot takes
-
-
-def _is_pow2(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
 
 
 def _fit(block: int, length: int) -> int:
     """Shrinks a tile side to the smallest power of two covering ``length`` (>= 16)."""
-    return max(MIN_BLOCK, min(block, pl.next_power_of_2(length)))
+    return max(MIN_BLOCK, min(block, next_power_of_two(length)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +81,7 @@ class BlockSizes:
     def __post_init__(self):
         for name in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
             value = getattr(self, name)
-            if not isinstance(value, int) or not _is_pow2(value) or value < MIN_BLOCK:
+            if not isinstance(value, int) or not is_power_of_two(value) or value < MIN_BLOCK:
                 raise ValueError(f"{name}={value!r} must be a power of two >= {MIN_BLOCK}")
         for name in ("num_warps", "num_warps_bwd"):
             value = getattr(self, name)
@@ -122,246 +117,235 @@ class BlockSizes:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """Everything the kernels specialize on (hashable: a custom_vjp static)."""
-
-    scale: float
-    causal: bool
-    window: tuple[int, int] | None
-    soft_cap: float | None
-    num_groups: int
-    has_segments: bool
-    blocks: BlockSizes
-
-
 # ---------------------------------------------------------------------------
-# Tile helpers shared by the three kernels.
+# Public wrappers.
 
 
-def _cdiv(a, b: int):
-    return lax.div(a + (b - 1), b)
+def flash_attention(
+    query,
+    key,
+    value,
+    *,
+    bias=None,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_offset=None,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    local_window_size: int | tuple[int, int] | None = None,
+    logits_soft_cap: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+):
+    """Flash attention with grouped key/value heads on NVIDIA GPUs (Pallas, Triton).
 
+    Semantics are those of `gqa_jax.dot_product_attention` (positions, default
+    offsets, masks, soft-cap before bias, zeros for rows with no visible key);
+    the rules are validated by `pallas_kernels.rules.Rules.create`.
 
-def _tile_logits(q, k, bias, st: _Static):
-    """Base-2 logits ``[bq, bk]`` of a tile, and ``tanh`` of the soft-cap (or None)."""
-    s = plgpu.dot(q, k, trans_b=True)
-    if st.soft_cap is not None:
-        t = jnp.tanh(s * (st.scale / st.soft_cap))
-        s2 = t * (st.soft_cap * LOG2E)
-    else:
-        t = None
-        s2 = s * (st.scale * LOG2E)
-    if bias is not None:
-        s2 = s2 + bias.astype(jnp.float32) * LOG2E
-    return s2, t
+    Args:
+      query: ``[B, T, N, H]`` (bf16, fp16 or fp32).
+      key: ``[B, S, K, H]`` with ``N % K == 0``.
+      value: ``[B, S, K, Hv]``.
+      bias: optional float bias ``[T,S]``, ``[B,T,S]`` or ``[B|1, N|1, T|1, S|1]``.
+      scale: logit scale, default ``1/sqrt(H)``.
+      is_causal: keys at positions up to the query's own.
+      query_offset: int or int ``[B]``: position of query 0 of each row.
+      query_seq_lengths: int ``[B]`` valid queries (the rest output zeros).
+      key_value_seq_lengths: int ``[B]`` valid keys.
+      q_segment_ids: int ``[B, T]``.
+      kv_segment_ids: int ``[B, S]``.
+      local_window_size: int or ``(left, right)``.
+      logits_soft_cap: ``cap * tanh(logits / cap)``.
+      block_sizes: tiles and launch parameters; default per head dim.
+      interpret: run the kernels in Pallas interpret mode (CPU).
 
+    Returns:
+      ``[B, T, N, Hv]`` in the query dtype.
 
-def _tile_mask(q_pos, k_idx, kv_len, q_seg, kv_seg, st: _Static):
-    """Visibility ``[bq, bk]`` of keys ``k_idx`` to queries at ``q_pos``."""
-    mask = (k_idx < kv_len)[None, :]
-    rules = visible(q_pos[:, None], k_idx[None, :], causal=st.causal, window=st.window)
-    if rules is not None:
-        mask = mask & rules
-    if q_seg is not None:
-        mask = mask & (q_seg[:, None] == kv_seg[None, :])
-    return mask
-
-
-def _kv_tile_logits(q, q_pos, q_seg, k_start, k_ref, bias_ref, kv_seg_ref, kv_len, block_k: int, st: _Static, *,
-                    masked: bool):
-    """One key tile of a query tile (forward and dQ): the key tile, its base-2 logits and the soft-cap tanh."""
-    k = k_ref[pl.ds(k_start, block_k), :]
-    bias = bias_ref[:, pl.ds(k_start, block_k)] if bias_ref is not None else None
-    s2, t = _tile_logits(q, k, bias, st)
-    if masked:
-        k_idx = k_start + jnp.arange(block_k, dtype=jnp.int32)
-        kv_seg = kv_seg_ref[pl.ds(k_start, block_k)] if kv_seg_ref is not None else None
-        s2 = jnp.where(_tile_mask(q_pos, k_idx, kv_len, q_seg, kv_seg, st), s2, MASK_VALUE)
-    return k, s2, t
-
-
-def _full_block_range(blk_lo, blk_hi, full_first_pos, full_end_pos, block: int, st: _Static):
-    """Sub-range ``[f_lo, f_hi)`` of ``[blk_lo, blk_hi)`` whose tiles need no mask.
-
-    ``[full_first_pos, full_end_pos)`` are the positions visible to every row of
-    the tile (on the other axis). With segments every tile needs the mask.
+    Raises:
+      ValueError, TypeError: for inconsistent shapes, dtypes or rules.
     """
-    if st.has_segments:
-        return blk_hi, blk_hi
-    first = jnp.maximum(full_first_pos, 0)
-    end = jnp.maximum(full_end_pos, 0)
-    f_lo = jnp.clip(_cdiv(first, block), blk_lo, blk_hi)
-    f_hi = jnp.clip(lax.div(end, block), f_lo, blk_hi)
-    return f_lo, f_hi
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    check_qkv(query, key, value)
+    rules = Rules.create(
+        query, key, scale=scale, is_causal=is_causal, query_offset=query_offset,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, local_window_size=local_window_size,
+        logits_soft_cap=logits_soft_cap,
+    )
+    B, T, N, _ = query.shape
+    if bias is not None:
+        bias = check_bias("bias", bias, B, N, T, key.shape[1])
+    return flash_attention_core(query, key, value, rules, bias=bias, block_sizes=block_sizes, interpret=interpret)
 
 
-def _three_phase_loop(blk_lo, f_lo, f_hi, blk_hi, body, carry):
-    """Runs ``body(i, carry, masked)`` over masked, unmasked and masked tiles."""
-    carry = lax.fori_loop(blk_lo, f_lo, functools.partial(body, masked=True), carry)
-    carry = lax.fori_loop(f_lo, f_hi, functools.partial(body, masked=False), carry)
-    return lax.fori_loop(f_hi, blk_hi, functools.partial(body, masked=True), carry)
+def flash_attention_core(query, key, value, rules: Rules, *, bias=None, block_sizes: BlockSizes | None = None,
+                         interpret: bool = False):
+    """`flash_attention` on inputs already checked: ``rules`` from `Rules.create`, bias rank 4.
+
+    Args:
+      query: ``[B, T, N, H]``.
+      key: ``[B, S, K, H]``.
+      value: ``[B, S, K, Hv]``.
+      rules: the validated rules of the call.
+      bias: None or float ``[B|1, N|1, T|1, S|1]``.
+      block_sizes: tiles and launch parameters; default per head dim.
+      interpret: run the kernels in Pallas interpret mode (CPU).
+
+    Returns:
+      ``[B, T, N, Hv]`` in the query dtype.
+    """
+    T, Hv = query.shape[1], value.shape[-1]
+    layout = _Layout.of(query, key, value, block_sizes)
+    q, k, v, bias, padded_rules = layout.pad(query, key, value, bias, rules)
+    out = _flash(padded_rules.statics(), layout.blocks, interpret, padded_rules, q, k, v, bias)
+    return out[:, :T, :, :Hv]
 
 
-def _kv_blocks(q_start, block_q: int, block_k: int, offset, q_len, kv_len, st: _Static):
-    """Key tiles a query tile visits: ``(blk_lo, f_lo, f_hi, blk_hi)``."""
-    q_first = offset + q_start
-    q_last = offset + jnp.minimum(q_start + block_q, q_len) - 1
-    lo, hi = kv_range(q_first, q_last, causal=st.causal, window=st.window, kv_len=kv_len)
-    live = (q_start < q_len) & (hi > lo)
-    blk_lo = jnp.where(live, lax.div(lo, block_k), 0)
-    blk_hi = jnp.where(live, _cdiv(hi, block_k), 0)
-    full_first, full_end = jnp.zeros((), jnp.int32), kv_len
-    if st.causal:
-        full_end = jnp.minimum(full_end, q_first + 1)
-    if st.window is not None:
-        left, right = st.window
-        full_first = jnp.maximum(full_first, q_last - left)
-        full_end = jnp.minimum(full_end, q_first + right + 1)
-    f_lo, f_hi = _full_block_range(blk_lo, blk_hi, full_first, full_end, block_k, st)
-    return blk_lo, f_lo, f_hi, blk_hi
+def flash_backward(query, key, value, out, lse, d_out, rules: Rules, *, bias=None,
+                   block_sizes: BlockSizes | None = None, interpret: bool = False):
+    """Gradients of flash attention from a forward's output and base-2 log-sum-exp.
+
+    For forward kernels that share this file's conventions (`pallas_kernels.numerics`):
+    ``lse[b, n, t] = log2(sum_s exp2(logits2))`` of the base-2 logits, and
+    `DEAD_LSE` for rows that see no key.
+
+    Args:
+      query: ``[B, T, N, H]``.
+      key: ``[B, S, K, H]``.
+      value: ``[B, S, K, Hv]``.
+      out: ``[B, T, N, Hv]`` forward output.
+      lse: float32 ``[B, N, T]``.
+      d_out: ``[B, T, N, Hv]`` cotangent of ``out``.
+      rules: the validated rules of the forward.
+      bias: None or float ``[B|1, N|1, T|1, S|1]``.
+      block_sizes: tiles of the backward kernels; default per head dim.
+      interpret: run the kernels in Pallas interpret mode (CPU).
+
+    Returns:
+      ``(dq, dk, dv, dbias)``, ``dbias`` None without a bias.
+    """
+    B, T, N, H = query.shape
+    S, Hv = key.shape[1], value.shape[-1]
+    layout = _Layout.of(query, key, value, block_sizes)
+    q, k, v, bias_p, padded_rules = layout.pad(query, key, value, bias, rules)
+    out_p = pad_axis(pad_axis(out, 1, layout.T_pad), 3, layout.Hv_pad)
+    do_p = pad_axis(pad_axis(d_out, 1, layout.T_pad), 3, layout.Hv_pad)
+    lse_p = jnp.pad(lse, ((0, 0), (0, 0), (0, layout.T_pad - T)), constant_values=DEAD_LSE)
+    dq, dk, dv, dbias = _backward(padded_rules.statics(), layout.blocks, interpret, padded_rules, q, k, v, bias_p,
+                                  out_p, lse_p, do_p)
+    if dbias is not None:
+        dbias = dbias[:, :, :T, :S]
+        for axis in (2, 3):
+            if bias.shape[axis] == 1:
+                dbias = jnp.sum(dbias, axis=axis, keepdims=True)
+    return dq[:, :T, :, :H], dk[:, :S, :, :H], dv[:, :S, :, :Hv], dbias
 
 
-def _q_tile(i, num_q_blocks: int, causal: bool):
-    """Query tile of program ``i``: the causal diagonal's long tiles go first."""
-    return num_q_blocks - 1 - i if causal else i
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Tiles and padded sizes of one call."""
 
+    blocks: BlockSizes
+    T: int
+    S: int
+    T_pad: int
+    S_pad: int
+    H_pad: int
+    Hv_pad: int
 
-# ---------------------------------------------------------------------------
-# Kernels.
+    @classmethod
+    def of(cls, query, key, value, block_sizes: BlockSizes | None) -> "_Layout":
+        T, H, S, Hv = query.shape[1], query.shape[3], key.shape[1], value.shape[3]
+        blocks = (block_sizes or BlockSizes.for_head_dim(next_power_of_two(max(H, Hv)))).fit(T, S)
+        q_mult = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
+        k_mult = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
+        return cls(blocks, T, S, pl.cdiv(T, q_mult) * q_mult, pl.cdiv(S, k_mult) * k_mult,
+                   max(MIN_BLOCK, next_power_of_two(H)), max(MIN_BLOCK, next_power_of_two(Hv)))
 
-
-def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref,
-                    o_ref, lse_ref, *, st: _Static, num_q_blocks: int):
-    bq, bk = st.blocks.block_q, st.blocks.block_k
-    q_start = _q_tile(pl.program_id(2), num_q_blocks, st.causal) * bq
-    offset, q_len, kv_len = offset_ref[...], q_len_ref[...], kv_len_ref[...]
-    q = q_ref[...]
-    q_pos = offset + q_start + jnp.arange(bq, dtype=jnp.int32)
-    q_seg = q_seg_ref[...] if q_seg_ref is not None else None
-
-    def body(j, carry, *, masked):
-        acc, m, l = carry
-        k_start = pl.multiple_of(j * bk, bk)
-        _, s2, _ = _kv_tile_logits(q, q_pos, q_seg, k_start, k_ref, bias_ref, kv_seg_ref, kv_len, bk, st,
-                                   masked=masked)
-        m_new = jnp.maximum(m, jnp.max(s2, axis=1))
-        p = jnp.exp2(s2 - m_new[:, None])
-        alpha = jnp.exp2(m - m_new)
-        l = l * alpha + jnp.sum(p, axis=1)
-        v = v_ref[pl.ds(k_start, bk), :]
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
-        return acc, m_new, l
-
-    acc = jnp.zeros((bq, o_ref.shape[-1]), jnp.float32)
-    m = jnp.full((bq,), MASK_VALUE, jnp.float32)
-    l = jnp.zeros((bq,), jnp.float32)
-    blk_lo, f_lo, f_hi, blk_hi = _kv_blocks(q_start, bq, bk, offset, q_len, kv_len, st)
-    acc, m, l = _three_phase_loop(blk_lo, f_lo, f_hi, blk_hi, body, (acc, m, l))
-
-    live = (m > 0.5 * MASK_VALUE) & (q_start + jnp.arange(bq, dtype=jnp.int32) < q_len)
-    l_safe = jnp.where(live, l, 1.0)
-    o_ref[...] = jnp.where(live[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(live, m + jnp.log2(l_safe), DEAD_LSE)
-
-
-def _dkdv_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref,
-                 do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, st: _Static, num_q_blocks: int):
-    bq, bk = st.blocks.block_q_dkv, st.blocks.block_k_dkv
-    k_start = pl.program_id(2) * bk
-    offset, q_len, kv_len = offset_ref[...], q_len_ref[...], kv_len_ref[...]
-    k = k_ref[...]
-    v = v_ref[...]
-    k_idx = k_start + jnp.arange(bk, dtype=jnp.int32)
-    kv_seg = kv_seg_ref[...] if kv_seg_ref is not None else None
-
-    k_last = jnp.minimum(k_start + bk, kv_len) - 1
-    lo, hi = q_range(k_start, k_last, causal=st.causal, window=st.window, query_offset=offset, q_len=q_len)
-    live = (k_start < kv_len) & (hi > lo)
-    blk_lo = jnp.where(live, lax.div(jnp.maximum(lo, 0), bq), 0)
-    blk_hi = jnp.where(live, _cdiv(hi, bq), 0)
-    # Query indices that see every key of this tile (rows past q_len are dead: p == 0).
-    full_first, full_end = jnp.zeros((), jnp.int32), jnp.full((), num_q_blocks * bq, jnp.int32)
-    if st.causal:
-        full_first = jnp.maximum(full_first, k_start + bk - 1 - offset)
-    if st.window is not None:
-        left, right = st.window
-        full_first = jnp.maximum(full_first, k_start + bk - 1 - right - offset)
-        full_end = jnp.minimum(full_end, k_start + left + 1 - offset)
-    full_end = jnp.where(k_start + bk <= kv_len, full_end, 0)
-    f_lo, f_hi = _full_block_range(blk_lo, blk_hi, full_first, full_end, bq, st)
-
-    def head_body(g, carry):
-        def body(i, carry, *, masked):
-            dk, dv = carry
-            q_start = pl.multiple_of(i * bq, bq)
-            q = q_ref[pl.ds(q_start, bq), g, :]
-            do = do_ref[pl.ds(q_start, bq), g, :]
-            lse = lse_ref[g, pl.ds(q_start, bq)]
-            delta = delta_ref[g, pl.ds(q_start, bq)]
-            bias = bias_ref[g if bias_ref.shape[0] > 1 else 0, pl.ds(q_start, bq), :] if bias_ref is not None else None
-            s2, t = _tile_logits(q, k, bias, st)
-            if masked:
-                q_pos = offset + q_start + jnp.arange(bq, dtype=jnp.int32)
-                q_seg = q_seg_ref[pl.ds(q_start, bq)] if q_seg_ref is not None else None
-                s2 = jnp.where(_tile_mask(q_pos, k_idx, kv_len, q_seg, kv_seg, st), s2, MASK_VALUE)
-            p = jnp.exp2(s2 - lse[:, None])
-            dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
-            dp = plgpu.dot(do, v, trans_b=True)
-            ds = p * (dp - delta[:, None])
-            if t is not None:
-                ds = ds * (1.0 - t * t)
-            dk = dk + plgpu.dot((ds * st.scale).astype(q.dtype), q, trans_a=True)
-            return dk, dv
-
-        return _three_phase_loop(blk_lo, f_lo, f_hi, blk_hi, body, carry)
-
-    dk = jnp.zeros((bk, k_ref.shape[-1]), jnp.float32)
-    dv = jnp.zeros((bk, v_ref.shape[-1]), jnp.float32)
-    dk, dv = lax.fori_loop(0, st.num_groups, head_body, (dk, dv))
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
-def _dq_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref,
-               do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static, num_q_blocks: int):
-    bq, bk = st.blocks.block_q_dq, st.blocks.block_k_dq
-    q_start = _q_tile(pl.program_id(2), num_q_blocks, st.causal) * bq
-    offset, q_len, kv_len = offset_ref[...], q_len_ref[...], kv_len_ref[...]
-    q = q_ref[...]
-    do = do_ref[...]
-    lse = lse_ref[...]
-    delta = delta_ref[...]
-    q_pos = offset + q_start + jnp.arange(bq, dtype=jnp.int32)
-    q_seg = q_seg_ref[...] if q_seg_ref is not None else None
-
-    def body(j, dq, *, masked):
-        k_start = pl.multiple_of(j * bk, bk)
-        k, s2, t = _kv_tile_logits(q, q_pos, q_seg, k_start, k_ref, bias_ref, kv_seg_ref, kv_len, bk, st,
-                                   masked=masked)
-        v = v_ref[pl.ds(k_start, bk), :]
-        p = jnp.exp2(s2 - lse[:, None])
-        dp = plgpu.dot(do, v, trans_b=True)
-        ds = p * (dp - delta[:, None])
-        if t is not None:
-            ds = ds * (1.0 - t * t)
-        return dq + plgpu.dot((ds * st.scale).astype(k.dtype), k)
-
-    dq = jnp.zeros((bq, q_ref.shape[-1]), jnp.float32)
-    blk_lo, f_lo, f_hi, blk_hi = _kv_blocks(q_start, bq, bk, offset, q_len, kv_len, st)
-    dq = _three_phase_loop(blk_lo, f_lo, f_hi, blk_hi, body, dq)
-    dq_ref[...] = dq.astype(dq_ref.dtype)
+    def pad(self, query, key, value, bias, rules: Rules):
+        """Zero-padded ``(q, k, v, bias [B|1, N|1, T_pad, S_pad], rules)``."""
+        q = pad_axis(pad_axis(query, 1, self.T_pad), 3, self.H_pad)
+        k = pad_axis(pad_axis(key, 1, self.S_pad), 3, self.H_pad)
+        v = pad_axis(pad_axis(value, 1, self.S_pad), 3, self.Hv_pad)
+        if bias is not None:
+            bias = jnp.broadcast_to(bias, bias.shape[:2] + (self.T, self.S))
+            bias = pad_axis(pad_axis(bias, 2, self.T_pad), 3, self.S_pad)
+        padded = rules.padded(self.T, self.S, self.T_pad, self.S_pad)
+        # Keys past S are padding whatever the lengths say (under jit they are not checked).
+        padded = dataclasses.replace(padded, kv_len=jnp.minimum(padded.kv_len, self.S))
+        return q, k, v, bias, padded
 
 
 # ---------------------------------------------------------------------------
-# pallas_call wrappers (inputs already padded).
+# Differentiable core on padded inputs.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _flash(statics: Rules, blocks: BlockSizes, interpret, rules: Rules, q, k, v, bias):
+    out, _ = _forward(statics, blocks, interpret, rules, q, k, v, bias)
+    return out
+
+
+def _flash_fwd(statics, blocks, interpret, rules, q, k, v, bias):
+    out, lse = _forward(statics, blocks, interpret, rules, q, k, v, bias)
+    return out, (rules, q, k, v, bias, out, lse)
+
+
+def _flash_bwd(statics, blocks, interpret, residuals, do):
+    rules, q, k, v, bias, out, lse = residuals
+    dq, dk, dv, dbias = _backward(statics, blocks, interpret, rules, q, k, v, bias, out, lse, do)
+    return None, dq, dk, dv, dbias
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _backward(statics: Rules, blocks: BlockSizes, interpret, rules: Rules, q, k, v, bias, out, lse, do):
+    """``(dq, dk, dv, dbias)`` on padded inputs."""
+    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+    args = (rules.q_offset, rules.q_len, rules.kv_len, q, k, v, rules.q_segment_ids, rules.kv_segment_ids, bias,
+            do, lse, delta)
+    dk, dv = _dkdv(statics, blocks, *args, interpret=interpret)
+    dq = _dq(statics, blocks, *args, interpret=interpret)
+    dbias = None
+    if bias is not None:
+        B, T, N, Hv = do.shape
+        S, K = v.shape[1], v.shape[2]
+        dp = jnp.einsum("btkgh,bskh->bkgts", do.reshape(B, T, K, N // K, Hv).astype(jnp.float32),
+                        v.astype(jnp.float32)).reshape(B, N, T, S)
+        dbias = _bias_grad(statics, rules, q, k, bias, lse, lambda p: p * (dp - delta[..., None]))
+    return dq, dk, dv, dbias
+
+
+def _bias_grad(statics: Rules, rules: Rules, q, k, bias, lse, ds_fn):
+    """dL/dbias ``[B|1, N|1, T, S]`` by XLA from the kernel's statistics."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    logits = jnp.einsum("btkgh,bskh->bkgts", q.reshape(B, T, K, N // K, H), k,
+                        preferred_element_type=jnp.float32).reshape(B, N, T, S)
+    s2 = _base2_logits(logits, statics)[0] + bias.astype(jnp.float32) * LOG2E
+    s2 = jnp.where(rules.mask(T, S), s2, MASK_VALUE)
+    p = jnp.exp2(s2 - lse[..., None])
+    dbias = ds_fn(p)
+    for axis in (0, 1):
+        if bias.shape[axis] == 1:
+            dbias = jnp.sum(dbias, axis=axis, keepdims=True)
+    return dbias.astype(bias.dtype)
+
+
+# ---------------------------------------------------------------------------
+# pallas_call builders (inputs already padded).
 
 
 def _row_spec():
     return pl.BlockSpec((None,), lambda a, b, c: (b,))
 
 
-def _query_major_specs(st: _Static, q, k, v, q_seg, kv_seg, bias, block_q: int):
+def _query_major_specs(q, k, v, q_seg, bias, block_q: int, causal: bool):
     """BlockSpecs of the ``(N, B, T/block_q)`` grid that the forward and dQ kernels share.
 
     Returns:
@@ -369,11 +353,11 @@ def _query_major_specs(st: _Static, q, k, v, q_seg, kv_seg, bias, block_q: int):
       k, v, q_seg, kv_seg, bias)``, a function giving the spec of a query tile
       ``[block_q, width]``, and the spec of a tile of a ``[B, N, T]`` statistic.
     """
-    T, H, S, Hv = q.shape[1], q.shape[3], k.shape[1], v.shape[-1]
-    G, nq = st.num_groups, T // block_q
+    T, N, H, S, K, Hv = q.shape[1], q.shape[2], q.shape[3], k.shape[1], k.shape[2], v.shape[-1]
+    G, nq = N // K, T // block_q
 
     def tile(i):
-        return _q_tile(i, nq, st.causal)
+        return _q_tile(i, nq, causal)
 
     def q_tile(width):
         return pl.BlockSpec((None, block_q, None, width), lambda n, b, i: (b, tile(i), n, 0))
@@ -398,28 +382,31 @@ def _query_major_specs(st: _Static, q, k, v, q_seg, kv_seg, bias, block_q: int):
     return specs, q_tile, stats
 
 
-def _forward(st: _Static, offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, *, interpret):
+def _forward(statics: Rules, blocks: BlockSizes, interpret, rules: Rules, q, k, v, bias):
+    """Output ``[B, T, N, Hv]`` and base-2 log-sum-exp ``[B, N, T]`` on padded inputs."""
     B, T, N, _ = q.shape
     Hv = v.shape[-1]
-    bq = st.blocks.block_q
-    in_specs, q_tile, stats = _query_major_specs(st, q, k, v, q_seg, kv_seg, bias, bq)
+    bq = blocks.block_q
+    q_seg, kv_seg = rules.q_segment_ids, rules.kv_segment_ids
+    in_specs, q_tile, stats = _query_major_specs(q, k, v, q_seg, bias, bq, statics.is_causal)
     return pl.pallas_call(
-        functools.partial(_forward_kernel, st=st, num_q_blocks=T // bq),
+        functools.partial(_forward_kernel, rules=statics, blocks=blocks, num_q_blocks=T // bq),
         grid=(N, B, T // bq),
         in_specs=in_specs,
         out_specs=[q_tile(Hv), stats],
         out_shape=[jax.ShapeDtypeStruct((B, T, N, Hv), q.dtype), jax.ShapeDtypeStruct((B, N, T), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=st.blocks.num_warps, num_stages=st.blocks.num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
         name="gqa_flash_forward",
-    )(offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias)
+    )(rules.q_offset, rules.q_len, rules.kv_len, q, k, v, q_seg, kv_seg, bias)
 
 
-def _dkdv(st: _Static, offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, delta, *, interpret):
+def _dkdv(statics: Rules, blocks: BlockSizes, offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, delta, *,
+          interpret):
     B, T, N, H = q.shape
     S, K, Hv = k.shape[1], k.shape[2], v.shape[-1]
-    G = st.num_groups
-    bq, bk = st.blocks.block_q_dkv, st.blocks.block_k_dkv
+    G = N // K
+    bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
     nk = S // bk
 
     def heads(width):  # all G query heads of KV head `kh`, every query
@@ -444,185 +431,239 @@ def _dkdv(st: _Static, offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, 
     in_specs += [heads(Hv), pl.BlockSpec((None, G, T), lambda kh, b, j: (b, kh, 0)),
                  pl.BlockSpec((None, G, T), lambda kh, b, j: (b, kh, 0))]
     return pl.pallas_call(
-        functools.partial(_dkdv_kernel, st=st, num_q_blocks=T // bq),
+        functools.partial(_dkdv_kernel, rules=statics, blocks=blocks, num_q_blocks=T // bq),
         grid=(K, B, nk),
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, bk, None, H), lambda kh, b, j: (b, j, kh, 0)),
                    pl.BlockSpec((None, bk, None, Hv), lambda kh, b, j: (b, j, kh, 0))],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=plgpu.CompilerParams(num_warps=st.blocks.num_warps_bwd, num_stages=st.blocks.num_stages_bwd),
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd),
         interpret=interpret,
         name="gqa_flash_dkdv",
     )(offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, delta)
 
 
-def _dq(st: _Static, offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, delta, *, interpret):
+def _dq(statics: Rules, blocks: BlockSizes, offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, delta, *,
+        interpret):
     B, T, N, H = q.shape
     Hv = v.shape[-1]
-    bq = st.blocks.block_q_dq
-    in_specs, q_tile, stats = _query_major_specs(st, q, k, v, q_seg, kv_seg, bias, bq)
+    bq = blocks.block_q_dq
+    in_specs, q_tile, stats = _query_major_specs(q, k, v, q_seg, bias, bq, statics.is_causal)
     return pl.pallas_call(
-        functools.partial(_dq_kernel, st=st, num_q_blocks=T // bq),
+        functools.partial(_dq_kernel, rules=statics, blocks=blocks, num_q_blocks=T // bq),
         grid=(N, B, T // bq),
         in_specs=in_specs + [q_tile(Hv), stats, stats],
         out_specs=q_tile(H),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=st.blocks.num_warps_bwd, num_stages=st.blocks.num_stages_bwd),
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd),
         interpret=interpret,
         name="gqa_flash_dq",
     )(offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, delta)
 
 
-def _bias_grad(st: _Static, offset, q_len, kv_len, q, k, bias, q_seg, kv_seg, lse, ds_fn):
-    """dL/dbias ``[B|1, N|1, T, S]`` by XLA from the kernel's statistics."""
-    B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
-    logits = jnp.einsum("btkgh,bskh->bkgts", q.reshape(B, T, K, N // K, H), k,
-                        preferred_element_type=jnp.float32).reshape(B, N, T, S)
-    t = None
-    if st.soft_cap is not None:
-        t = jnp.tanh(logits * (st.scale / st.soft_cap))
-        s2 = t * (st.soft_cap * LOG2E)
-    else:
-        s2 = logits * (st.scale * LOG2E)
-    s2 = s2 + bias.astype(jnp.float32) * LOG2E
-    q_pos = offset[:, None, None] + jnp.arange(T)[None, :, None]
-    k_idx = jnp.arange(S)[None, None, :]
-    mask = k_idx < kv_len[:, None, None]
-    rules = visible(q_pos, k_idx, causal=st.causal, window=st.window)
-    if rules is not None:
-        mask = mask & rules
+# ---------------------------------------------------------------------------
+# Kernel bodies.
+
+
+def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref,
+                    o_ref, lse_ref, *, rules: Rules, blocks: BlockSizes, num_q_blocks: int):
+    bq, bk = blocks.block_q, blocks.block_k
+    q_start = _q_tile(pl.program_id(2), num_q_blocks, rules.is_causal) * bq
+    offset, q_len, kv_len = offset_ref[...], q_len_ref[...], kv_len_ref[...]
+    q = q_ref[...]
+    q_pos = offset + q_start + jnp.arange(bq, dtype=jnp.int32)
+    q_seg = q_seg_ref[...] if q_seg_ref is not None else None
+
+    def body(j, carry, *, masked):
+        acc, m, l = carry
+        k_start = pl.multiple_of(j * bk, bk)
+        _, s2, _ = _kv_tile_logits(q, q_pos, q_seg, k_start, k_ref, bias_ref, kv_seg_ref, kv_len, bk, rules,
+                                   masked=masked)
+        m_new = jnp.maximum(m, jnp.max(s2, axis=1))
+        p = jnp.exp2(s2 - m_new[:, None])
+        alpha = jnp.exp2(m - m_new)
+        l = l * alpha + jnp.sum(p, axis=1)
+        v = v_ref[pl.ds(k_start, bk), :]
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        return acc, m_new, l
+
+    acc = jnp.zeros((bq, o_ref.shape[-1]), jnp.float32)
+    m = jnp.full((bq,), MASK_VALUE, jnp.float32)
+    l = jnp.zeros((bq,), jnp.float32)
+    tiles = _kv_blocks(q_start, bq, bk, offset, q_len, kv_len, rules, has_segments=q_seg_ref is not None)
+    acc, m, l = _three_phase_loop(*tiles, body, (acc, m, l))
+
+    live = (m > 0.5 * MASK_VALUE) & (q_start + jnp.arange(bq, dtype=jnp.int32) < q_len)
+    l_safe = jnp.where(live, l, 1.0)
+    o_ref[...] = jnp.where(live[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(live, m + jnp.log2(l_safe), DEAD_LSE)
+
+
+def _dkdv_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref,
+                 do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, rules: Rules, blocks: BlockSizes, num_q_blocks: int):
+    bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
+    k_start = pl.program_id(2) * bk
+    offset, q_len, kv_len = offset_ref[...], q_len_ref[...], kv_len_ref[...]
+    k = k_ref[...]
+    v = v_ref[...]
+    k_idx = k_start + jnp.arange(bk, dtype=jnp.int32)
+    kv_seg = kv_seg_ref[...] if kv_seg_ref is not None else None
+
+    k_last = jnp.minimum(k_start + bk, kv_len) - 1
+    lo, hi = rules.q_range(k_start, k_last, offset, q_len)
+    live = (k_start < kv_len) & (hi > lo)
+    blk_lo = jnp.where(live, lax.div(jnp.maximum(lo, 0), bq), 0)
+    blk_hi = jnp.where(live, _cdiv(hi, bq), 0)
+    # Query indices that see every key of this tile (rows past q_len are dead: p == 0).
+    full_first, full_end = rules.q_full_range(k_start, k_start + bk - 1, offset, num_q_blocks * bq)
+    full_end = jnp.where(k_start + bk <= kv_len, full_end, 0)
+    f_lo, f_hi = _full_block_range(blk_lo, blk_hi, full_first, full_end, bq, has_segments=kv_seg is not None)
+
+    def head_body(g, carry):
+        def body(i, carry, *, masked):
+            dk, dv = carry
+            q_start = pl.multiple_of(i * bq, bq)
+            q = q_ref[pl.ds(q_start, bq), g, :]
+            do = do_ref[pl.ds(q_start, bq), g, :]
+            lse = lse_ref[g, pl.ds(q_start, bq)]
+            delta = delta_ref[g, pl.ds(q_start, bq)]
+            bias = bias_ref[g if bias_ref.shape[0] > 1 else 0, pl.ds(q_start, bq), :] if bias_ref is not None else None
+            s2, t = _tile_logits(q, k, bias, rules)
+            if masked:
+                q_pos = offset + q_start + jnp.arange(bq, dtype=jnp.int32)
+                q_seg = q_seg_ref[pl.ds(q_start, bq)] if q_seg_ref is not None else None
+                s2 = jnp.where(_tile_mask(q_pos, k_idx, kv_len, q_seg, kv_seg, rules), s2, MASK_VALUE)
+            p = jnp.exp2(s2 - lse[:, None])
+            dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
+            dp = plgpu.dot(do, v, trans_b=True)
+            ds = p * (dp - delta[:, None])
+            if t is not None:
+                ds = ds * (1.0 - t * t)
+            dk = dk + plgpu.dot((ds * rules.scale).astype(q.dtype), q, trans_a=True)
+            return dk, dv
+
+        return _three_phase_loop(blk_lo, f_lo, f_hi, blk_hi, body, carry)
+
+    dk = jnp.zeros((bk, k_ref.shape[-1]), jnp.float32)
+    dv = jnp.zeros((bk, v_ref.shape[-1]), jnp.float32)
+    dk, dv = lax.fori_loop(0, q_ref.shape[1], head_body, (dk, dv))
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref,
+               do_ref, lse_ref, delta_ref, dq_ref, *, rules: Rules, blocks: BlockSizes, num_q_blocks: int):
+    bq, bk = blocks.block_q_dq, blocks.block_k_dq
+    q_start = _q_tile(pl.program_id(2), num_q_blocks, rules.is_causal) * bq
+    offset, q_len, kv_len = offset_ref[...], q_len_ref[...], kv_len_ref[...]
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...]
+    delta = delta_ref[...]
+    q_pos = offset + q_start + jnp.arange(bq, dtype=jnp.int32)
+    q_seg = q_seg_ref[...] if q_seg_ref is not None else None
+
+    def body(j, dq, *, masked):
+        k_start = pl.multiple_of(j * bk, bk)
+        k, s2, t = _kv_tile_logits(q, q_pos, q_seg, k_start, k_ref, bias_ref, kv_seg_ref, kv_len, bk, rules,
+                                   masked=masked)
+        v = v_ref[pl.ds(k_start, bk), :]
+        p = jnp.exp2(s2 - lse[:, None])
+        dp = plgpu.dot(do, v, trans_b=True)
+        ds = p * (dp - delta[:, None])
+        if t is not None:
+            ds = ds * (1.0 - t * t)
+        return dq + plgpu.dot((ds * rules.scale).astype(k.dtype), k)
+
+    dq = jnp.zeros((bq, q_ref.shape[-1]), jnp.float32)
+    tiles = _kv_blocks(q_start, bq, bk, offset, q_len, kv_len, rules, has_segments=q_seg_ref is not None)
+    dq = _three_phase_loop(*tiles, body, dq)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Tile helpers shared by the three kernels.
+
+
+def _cdiv(a, b: int):
+    return lax.div(a + (b - 1), b)
+
+
+def _base2_logits(s, rules: Rules):
+    """Base-2 logits of raw ``q.k`` products, and ``tanh`` of the soft-cap (or None)."""
+    if rules.soft_cap is None:
+        return s * (rules.scale * LOG2E), None
+    t = jnp.tanh(s * (rules.scale / rules.soft_cap))
+    return t * (rules.soft_cap * LOG2E), t
+
+
+def _tile_logits(q, k, bias, rules: Rules):
+    """Base-2 logits ``[bq, bk]`` of a tile, and ``tanh`` of the soft-cap (or None)."""
+    s2, t = _base2_logits(plgpu.dot(q, k, trans_b=True), rules)
+    if bias is not None:
+        s2 = s2 + bias.astype(jnp.float32) * LOG2E
+    return s2, t
+
+
+def _tile_mask(q_pos, k_idx, kv_len, q_seg, kv_seg, rules: Rules):
+    """Visibility ``[bq, bk]`` of keys ``k_idx`` to queries at ``q_pos``."""
+    mask = (k_idx < kv_len)[None, :]
+    positional = rules.visible(q_pos[:, None], k_idx[None, :])
+    if positional is not None:
+        mask = mask & positional
     if q_seg is not None:
-        mask = mask & (q_seg[:, :, None] == kv_seg[:, None, :])
-    s2 = jnp.where(mask[:, None], s2, MASK_VALUE)
-    p = jnp.exp2(s2 - lse[..., None])
-    dbias = ds_fn(p)
-    for axis in (0, 1):
-        if bias.shape[axis] == 1:
-            dbias = jnp.sum(dbias, axis=axis, keepdims=True)
-    return dbias.astype(bias.dtype)
+        mask = mask & (q_seg[:, None] == kv_seg[None, :])
+    return mask
 
 
-# ---------------------------------------------------------------------------
-# Differentiable core on padded inputs.
+def _kv_tile_logits(q, q_pos, q_seg, k_start, k_ref, bias_ref, kv_seg_ref, kv_len, block_k: int, rules: Rules, *,
+                    masked: bool):
+    """One key tile of a query tile (forward and dQ): the key tile, its base-2 logits and the soft-cap tanh."""
+    k = k_ref[pl.ds(k_start, block_k), :]
+    bias = bias_ref[:, pl.ds(k_start, block_k)] if bias_ref is not None else None
+    s2, t = _tile_logits(q, k, bias, rules)
+    if masked:
+        k_idx = k_start + jnp.arange(block_k, dtype=jnp.int32)
+        kv_seg = kv_seg_ref[pl.ds(k_start, block_k)] if kv_seg_ref is not None else None
+        s2 = jnp.where(_tile_mask(q_pos, k_idx, kv_len, q_seg, kv_seg, rules), s2, MASK_VALUE)
+    return k, s2, t
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _flash(st: _Static, interpret, offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias):
-    out, _ = _forward(st, offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, interpret=interpret)
-    return out
+def _full_block_range(blk_lo, blk_hi, full_first_pos, full_end_pos, block: int, *, has_segments: bool):
+    """Sub-range ``[f_lo, f_hi)`` of ``[blk_lo, blk_hi)`` whose tiles need no mask.
 
-
-def _flash_fwd(st, interpret, offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias):
-    out, lse = _forward(st, offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, interpret=interpret)
-    return out, (offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, out, lse)
-
-
-def _flash_bwd(st, interpret, residuals, do):
-    offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, out, lse = residuals
-    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
-    args = (offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, delta)
-    dk, dv = _dkdv(st, *args, interpret=interpret)
-    dq = _dq(st, *args, interpret=interpret)
-    dbias = None
-    if bias is not None:
-        B, T, N, Hv = do.shape
-        S, K = v.shape[1], v.shape[2]
-        dp = jnp.einsum("btkgh,bskh->bkgts", do.reshape(B, T, K, N // K, Hv).astype(jnp.float32),
-                        v.astype(jnp.float32)).reshape(B, N, T, S)
-        dbias = _bias_grad(st, offset, q_len, kv_len, q, k, bias, q_seg, kv_seg, lse,
-                           lambda p: p * (dp - delta[..., None]))
-    return None, None, None, dq, dk, dv, None, None, dbias
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-# ---------------------------------------------------------------------------
-# Public wrapper.
-
-
-def flash_attention(
-    query,
-    key,
-    value,
-    *,
-    bias=None,
-    scale: float | None = None,
-    is_causal: bool = False,
-    query_offset=None,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    q_segment_ids=None,
-    kv_segment_ids=None,
-    local_window_size: int | tuple[int, int] | None = None,
-    logits_soft_cap: float | None = None,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool = False,
-):
-    """Flash attention with grouped key/value heads on NVIDIA GPUs (Pallas, Triton).
-
-    Semantics are those of `gqa_jax.dot_product_attention` (positions, default
-    offsets, masks, soft-cap before bias, zeros for rows with no visible key).
-
-    Args:
-      query: ``[B, T, N, H]`` (bf16, fp16 or fp32).
-      key: ``[B, S, K, H]`` with ``N % K == 0``.
-      value: ``[B, S, K, Hv]``.
-      bias: optional float bias ``[B|1, N|1, T, S]``.
-      scale: logit scale, default ``1/sqrt(H)``.
-      is_causal: keys at positions up to the query's own.
-      query_offset: int or int ``[B]``: position of query 0 of each row.
-      query_seq_lengths: int ``[B]`` valid queries (the rest output zeros).
-      key_value_seq_lengths: int ``[B]`` valid keys.
-      q_segment_ids: int ``[B, T]``.
-      kv_segment_ids: int ``[B, S]``.
-      local_window_size: int or ``(left, right)``.
-      logits_soft_cap: ``cap * tanh(logits / cap)``.
-      block_sizes: tiles and launch parameters; default per head dim.
-      interpret: run the kernels in Pallas interpret mode (CPU).
-
-    Returns:
-      ``[B, T, N, Hv]`` in the query dtype.
+    ``[full_first_pos, full_end_pos)`` are the positions visible to every row of
+    the tile (on the other axis). With segments every tile needs the mask.
     """
-    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    check_qkv(query, key, value)
-    B, T, N, H = query.shape
-    _, S, K, _ = key.shape
-    Hv = value.shape[-1]
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("q_segment_ids and kv_segment_ids go together")
-    window = window_pair(local_window_size)
-    positional = is_causal or window is not None
-    scale = check_scale(scale, H)
+    if has_segments:
+        return blk_hi, blk_hi
+    first = jnp.maximum(full_first_pos, 0)
+    end = jnp.maximum(full_end_pos, 0)
+    f_lo = jnp.clip(_cdiv(first, block), blk_lo, blk_hi)
+    f_hi = jnp.clip(lax.div(end, block), f_lo, blk_hi)
+    return f_lo, f_hi
 
-    q_len = row_vector("query_seq_lengths", query_seq_lengths, B, T)
-    kv_len = jnp.minimum(row_vector("key_value_seq_lengths", key_value_seq_lengths, B, S), S)
-    if query_offset is None:
-        query_offset = default_query_offset(T, S, query_seq_lengths, key_value_seq_lengths) if positional else 0
-    offset = row_vector("query_offset", query_offset, B)
 
-    blocks = (block_sizes or BlockSizes.for_head_dim(pl.next_power_of_2(max(H, Hv)))).fit(T, S)
-    q_mult = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
-    k_mult = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
-    T_pad, S_pad = pl.cdiv(T, q_mult) * q_mult, pl.cdiv(S, k_mult) * k_mult
-    H_pad, Hv_pad = max(MIN_BLOCK, pl.next_power_of_2(H)), max(MIN_BLOCK, pl.next_power_of_2(Hv))
+def _three_phase_loop(blk_lo, f_lo, f_hi, blk_hi, body, carry):
+    """Runs ``body(i, carry, masked)`` over masked, unmasked and masked tiles."""
+    carry = lax.fori_loop(blk_lo, f_lo, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(f_lo, f_hi, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(f_hi, blk_hi, functools.partial(body, masked=True), carry)
 
-    q = pad_axis(pad_axis(query, 1, T_pad), 3, H_pad)
-    k = pad_axis(pad_axis(key, 1, S_pad), 3, H_pad)
-    v = pad_axis(pad_axis(value, 1, S_pad), 3, Hv_pad)
-    q_seg = kv_seg = None
-    if q_segment_ids is not None:
-        q_seg = pad_axis(jnp.asarray(q_segment_ids, jnp.int32), 1, T_pad)
-        kv_seg = pad_axis(jnp.asarray(kv_segment_ids, jnp.int32), 1, S_pad)
-    if bias is not None:
-        bias = jnp.asarray(bias)
-        if bias.ndim != 4:
-            raise ValueError(f"bias must be [B|1, N|1, T, S], got bias.shape={tuple(bias.shape)}")
-        bias = jnp.broadcast_to(bias, bias.shape[:2] + (T, S))
-        bias = pad_axis(pad_axis(bias, 2, T_pad), 3, S_pad)
 
-    st = _Static(scale=scale, causal=bool(is_causal), window=window, soft_cap=check_soft_cap(logits_soft_cap),
-                 num_groups=N // K, has_segments=q_seg is not None, blocks=blocks)
-    out = _flash(st, interpret, offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias)
-    return out[:, :T, :, :Hv]
+def _kv_blocks(q_start, block_q: int, block_k: int, offset, q_len, kv_len, rules: Rules, *, has_segments: bool):
+    """Key tiles a query tile visits: ``(blk_lo, f_lo, f_hi, blk_hi)``."""
+    q_first = offset + q_start
+    q_last = offset + jnp.minimum(q_start + block_q, q_len) - 1
+    lo, hi = rules.kv_range(q_first, q_last, kv_len)
+    live = (q_start < q_len) & (hi > lo)
+    blk_lo = jnp.where(live, lax.div(lo, block_k), 0)
+    blk_hi = jnp.where(live, _cdiv(hi, block_k), 0)
+    full_first, full_end = rules.kv_full_range(q_first, q_last, kv_len)
+    f_lo, f_hi = _full_block_range(blk_lo, blk_hi, full_first, full_end, block_k, has_segments=has_segments)
+    return blk_lo, f_lo, f_hi, blk_hi
+
+
+def _q_tile(i, num_q_blocks: int, causal: bool):
+    """Query tile of program ``i``: the causal diagonal's long tiles go first."""
+    return num_q_blocks - 1 - i if causal else i

@@ -5,7 +5,14 @@ twins in `pallas_kernels.gpu`; ``interpret=True`` runs them in the Pallas TPU
 interpret mode on any backend (how they are tested on CPUs).
 """
 
-from pallas_kernels.tpu.decode_attention import decode_attention
-from pallas_kernels.tpu.flash_attention import BlockSizes, flash_attention
+from pallas_kernels.tpu.decode_attention import DecodeBlockSizes, decode_attention, decode_attention_core
+from pallas_kernels.tpu.flash_attention import BlockSizes, flash_attention, flash_attention_core
 
-__all__ = ["BlockSizes", "decode_attention", "flash_attention"]
+__all__ = [
+    "BlockSizes",
+    "DecodeBlockSizes",
+    "decode_attention",
+    "decode_attention_core",
+    "flash_attention",
+    "flash_attention_core",
+]

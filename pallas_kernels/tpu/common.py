@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.arguments import SUPPORTED_DTYPES
-from pallas_kernels.masking import MASK_VALUE
+from pallas_kernels.arguments import KERNEL_DTYPES
+from pallas_kernels.numerics import MASK_VALUE
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
@@ -39,8 +39,8 @@ def interpret_params(interpret) -> pltpu.InterpretParams | bool:
 def compute_dtype(dtype) -> jnp.dtype:
     """The dtype kernels compute in: float16 inputs run as float32."""
     dtype = jnp.dtype(dtype)
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"dtype must be one of {[str(d) for d in SUPPORTED_DTYPES]}, got {dtype=}")
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(f"dtype must be one of {[str(d) for d in KERNEL_DTYPES]}, got {dtype=}")
     return jnp.dtype(jnp.float32) if dtype == jnp.float16 else dtype
 
 

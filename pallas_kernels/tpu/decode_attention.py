@@ -14,7 +14,7 @@ read once and no other:
   and the queries are laid out block-diagonally (zeros against the other
   heads' columns), so no lane shuffles are needed and no cache copy is made.
 * Lengths bound the walk: tiles outside the range a row's queries can see
-  (`pallas_kernels.masking.kv_range`: length, causal, window) are neither
+  (`Rules.kv_range`: length, causal, window) are neither
   computed nor copied in (the index map holds the last visited tile). Keys and
   values past the length inside the last tile are masked, values to zero, so
   stale or uninitialised cache slots never leak in (not even NaN).
@@ -36,16 +36,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.masking import kv_range, visible
-from pallas_kernels.arguments import (
-    check_qkv,
-    check_scale,
-    check_soft_cap,
-    pad_axis,
-    round_up,
-    row_vector,
-    window_pair,
-)
+from pallas_kernels.arguments import check_qkv, pad_axis, round_up, row_vector
+from pallas_kernels.rules import Rules
 from pallas_kernels.tpu.common import (
     NUM_LANES,
     NUM_SUBLANES,
@@ -57,75 +49,158 @@ from pallas_kernels.tpu.common import (
     softmax_init,
     softmax_update,
 )
-from pallas_kernels.tpu.flash_attention import flash_attention
+from pallas_kernels.tpu.flash_attention import flash_attention_core
 
 DEFAULT_BLOCK_K = 512
 
 
 @dataclasses.dataclass(frozen=True)
+class DecodeBlockSizes:
+    """Tiling of the TPU decode kernel.
+
+    Attributes:
+      block_k: keys per tile, a positive multiple of 128 (TPU lanes); cut to
+        the cache length (rounded up to 128).
+    """
+
+    block_k: int = DEFAULT_BLOCK_K
+
+    def __post_init__(self):
+        if not isinstance(self.block_k, int) or self.block_k <= 0 or self.block_k % NUM_LANES:
+            raise ValueError(f"block_k={self.block_k!r} must be a positive multiple of {NUM_LANES=}")
+
+
+@dataclasses.dataclass(frozen=True)
 class _Static:
-    scale: float
-    causal: bool
-    window: tuple[int, int] | None
-    soft_cap: float | None
+    """Everything about a call that is fixed at trace time."""
+
+    rules: Rules  # statics only: offsets and lengths are prefetched
     q_len: int
     block_k: int
     interpret: Any
 
 
-def _heads_per_tile(num_kv_heads: int, head_dim: int, value_head_dim: int) -> int | None:
-    """K/V heads per program: the fewest whose columns are whole 128-lane blocks, else all K if they
-    fit in one lane block (a full-width block is always a legal tile), else None."""
-    for hb in range(1, num_kv_heads + 1):
-        if num_kv_heads % hb == 0 and (hb * head_dim) % NUM_LANES == 0 and (hb * value_head_dim) % NUM_LANES == 0:
-            return hb
-    if num_kv_heads * max(head_dim, value_head_dim) <= NUM_LANES:
-        return num_kv_heads
-    return None
+# ---------------------------------------------------------------------------
+# Public wrappers.
 
 
-def _visit(st: _Static, q_off, length, step, num_tiles: int):
-    """Key tile visited at ``step``, whether it is computed, and the keys ``[lo, hi)`` any query sees."""
-    lo, hi = kv_range(q_off, q_off + st.q_len - 1, causal=st.causal, window=st.window, kv_len=length)
-    hi = jnp.maximum(hi, lo)
-    # lax.div truncates; both are >= 0 here (jnp's // lowers through `sign`, which Mosaic
-    # lowers per TPU generation and so cannot be exported without a TPU).
-    first, end = jax.lax.div(lo, st.block_k), jax.lax.div(hi + st.block_k - 1, st.block_k)
-    tile = first + jnp.minimum(step, jnp.maximum(end - first - 1, 0))
-    return jnp.clip(tile, 0, num_tiles - 1), first + step < end, lo, hi
+def decode_attention(
+    query,
+    key_cache,
+    value_cache,
+    lengths,
+    *,
+    scale: float | None = None,
+    is_causal: bool = True,
+    query_offset=None,
+    local_window_size: int | tuple[int, int] | None = None,
+    logits_soft_cap: float | None = None,
+    block_sizes: DecodeBlockSizes | None = None,
+    interpret: bool | pltpu.InterpretParams = False,
+):
+    """Attention of a few new queries per row to a KV cache on TPUs (Pallas, Mosaic TPU).
+
+    Query ``t`` of row ``b`` sits at ``lengths[b] - T + t`` (the newest ``T``
+    tokens, already written to the cache) unless ``query_offset`` says
+    otherwise; keys ``s < lengths[b]`` are valid. The rules are validated by
+    `pallas_kernels.rules.Rules.create`. Differentiable (the backward is
+    `flash_attention`'s).
+
+    Args:
+      query: ``[B, T, N, H]``, ``T`` small (1 to 16).
+      key_cache: ``[B, S, K, H]`` with ``N % K == 0``; read in place.
+      value_cache: ``[B, S, K, Hv]``.
+      lengths: int scalar or ``[B]`` valid keys per row, in ``[0, S]``; 0
+        gives zeros.
+      scale: logit scale, default ``1/sqrt(H)``.
+      is_causal: queries see keys at positions up to their own.
+      query_offset: int or int ``[B]`` position of query 0 of each row.
+      local_window_size: int or ``(left, right)`` window around each query.
+      logits_soft_cap: positive cap, or None.
+      block_sizes: `DecodeBlockSizes`; default ``block_k=512``.
+      interpret: False (compiled for TPU), True (``pltpu.InterpretParams()``)
+        or a ``pltpu.InterpretParams``.
+
+    Returns:
+      ``[B, T, N, Hv]`` in the query dtype.
+
+    Raises:
+      ValueError, TypeError: for inconsistent shapes, dtypes or arguments.
+    """
+    query, key_cache, value_cache = jnp.asarray(query), jnp.asarray(key_cache), jnp.asarray(value_cache)
+    check_qkv(query, key_cache, value_cache, names=("query", "key_cache", "value_cache"))
+    B = query.shape[0]
+    if lengths is None:
+        raise ValueError(f"lengths must be an int [B]=({B},) array of valid keys per row, got {lengths=}")
+    rules = Rules.create(
+        query, key_cache, scale=scale, is_causal=is_causal, query_offset=query_offset,
+        key_value_seq_lengths=row_vector("lengths", lengths, B), local_window_size=local_window_size,
+        logits_soft_cap=logits_soft_cap,
+    )
+    return decode_attention_core(query, key_cache, value_cache, rules, block_sizes=block_sizes, interpret=interpret)
 
 
-def _decode_kernel(len_ref, off_ref, row_t_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, st: _Static):
-    b, j = pl.program_id(0), pl.program_id(2)
-    length, q_off = len_ref[b], off_ref[b]
-    tile, run, lo, hi = _visit(st, q_off, length, j, pl.num_programs(2))
-    k_start = tile * st.block_k
+def decode_attention_core(query, key_cache, value_cache, rules: Rules, *,
+                          block_sizes: DecodeBlockSizes | None = None,
+                          interpret: bool | pltpu.InterpretParams = False):
+    """`decode_attention` on checked inputs: ``rules`` from `Rules.create` (no query lengths or segments).
 
-    @pl.when(j == 0)
-    def _init():
-        softmax_init(m_ref, l_ref, acc_ref)
+    Args:
+      query: ``[B, T, N, H]``.
+      key_cache: ``[B, S, K, H]``.
+      value_cache: ``[B, S, K, Hv]``.
+      rules: the validated rules; ``kv_len`` None means every row holds ``S`` keys.
+      block_sizes: `DecodeBlockSizes`; default ``block_k=512``.
+      interpret: as in `decode_attention`.
 
-    @pl.when(run)
-    def _compute():
-        s, _ = scaled_logits(q_ref[...], k_ref[...], st.scale, st.soft_cap)
-        k_pos = k_start + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        mask = k_pos < length
-        rules = visible(q_off + lanes(row_t_ref[...], s.shape[1]), k_pos, causal=st.causal, window=st.window)
-        if rules is not None:
-            mask &= rules
-        s = jnp.where(mask, s, -jnp.inf)
-        v = v_ref[...]
-        # Values no query sees become zeros: stale cache slots (even NaN) never leak in.
-        v_pos = k_start + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
-        v_valid = (v_pos >= lo) & (v_pos < hi)
-        # Selected in float32: 32-bit masks and values share one layout on every TPU generation.
-        v = jnp.where(v_valid, v.astype(jnp.float32), 0.0).astype(v.dtype)
-        softmax_update(s, v, m_ref, l_ref, acc_ref)
+    Returns:
+      ``[B, T, N, Hv]`` in the query dtype.
+    """
+    if rules.q_len is not None or rules.has_segments:
+        raise ValueError("decode_attention serves neither query_seq_lengths nor segment ids; use flash_attention")
+    T, H = query.shape[1], query.shape[3]
+    S = key_cache.shape[1]
+    rules = dataclasses.replace(rules, kv_len=jnp.clip(rules.lengths(T, S)[1], 0, S))
+    st = _Static(
+        rules=rules.statics(),
+        q_len=T,
+        block_k=min((block_sizes or DecodeBlockSizes()).block_k, round_up(S, NUM_LANES)),
+        interpret=interpret_params(interpret),
+    )
+    dtype = compute_dtype(query.dtype)
+    q, k, v = query.astype(dtype), key_cache.astype(dtype), value_cache.astype(dtype)
+    Hv = v.shape[3]
+    if _heads_per_tile(k.shape[2], H, Hv) is None:
+        # Head dims such as 80 fill no whole lane block: pad them (a copy of the cache).
+        q, k = pad_axis(q, 3, round_up(H, NUM_LANES)), pad_axis(k, 3, round_up(H, NUM_LANES))
+        v = pad_axis(v, 3, round_up(Hv, NUM_LANES))
+    return _decode(st, q, k, v, rules)[..., :Hv].astype(query.dtype)
 
-    @pl.when(j == pl.num_programs(2) - 1)
-    def _finish():
-        out, _ = softmax_finish(m_ref, l_ref, acc_ref)
-        o_ref[...] = out.astype(o_ref.dtype)
+
+# ---------------------------------------------------------------------------
+# Differentiable core.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _decode(st: _Static, q, k, v, rules: Rules):
+    return _forward(st, q, k, v, rules.kv_len, rules.q_offset)
+
+
+def _decode_fwd(st: _Static, q, k, v, rules):
+    return _decode(st, q, k, v, rules), (q, k, v, rules)
+
+
+def _decode_bwd(st: _Static, residuals, do):
+    q, k, v, rules = residuals
+    _, vjp = jax.vjp(lambda q, k, v: flash_attention_core(q, k, v, rules, interpret=st.interpret), q, k, v)
+    return (*vjp(do), None)
+
+
+_decode.defvjp(_decode_fwd, _decode_bwd)
+
+
+# ---------------------------------------------------------------------------
+# pallas_call builder.
 
 
 def _forward(st: _Static, q, k, v, lengths, q_off):
@@ -170,96 +245,64 @@ def _forward(st: _Static, q, k, v, lengths, q_off):
     return out.transpose(0, 3, 1, 5, 2, 4).reshape(B, T, N, Hv)
 
 
-def decode_attention(
-    query,
-    key_cache,
-    value_cache,
-    lengths,
-    *,
-    scale: float | None = None,
-    is_causal: bool = True,
-    query_offset=None,
-    local_window_size: int | tuple[int, int] | None = None,
-    logits_soft_cap: float | None = None,
-    block_k: int | None = None,
-    interpret: bool | pltpu.InterpretParams = False,
-):
-    """Attention of a few new queries per row to a KV cache on TPUs (Pallas, Mosaic TPU).
-
-    Query ``t`` of row ``b`` sits at ``lengths[b] - T + t`` (the newest ``T``
-    tokens, already written to the cache) unless ``query_offset`` says
-    otherwise; keys ``s < lengths[b]`` are valid. Differentiable (the backward
-    is `flash_attention`'s).
-
-    Args:
-      query: ``[B, T, N, H]``, ``T`` small (1 to 16).
-      key_cache: ``[B, S, K, H]`` with ``N % K == 0``; read in place.
-      value_cache: ``[B, S, K, Hv]``.
-      lengths: int ``[B]`` valid keys per row; clamped to ``[0, S]``; 0 gives
-        zeros.
-      scale: logit scale, default ``1/sqrt(H)``.
-      is_causal: queries see keys at positions up to their own.
-      query_offset: int or int ``[B]`` position of query 0 of each row.
-      local_window_size: int or ``(left, right)`` window around each query.
-      logits_soft_cap: positive cap, or None.
-      block_k: keys per tile (a multiple of 128), default 512 (TPU only; the
-        GPU twin chooses its own).
-      interpret: False (compiled for TPU), True (``pltpu.InterpretParams()``)
-        or a ``pltpu.InterpretParams``.
-
-    Returns:
-      ``[B, T, N, Hv]`` in the query dtype.
-
-    Raises:
-      ValueError, TypeError: for inconsistent shapes, dtypes or arguments.
-    """
-    query, key_cache, value_cache = jnp.asarray(query), jnp.asarray(key_cache), jnp.asarray(value_cache)
-    check_qkv(query, key_cache, value_cache, names=("query", "key_cache", "value_cache"))
-    B, T, _, H = query.shape
-    S = key_cache.shape[1]
-    if lengths is None:
-        raise ValueError(f"lengths must be an int [B]=({B},) array of valid keys per row, got {lengths=}")
-    lengths = jnp.clip(row_vector("lengths", lengths, B, S), 0, S)
-    q_off = lengths - T if query_offset is None else row_vector("query_offset", query_offset, B, 0)
-    block_k = DEFAULT_BLOCK_K if block_k is None else block_k
-    if not isinstance(block_k, int) or block_k <= 0 or block_k % NUM_LANES:
-        raise ValueError(f"{block_k=} must be a positive multiple of {NUM_LANES=}")
-    st = _Static(
-        scale=check_scale(scale, H),
-        causal=bool(is_causal),
-        window=window_pair(local_window_size),
-        soft_cap=check_soft_cap(logits_soft_cap),
-        q_len=T,
-        block_k=min(block_k, round_up(S, NUM_LANES)),
-        interpret=interpret_params(interpret),
-    )
-    dtype = compute_dtype(query.dtype)
-    q, k, v = query.astype(dtype), key_cache.astype(dtype), value_cache.astype(dtype)
-    Hv = v.shape[3]
-    if _heads_per_tile(k.shape[2], H, Hv) is None:
-        # Head dims such as 80 fill no whole lane block: pad them (a copy of the cache).
-        q, k = pad_axis(q, 3, round_up(H, NUM_LANES)), pad_axis(k, 3, round_up(H, NUM_LANES))
-        v = pad_axis(v, 3, round_up(Hv, NUM_LANES))
-    return _decode(st, q, k, v, lengths, q_off)[..., :Hv].astype(query.dtype)
+# ---------------------------------------------------------------------------
+# Kernel body.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _decode(st: _Static, q, k, v, lengths, q_off):
-    return _forward(st, q, k, v, lengths, q_off)
+def _decode_kernel(len_ref, off_ref, row_t_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, st: _Static):
+    b, j = pl.program_id(0), pl.program_id(2)
+    length, q_off = len_ref[b], off_ref[b]
+    tile, run, lo, hi = _visit(st, q_off, length, j, pl.num_programs(2))
+    k_start = tile * st.block_k
+
+    @pl.when(j == 0)
+    def _init():
+        softmax_init(m_ref, l_ref, acc_ref)
+
+    @pl.when(run)
+    def _compute():
+        s, _ = scaled_logits(q_ref[...], k_ref[...], st.rules.scale, st.rules.soft_cap)
+        k_pos = k_start + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        mask = k_pos < length
+        positional = st.rules.visible(q_off + lanes(row_t_ref[...], s.shape[1]), k_pos)
+        if positional is not None:
+            mask &= positional
+        s = jnp.where(mask, s, -jnp.inf)
+        v = v_ref[...]
+        # Values no query sees become zeros: stale cache slots (even NaN) never leak in.
+        v_pos = k_start + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
+        v_valid = (v_pos >= lo) & (v_pos < hi)
+        # Selected in float32: 32-bit masks and values share one layout on every TPU generation.
+        v = jnp.where(v_valid, v.astype(jnp.float32), 0.0).astype(v.dtype)
+        softmax_update(s, v, m_ref, l_ref, acc_ref)
+
+    @pl.when(j == pl.num_programs(2) - 1)
+    def _finish():
+        out, _ = softmax_finish(m_ref, l_ref, acc_ref)
+        o_ref[...] = out.astype(o_ref.dtype)
 
 
-def _decode_fwd(st: _Static, q, k, v, lengths, q_off):
-    return _forward(st, q, k, v, lengths, q_off), (q, k, v, lengths, q_off)
+# ---------------------------------------------------------------------------
+# Tile helpers.
 
 
-def _decode_bwd(st: _Static, residuals, do):
-    q, k, v, lengths, q_off = residuals
-    _, vjp = jax.vjp(
-        lambda q, k, v: flash_attention(
-            q, k, v, scale=st.scale, is_causal=st.causal, query_offset=q_off, key_value_seq_lengths=lengths,
-            local_window_size=st.window, logits_soft_cap=st.soft_cap, interpret=st.interpret),
-        q, k, v)
-    return (*vjp(do), None, None)
+def _heads_per_tile(num_kv_heads: int, head_dim: int, value_head_dim: int) -> int | None:
+    """K/V heads per program: the fewest whose columns are whole 128-lane blocks, else all K if they
+    fit in one lane block (a full-width block is always a legal tile), else None."""
+    for hb in range(1, num_kv_heads + 1):
+        if num_kv_heads % hb == 0 and (hb * head_dim) % NUM_LANES == 0 and (hb * value_head_dim) % NUM_LANES == 0:
+            return hb
+    if num_kv_heads * max(head_dim, value_head_dim) <= NUM_LANES:
+        return num_kv_heads
+    return None
 
 
-_decode.defvjp(_decode_fwd, _decode_bwd)
+def _visit(st: _Static, q_off, length, step, num_tiles: int):
+    """Key tile visited at ``step``, whether it is computed, and the keys ``[lo, hi)`` any query sees."""
+    lo, hi = st.rules.kv_range(q_off, q_off + st.q_len - 1, length)
+    hi = jnp.maximum(hi, lo)
+    # lax.div truncates; both are >= 0 here (jnp's // lowers through `sign`, which Mosaic
+    # lowers per TPU generation and so cannot be exported without a TPU).
+    first, end = jax.lax.div(lo, st.block_k), jax.lax.div(hi + st.block_k - 1, st.block_k)
+    tile = first + jnp.minimum(step, jnp.maximum(end - first - 1, 0))
+    return jnp.clip(tile, 0, num_tiles - 1), first + step < end, lo, hi

@@ -1,7 +1,7 @@
 """Flash attention, forward and backward, for TPUs (Pallas, Mosaic TPU), with grouped K/V heads.
 
 Semantics are those of `gqa_jax.dot_product_attention`: positions, default
-query offsets, causal/window/length/segment rules (`pallas_kernels.masking`),
+query offsets, causal/window/length/segment rules (`pallas_kernels.rules.Rules`),
 the soft cap on the scaled logits before the bias, and zeros (never NaN) for
 rows that see no key, in outputs and gradients.
 
@@ -46,16 +46,8 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.masking import default_query_offset, kv_range, visible
-from pallas_kernels.arguments import (
-    check_qkv,
-    check_scale,
-    check_soft_cap,
-    pad_axis,
-    round_up,
-    row_vector,
-    window_pair,
-)
+from pallas_kernels.arguments import check_bias, check_qkv, pad_axis, round_up
+from pallas_kernels.rules import Rules
 from pallas_kernels.tpu.common import (
     NUM_LANES,
     NUM_SUBLANES,
@@ -116,10 +108,7 @@ class BlockSizes:
 class _Static:
     """Everything about a call that is fixed at trace time."""
 
-    scale: float
-    causal: bool
-    window: tuple[int, int] | None
-    soft_cap: float | None
+    rules: Rules  # statics only: the per-row values are the prefetched `rows`
     num_groups: int
     heads_minor: bool  # kernel arrays are [B, T, N*H] (else [B, N, T, H])
     head_dim: int  # H and Hv of the kernel arrays (after padding)
@@ -130,199 +119,306 @@ class _Static:
     interpret: Any
 
 
-class _Rows(NamedTuple):
-    """Per-row rules: int32 ``[B]`` offsets and lengths, padded int32 segment ids or None."""
-
-    q_off: jax.Array
-    q_len: jax.Array
-    kv_len: jax.Array
-    q_seg: jax.Array | None  # [B, T_pad]
-    kv_seg: jax.Array | None  # [B, S_pad]
-
-
 # ---------------------------------------------------------------------------
-# Tile rules, used inside the kernels.
+# Public wrappers.
 
 
-class _Tile(NamedTuple):
-    """Where a kernel step's tile sits: first query and key index, and its row's scalars."""
-
-    q_start: jax.Array
-    k_start: jax.Array
-    q_off: jax.Array
-    q_len: jax.Array
-    kv_len: jax.Array
+def _kernel_head_dim(h: int) -> int:
+    return h if h in NATIVE_SMALL_HEAD_DIMS or h % NUM_LANES == 0 else round_up(h, NUM_LANES)
 
 
-def _visit(start_ref, count_ref, slot, step):
-    """Tile visited at ``step``: ``start + step``, held at the last visited tile past the count."""
-    count = count_ref[slot]
-    return start_ref[slot] + jnp.minimum(step, jnp.maximum(count - 1, 0))
+def flash_attention(
+    query,
+    key,
+    value,
+    *,
+    bias=None,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_offset=None,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    local_window_size: int | tuple[int, int] | None = None,
+    logits_soft_cap: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | pltpu.InterpretParams = False,
+):
+    """Flash attention with grouped key/value heads on TPUs (Pallas, Mosaic TPU).
 
+    Semantics are those of `gqa_jax.dot_product_attention`: query ``t`` of row
+    ``b`` sits at ``query_offset[b] + t`` (default 0 when ``T == S``, else
+    bottom-right), key ``s`` at ``s``; ``logits = cap*tanh(scale*q.k/cap) + bias``;
+    rows that see no key give zeros. Differentiable (``jax.custom_vjp`` with
+    Pallas backward kernels); the bias gets a gradient only when it is being
+    differentiated.
 
-def _step(row_refs, start_ref, count_ref, b, slot, step, q_tile, k_tile, block_q: int, block_k: int):
-    """``(tile, run)`` of a grid step: its `_Tile`, and whether the visit table says to compute it.
+    Args:
+      query: ``[B, T, N, H]`` (bfloat16, float32; float16 runs in float32).
+      key: ``[B, S, K, H]`` with ``N % K == 0``.
+      value: ``[B, S, K, Hv]``.
+      bias: optional float bias ``[B|1, N|1, T|1, S|1]`` added to the logits.
+      scale: logit scale, default ``1/sqrt(H)``.
+      is_causal: keys at positions up to the query's own.
+      query_offset: int or int ``[B]``: position of query 0 of each row (used
+        with ``is_causal`` or ``local_window_size``).
+      query_seq_lengths: int ``[B]`` valid queries; the others output zeros.
+      key_value_seq_lengths: int ``[B]`` valid keys.
+      q_segment_ids: int ``[B, T]`` packed-sequence ids of the queries.
+      kv_segment_ids: int ``[B, S]`` ids of the keys.
+      local_window_size: int or ``(left, right)``: a query at position ``p``
+        sees keys in ``[p - left, p + right]``.
+      logits_soft_cap: positive cap, or None.
+      block_sizes: `BlockSizes`; default ``BlockSizes()``.
+      interpret: False (compiled for TPU), True (TPU interpret mode on any
+        backend, ``pltpu.InterpretParams()``) or a ``pltpu.InterpretParams``.
 
-    ``q_tile``/``k_tile`` are the tile indices, or None for the one that the table visits.
+    Returns:
+      ``[B, T, N, Hv]`` in the query dtype.
+
+    Raises:
+      ValueError, TypeError: for inconsistent shapes, dtypes or arguments.
     """
-    visited = _visit(start_ref, count_ref, slot, step)
-    q_tile = visited if q_tile is None else q_tile
-    k_tile = visited if k_tile is None else k_tile
-    q_off_ref, q_len_ref, kv_len_ref = row_refs
-    tile = _Tile(q_tile * block_q, k_tile * block_k, q_off_ref[b], q_len_ref[b], kv_len_ref[b])
-    return tile, step < count_ref[slot]
-
-
-def _tile_mask(st: _Static, shape, q_axis: int, tile: _Tile, q_ids, kv_ids):
-    """bool ``shape``: visible (query, key) pairs of a tile; queries run along ``q_axis``."""
-    t = tile.q_start + jax.lax.broadcasted_iota(jnp.int32, shape, q_axis)
-    s = tile.k_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
-    mask = (t < tile.q_len) & (s < tile.kv_len)
-    rules = visible(tile.q_off + t, s, causal=st.causal, window=st.window)
-    if rules is not None:
-        mask &= rules
-    if q_ids is not None:
-        mask &= q_ids == kv_ids
-    return mask
-
-
-def _tile_logits(st: _Static, tile: _Tile, a, b, bias, segment_ids, masked: bool, q_axis: int = 0):
-    """Logits ``cap(scale * a.b) + bias`` of a tile, ``-inf`` where masked, and the cap's tanh (or None).
-
-    ``a``/``b`` are the query/key tiles (``q_axis=0``) or key/query tiles
-    (``q_axis=1``); ``segment_ids()`` gives the tile's query and key ids.
-    """
-    s, t = scaled_logits(a, b, st.scale, st.soft_cap)
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    check_qkv(query, key, value)
+    rules = Rules.create(
+        query, key, scale=scale, is_causal=is_causal, query_offset=query_offset,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, local_window_size=local_window_size,
+        logits_soft_cap=logits_soft_cap,
+    )
+    B, T, N, _ = query.shape
     if bias is not None:
-        s += bias
-    if masked:
-        q_ids, kv_ids = segment_ids() if st.segments else (None, None)
-        s = jnp.where(_tile_mask(st, s.shape, q_axis, tile, q_ids, kv_ids), s, -jnp.inf)
-    return s, t
+        bias = check_bias("bias", bias, B, N, T, key.shape[1])
+    return flash_attention_core(query, key, value, rules, bias=bias, block_sizes=block_sizes, interpret=interpret)
 
 
-def _needs_mask(st: _Static, tile: _Tile, block_q: int, block_k: int):
-    """False when every (query, key) pair of the tile is visible; a static bool when known."""
+def flash_attention_core(query, key, value, rules: Rules, *, bias=None, block_sizes: BlockSizes | None = None,
+                         interpret: bool | pltpu.InterpretParams = False):
+    """`flash_attention` on checked inputs: ``rules`` from `Rules.create`, bias of rank 4 or None.
+
+    Args:
+      query: ``[B, T, N, H]``.
+      key: ``[B, S, K, H]``.
+      value: ``[B, S, K, Hv]``.
+      rules: the validated rules of the call.
+      bias: None or float ``[B|1, N|1, T|1, S|1]``.
+      block_sizes: `BlockSizes`; default ``BlockSizes()``.
+      interpret: as in `flash_attention`.
+
+    Returns:
+      ``[B, T, N, Hv]`` in the query dtype.
+    """
+    B, T, N, H = query.shape
+    _, S, K, _ = key.shape
+    Hv = value.shape[3]
+    blocks = (block_sizes or BlockSizes()).fit(T, S)
+    T_pad = round_up(T, math.lcm(blocks.block_q, blocks.block_q_bwd))
+    S_pad = round_up(S, math.lcm(blocks.block_k, blocks.block_k_bwd))
+    rows = rules.padded(T, S, T_pad, S_pad)
+    rows = dataclasses.replace(rows, q_len=jnp.clip(rows.q_len, 0, T), kv_len=jnp.clip(rows.kv_len, 0, S))
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, bias.shape[:2] + (T, S))
+        bias = pad_axis(pad_axis(bias, 2, T_pad), 3, S_pad)
+
+    H_pad, Hv_pad = _kernel_head_dim(H), _kernel_head_dim(Hv)
+    heads_minor = H_pad % NUM_LANES == 0 and Hv_pad % NUM_LANES == 0
+    dtype = compute_dtype(query.dtype)
+
+    def prepare(x, length: int, head_dim: int):
+        x = pad_axis(pad_axis(x.astype(dtype), 1, length), 3, head_dim)
+        return _to_kernel_layout(x, heads_minor)
+
+    st = _Static(
+        rules=rules.statics(),
+        num_groups=N // K,
+        heads_minor=heads_minor,
+        head_dim=H_pad,
+        value_head_dim=Hv_pad,
+        segments=rules.has_segments,
+        maybe_masked=(rules.positional or rules.q_len is not None or rules.kv_len is not None
+                      or T_pad != T or S_pad != S),
+        blocks=blocks,
+        interpret=interpret_params(interpret),
+    )
+    out = _flash(st, prepare(query, T_pad, H_pad), prepare(key, S_pad, H_pad), prepare(value, S_pad, Hv_pad),
+                 bias, rows)
+    return _from_kernel_layout(out, heads_minor, N)[:, :T, :, :Hv].astype(query.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Differentiable core on kernel-layout arrays.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(st: _Static, q, k, v, bias, rows: Rules):
+    return _forward(st, q, k, v, bias, rows)[0]
+
+
+def _primal_values(tree):
+    return jax.tree.map(lambda x: x.value, tree, is_leaf=lambda x: isinstance(x, CustomVJPPrimal))
+
+
+def _flash_fwd(st: _Static, q, k, v, bias, rows):
+    # With symbolic zeros every argument arrives as CustomVJPPrimal(value, perturbed):
+    # the bias gradient (a [B, N, T, S] array) is only computed when the bias is differentiated.
+    dbias_wanted = bias is not None and bias.perturbed
+    q, k, v, bias, rows = _primal_values((q, k, v, bias, rows))
+    out, lse = _forward(st, q, k, v, bias, rows)
+    # The bias appears twice when its gradient is wanted: the pytree structure carries the flag.
+    return out, (q, k, v, bias, rows, out, lse, bias if dbias_wanted else None)
+
+
+def _flash_bwd(st: _Static, residuals, do):
+    q, k, v, bias, rows, out, lse, dbias_wanted = residuals
+    if isinstance(do, SymbolicZero):
+        do = jnp.zeros(do.shape, do.dtype)
+    dq, dk, dv, dbias = _backward(st, q, k, v, bias, rows, out, lse, do, dbias_wanted is not None)
+    return dq, dk, dv, dbias, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
+
+
+# ---------------------------------------------------------------------------
+# pallas_call builders: visit tables, layouts and the three calls.
+
+
+def _q_major_call(st: _Static, kernel, name: str, rows: Rules, q, k, v, bias, *, block_q: int, block_k: int,
+                  dense: bool, extra_specs, extra_args, out_specs, out_shape, scratch):
+    """A pallas_call on grid ``(B, N, q_tiles, kv_steps)``: the forward and dQ kernels.
+
+    Inputs: prefetched rows and visit tables, then q, k, v, bias, segment ids
+    and ``extra_args``. ``dense`` visits every key tile (no skipping).
+    """
+    B, N, _, T_pad, S_pad = _dims(st, q, k)
+    G, H, Hv = st.num_groups, st.head_dim, st.value_head_dim
+    nq, nk = T_pad // block_q, S_pad // block_k
+    if dense:
+        start, count = jnp.zeros((B * nq,), jnp.int32), jnp.full((B * nq,), nk, jnp.int32)
+    else:
+        start, count = _visit_ranges(_tile_visibility(st, rows, block_q, block_k, T_pad, S_pad))
+
+    def q_index(b, n, i, j, *_):
+        return b, n, i
+
+    def kv_index(b, n, i, j, q_off, q_len, kv_len, start_ref, count_ref):
+        return b, jax.lax.div(n, G), _visit(start_ref, count_ref, b * nq + i, j)
+
+    in_specs = [_head_spec(st, block_q, H, q_index), _head_spec(st, block_k, H, kv_index),
+                _head_spec(st, block_k, Hv, kv_index)]
+    in_specs.append(None if bias is None else _bias_spec(
+        bias, block_q, block_k, lambda *a: q_index(*a) + kv_index(*a)[2:]))
+    q_seg = kv_seg = None
     if st.segments:
-        return True
-    if not st.maybe_masked:
-        return False
-    q_last = tile.q_start + block_q - 1
-    # kv_range with first and last swapped: the keys that *every* query of the tile sees.
-    lo, hi = kv_range(tile.q_off + q_last, tile.q_off + tile.q_start, causal=st.causal, window=st.window,
-                      kv_len=tile.kv_len)
-    inside = (q_last < tile.q_len) & (lo <= tile.k_start) & (tile.k_start + block_k <= hi)
-    return jnp.logical_not(inside)
+        q_seg, kv_seg = _segment_layouts(rows.q_segment_ids, False), _segment_layouts(rows.kv_segment_ids, True)
+        in_specs += [
+            pl.BlockSpec((None, block_q, NUM_LANES), lambda *a: (a[0], a[2], 0)),
+            pl.BlockSpec((None, NUM_SUBLANES, block_k), lambda *a: (a[0], 0, kv_index(*a)[2])),
+        ]
+    else:
+        in_specs += [None, None]
+    return pl.pallas_call(
+        functools.partial(kernel, st=st),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=5,
+            grid=(B, N, nq, nk),
+            in_specs=in_specs + list(extra_specs),
+            out_specs=out_specs,
+            scratch_shapes=scratch,
+        ),
+        out_shape=out_shape,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=st.interpret,
+        name=name,
+    )(rows.q_offset, rows.q_len, rows.kv_len, start, count, q, k, v, bias, q_seg, kv_seg, *extra_args)
 
 
-def _when_visible(st: _Static, run, tile: _Tile, block_q: int, block_k: int, compute) -> None:
-    """Runs ``compute(masked)`` on visited tiles, with the element mask only where it is needed."""
-    needs_mask = _needs_mask(st, tile, block_q, block_k)
-    if isinstance(needs_mask, bool):
-        pl.when(run)(lambda: compute(needs_mask))
-        return
-    pl.when(run & needs_mask)(lambda: compute(True))
-    pl.when(run & jnp.logical_not(needs_mask))(lambda: compute(False))
+def _forward(st: _Static, q, k, v, bias, rows: Rules):
+    """Output (kernel layout) and log-sum-exp ``[B, N, T_pad]`` float32 (``inf`` on rows with no key)."""
+    B, N, _, T_pad, _ = _dims(st, q, k)
+    bq, bk, Hv = st.blocks.block_q, st.blocks.block_k, st.value_head_dim
+    out, lse = _q_major_call(
+        st, _forward_kernel, "gqa_flash_fwd", rows, q, k, v, bias, block_q=bq, block_k=bk, dense=False,
+        extra_specs=(), extra_args=(),
+        out_specs=[_head_spec(st, bq, Hv, lambda b, n, i, j, *_: (b, n, i)),
+                   pl.BlockSpec((None, None, bq, NUM_LANES), lambda b, n, i, j, *_: (b, n, i, 0))],
+        out_shape=[jax.ShapeDtypeStruct(_seq_shape(st, q, k, T_pad, Hv), q.dtype),
+                   jax.ShapeDtypeStruct((B, N, T_pad, NUM_LANES), jnp.float32)],
+        scratch=[pltpu.VMEM((bq, NUM_LANES), jnp.float32), pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+                 pltpu.VMEM((bq, Hv), jnp.float32)],
+    )
+    return out, lse[..., 0]
 
 
-# ---------------------------------------------------------------------------
-# Kernels. Prefetched: row offsets, query lengths, key lengths, visit starts and counts.
+def _backward(st: _Static, q, k, v, bias, rows: Rules, out, lse, do, dbias_wanted: bool):
+    B, N, K, T_pad, S_pad = _dims(st, q, k)
+    G, H, Hv = st.num_groups, st.head_dim, st.value_head_dim
+    bq, bk = st.blocks.block_q_bwd, st.blocks.block_k_bwd
+    nq, nk = T_pad // bq, S_pad // bk
+    di = jnp.sum(_from_kernel_layout(out, st.heads_minor, N).astype(jnp.float32)
+                 * _from_kernel_layout(do, st.heads_minor, N).astype(jnp.float32), axis=-1)  # [B, T, N]
+    # Row statistics [B, N, 1, T_pad]: query ids along lanes.
+    lse_rows, di_rows = lse[:, :, None, :], di.transpose(0, 2, 1)[:, :, None, :]
 
+    # dQ (and the bias gradient): grid (B, N, q_tiles, kv_steps).
+    stat_spec = pl.BlockSpec((None, None, 1, bq), lambda b, n, i, j, *_: (b, n, 0, i))
+    q_tile_spec = functools.partial(_head_spec, st, bq, index=lambda b, n, i, j, *_: (b, n, i))
+    dbias_spec = dbias_shape = None
+    if dbias_wanted:
+        dbias_spec = pl.BlockSpec((None, None, bq, bk), lambda b, n, i, j, *_: (b, n, i, j))
+        dbias_shape = jax.ShapeDtypeStruct((B, N, T_pad, S_pad), bias.dtype)
+    dq, dbias = _q_major_call(
+        st, _dq_kernel, "gqa_flash_dq", rows, q, k, v, bias, block_q=bq, block_k=bk, dense=dbias_wanted,
+        extra_specs=(stat_spec, stat_spec, q_tile_spec(width=Hv)), extra_args=(lse_rows, di_rows, do),
+        out_specs=[q_tile_spec(width=H), dbias_spec],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), dbias_shape],
+        scratch=[pltpu.VMEM((bq, H), jnp.float32)],
+    )
 
-def _forward_kernel(*refs, st: _Static):
-    row_refs, (start_ref, count_ref) = refs[:3], refs[3:5]
-    q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs[5:]
-    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    block_q, block_k = q_ref.shape[0], k_ref.shape[0]
-    tile, run = _step(row_refs, start_ref, count_ref, b, b * pl.num_programs(2) + i, j, i, None, block_q, block_k)
+    # dK, dV: grid (B, K, kv_tiles, G, q_steps).
+    start, count = _visit_ranges(_tile_visibility(st, rows, bq, bk, T_pad, S_pad).transpose(0, 2, 1))
 
-    @pl.when(j == 0)
-    def _init():
-        softmax_init(m_ref, l_ref, acc_ref)
+    def q_index(b, h, jk, g, i, q_off, q_len, kv_len, start_ref, count_ref):
+        return b, h * G + g, _visit(start_ref, count_ref, b * nk + jk, i)
 
-    def compute(masked: bool):
-        bias = None if bias_ref is None else bias_ref[...].astype(jnp.float32)
-        s, _ = _tile_logits(st, tile, q_ref[...], k_ref[...], bias,
-                            lambda: (lanes(q_seg_ref[...], block_k), kv_seg_ref[:1, :]), masked)
-        softmax_update(s, v_ref[...], m_ref, l_ref, acc_ref)
+    def kv_index(b, h, jk, g, i, *_):
+        return b, h, jk
 
-    _when_visible(st, run, tile, block_q, block_k, compute)
+    in_specs = [_head_spec(st, bq, H, q_index), _head_spec(st, bk, H, kv_index), _head_spec(st, bk, Hv, kv_index)]
+    in_specs.append(None if bias is None else _bias_spec(bias, bq, bk, lambda *a: q_index(*a) + (a[2],)))
+    q_seg = kv_seg = None
+    if st.segments:
+        q_seg, kv_seg = _segment_layouts(rows.q_segment_ids, True), _segment_layouts(rows.kv_segment_ids, False)
+        in_specs += [
+            pl.BlockSpec((None, NUM_SUBLANES, bq), lambda *a: (a[0], 0, q_index(*a)[2])),
+            pl.BlockSpec((None, bk, NUM_LANES), lambda *a: (a[0], a[2], 0)),
+        ]
+    else:
+        in_specs += [None, None]
+    stat_spec = pl.BlockSpec((None, None, 1, bq), lambda *a: q_index(*a)[:2] + (0, q_index(*a)[2]))
+    in_specs += [stat_spec, stat_spec, _head_spec(st, bq, Hv, q_index)]
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, st=st),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=5,
+            grid=(B, K, nk, G, nq),
+            in_specs=in_specs,
+            out_specs=[_head_spec(st, bk, H, kv_index), _head_spec(st, bk, Hv, kv_index)],
+            scratch_shapes=[pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, Hv), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+        interpret=st.interpret,
+        name="gqa_flash_dkv",
+    )(rows.q_offset, rows.q_len, rows.kv_len, start, count, q, k, v, bias, q_seg, kv_seg, lse_rows, di_rows, do)
 
-    @pl.when(j == pl.num_programs(3) - 1)
-    def _finish():
-        out, lse = softmax_finish(m_ref, l_ref, acc_ref)
-        o_ref[...] = out.astype(o_ref.dtype)
-        lse_ref[...] = lse
-
-
-def _dq_kernel(*refs, st: _Static):
-    row_refs, (start_ref, count_ref) = refs[:3], refs[3:5]
-    (q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, lse_ref, di_ref, do_ref,
-     dq_ref, dbias_ref, acc_ref) = refs[5:]
-    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    block_q, block_k = q_ref.shape[0], k_ref.shape[0]
-    tile, run = _step(row_refs, start_ref, count_ref, b, b * pl.num_programs(2) + i, j, i, None, block_q, block_k)
-
-    @pl.when(j == 0)
-    def _init():
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-
-    def compute(masked: bool):
-        k = k_ref[...]
-        bias = None if bias_ref is None else bias_ref[...].astype(jnp.float32)
-        s, t = _tile_logits(st, tile, q_ref[...], k, bias,
-                            lambda: (lanes(q_seg_ref[...], block_k), kv_seg_ref[:1, :]), masked)
-        p = jnp.exp(s - lse_ref[0][:, None])
-        ds = p * (dot(do_ref[...], v_ref[...], NT_DIMS) - di_ref[0][:, None])
-        if dbias_ref is not None:
-            dbias_ref[...] = ds.astype(dbias_ref.dtype)
-        if t is not None:
-            ds *= 1.0 - t * t
-        acc_ref[...] += dot(ds.astype(k.dtype), k)
-
-    _when_visible(st, run, tile, block_q, block_k, compute)
-
-    @pl.when(j == pl.num_programs(3) - 1)
-    def _finish():
-        dq_ref[...] = (acc_ref[...] * st.scale).astype(dq_ref.dtype)
-
-
-def _dkv_kernel(*refs, st: _Static):
-    # Tiles are transposed: keys along sublanes (rows), queries along lanes.
-    row_refs, (start_ref, count_ref) = refs[:3], refs[3:5]
-    (q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, lse_ref, di_ref, do_ref,
-     dk_ref, dv_ref, dk_acc_ref, dv_acc_ref) = refs[5:]
-    b, jk, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
-    block_q, block_k = q_ref.shape[0], k_ref.shape[0]
-    tile, run = _step(row_refs, start_ref, count_ref, b, b * pl.num_programs(2) + jk, i, None, jk, block_q, block_k)
-
-    @pl.when((g == 0) & (i == 0))
-    def _init():
-        dk_acc_ref[...] = jnp.zeros(dk_acc_ref.shape, jnp.float32)
-        dv_acc_ref[...] = jnp.zeros(dv_acc_ref.shape, jnp.float32)
-
-    def compute(masked: bool):
-        q, do = q_ref[...], do_ref[...]
-        bias = None if bias_ref is None else bias_ref[...].astype(jnp.float32).T
-        s, t = _tile_logits(st, tile, k_ref[...], q, bias,
-                            lambda: (q_seg_ref[:1, :], lanes(kv_seg_ref[...], block_q)), masked, q_axis=1)
-        p = jnp.exp(s - lse_ref[...])
-        dv_acc_ref[...] += dot(p.astype(do.dtype), do)
-        ds = p * (dot(v_ref[...], do, NT_DIMS) - di_ref[...])
-        if t is not None:
-            ds *= 1.0 - t * t
-        dk_acc_ref[...] += dot(ds.astype(q.dtype), q)
-
-    _when_visible(st, run, tile, block_q, block_k, compute)
-
-    @pl.when((g == pl.num_programs(3) - 1) & (i == pl.num_programs(4) - 1))
-    def _finish():
-        dk_ref[...] = (dk_acc_ref[...] * st.scale).astype(dk_ref.dtype)
-        dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
-
-
-# ---------------------------------------------------------------------------
-# Block tables, layouts and the three pallas_calls.
+    if dbias is not None:
+        shared = tuple(axis for axis in (0, 1) if bias.shape[axis] == 1)
+        dbias = jnp.sum(dbias, axis=shared, keepdims=True, dtype=jnp.float32).astype(bias.dtype)
+    return dq, dk, dv, dbias
 
 
 def _segment_bounds(seg, length, block: int):
@@ -334,17 +430,16 @@ def _segment_bounds(seg, length, block: int):
     return lo, hi
 
 
-def _tile_visibility(st: _Static, rows: _Rows, block_q: int, block_k: int, T_pad: int, S_pad: int):
+def _tile_visibility(st: _Static, rows: Rules, block_q: int, block_k: int, T_pad: int, S_pad: int):
     """bool ``[B, q_tiles, kv_tiles]``: tiles holding at least one possibly visible pair."""
     t0 = jnp.arange(T_pad // block_q, dtype=jnp.int32)[None, :] * block_q
     t_last = jnp.minimum(t0 + block_q, rows.q_len[:, None]) - 1
-    lo, hi = kv_range(rows.q_off[:, None] + t0, rows.q_off[:, None] + t_last,
-                      causal=st.causal, window=st.window, kv_len=rows.kv_len[:, None])
+    lo, hi = st.rules.kv_range(rows.q_offset[:, None] + t0, rows.q_offset[:, None] + t_last, rows.kv_len[:, None])
     k0 = jnp.arange(S_pad // block_k, dtype=jnp.int32)[None, None, :] * block_k
     vis = (t_last >= t0)[..., None] & (k0 < hi[..., None]) & (k0 + block_k > lo[..., None])
     if st.segments:
-        q_lo, q_hi = _segment_bounds(rows.q_seg, rows.q_len, block_q)
-        k_lo, k_hi = _segment_bounds(rows.kv_seg, rows.kv_len, block_k)
+        q_lo, q_hi = _segment_bounds(rows.q_segment_ids, rows.q_len, block_q)
+        k_lo, k_hi = _segment_bounds(rows.kv_segment_ids, rows.kv_len, block_k)
         vis &= (k_lo[:, None, :] <= q_hi[:, :, None]) & (k_hi[:, None, :] >= q_lo[:, :, None])
     return vis
 
@@ -419,300 +514,180 @@ def _seq_shape(st: _Static, q, k, rows: int, head_dim: int) -> tuple[int, ...]:
     return (B, rows, N * head_dim) if st.heads_minor else (B, N, rows, head_dim)
 
 
-def _q_major_call(st: _Static, kernel, name: str, rows: _Rows, q, k, v, bias, *, block_q: int, block_k: int,
-                  dense: bool, extra_specs, extra_args, out_specs, out_shape, scratch):
-    """A pallas_call on grid ``(B, N, q_tiles, kv_steps)``: the forward and dQ kernels.
-
-    Inputs: prefetched rows and visit tables, then q, k, v, bias, segment ids
-    and ``extra_args``. ``dense`` visits every key tile (no skipping).
-    """
-    B, N, _, T_pad, S_pad = _dims(st, q, k)
-    G, H, Hv = st.num_groups, st.head_dim, st.value_head_dim
-    nq, nk = T_pad // block_q, S_pad // block_k
-    if dense:
-        start, count = jnp.zeros((B * nq,), jnp.int32), jnp.full((B * nq,), nk, jnp.int32)
-    else:
-        start, count = _visit_ranges(_tile_visibility(st, rows, block_q, block_k, T_pad, S_pad))
-
-    def q_index(b, n, i, j, *_):
-        return b, n, i
-
-    def kv_index(b, n, i, j, q_off, q_len, kv_len, start_ref, count_ref):
-        return b, jax.lax.div(n, G), _visit(start_ref, count_ref, b * nq + i, j)
-
-    in_specs = [_head_spec(st, block_q, H, q_index), _head_spec(st, block_k, H, kv_index),
-                _head_spec(st, block_k, Hv, kv_index)]
-    in_specs.append(None if bias is None else _bias_spec(
-        bias, block_q, block_k, lambda *a: q_index(*a) + kv_index(*a)[2:]))
-    q_seg = kv_seg = None
-    if st.segments:
-        q_seg, kv_seg = _segment_layouts(rows.q_seg, False), _segment_layouts(rows.kv_seg, True)
-        in_specs += [
-            pl.BlockSpec((None, block_q, NUM_LANES), lambda *a: (a[0], a[2], 0)),
-            pl.BlockSpec((None, NUM_SUBLANES, block_k), lambda *a: (a[0], 0, kv_index(*a)[2])),
-        ]
-    else:
-        in_specs += [None, None]
-    return pl.pallas_call(
-        functools.partial(kernel, st=st),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5,
-            grid=(B, N, nq, nk),
-            in_specs=in_specs + list(extra_specs),
-            out_specs=out_specs,
-            scratch_shapes=scratch,
-        ),
-        out_shape=out_shape,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=st.interpret,
-        name=name,
-    )(rows.q_off, rows.q_len, rows.kv_len, start, count, q, k, v, bias, q_seg, kv_seg, *extra_args)
+# ---------------------------------------------------------------------------
+# Kernel bodies. Prefetched: row offsets, query lengths, key lengths, visit starts and counts.
 
 
-def _forward(st: _Static, q, k, v, bias, rows: _Rows):
-    """Output (kernel layout) and log-sum-exp ``[B, N, T_pad]`` float32 (``inf`` on rows with no key)."""
-    B, N, _, T_pad, _ = _dims(st, q, k)
-    bq, bk, Hv = st.blocks.block_q, st.blocks.block_k, st.value_head_dim
-    out, lse = _q_major_call(
-        st, _forward_kernel, "gqa_flash_fwd", rows, q, k, v, bias, block_q=bq, block_k=bk, dense=False,
-        extra_specs=(), extra_args=(),
-        out_specs=[_head_spec(st, bq, Hv, lambda b, n, i, j, *_: (b, n, i)),
-                   pl.BlockSpec((None, None, bq, NUM_LANES), lambda b, n, i, j, *_: (b, n, i, 0))],
-        out_shape=[jax.ShapeDtypeStruct(_seq_shape(st, q, k, T_pad, Hv), q.dtype),
-                   jax.ShapeDtypeStruct((B, N, T_pad, NUM_LANES), jnp.float32)],
-        scratch=[pltpu.VMEM((bq, NUM_LANES), jnp.float32), pltpu.VMEM((bq, NUM_LANES), jnp.float32),
-                 pltpu.VMEM((bq, Hv), jnp.float32)],
-    )
-    return out, lse[..., 0]
+def _forward_kernel(*refs, st: _Static):
+    row_refs, (start_ref, count_ref) = refs[:3], refs[3:5]
+    q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs[5:]
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    block_q, block_k = q_ref.shape[0], k_ref.shape[0]
+    tile, run = _step(row_refs, start_ref, count_ref, b, b * pl.num_programs(2) + i, j, i, None, block_q, block_k)
+
+    @pl.when(j == 0)
+    def _init():
+        softmax_init(m_ref, l_ref, acc_ref)
+
+    def compute(masked: bool):
+        bias = None if bias_ref is None else bias_ref[...].astype(jnp.float32)
+        s, _ = _tile_logits(st, tile, q_ref[...], k_ref[...], bias,
+                            lambda: (lanes(q_seg_ref[...], block_k), kv_seg_ref[:1, :]), masked)
+        softmax_update(s, v_ref[...], m_ref, l_ref, acc_ref)
+
+    _when_visible(st, run, tile, block_q, block_k, compute)
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _finish():
+        out, lse = softmax_finish(m_ref, l_ref, acc_ref)
+        o_ref[...] = out.astype(o_ref.dtype)
+        lse_ref[...] = lse
 
 
-def _backward(st: _Static, q, k, v, bias, rows: _Rows, out, lse, do, dbias_wanted: bool):
-    B, N, K, T_pad, S_pad = _dims(st, q, k)
-    G, H, Hv = st.num_groups, st.head_dim, st.value_head_dim
-    bq, bk = st.blocks.block_q_bwd, st.blocks.block_k_bwd
-    nq, nk = T_pad // bq, S_pad // bk
-    di = jnp.sum(_from_kernel_layout(out, st.heads_minor, N).astype(jnp.float32)
-                 * _from_kernel_layout(do, st.heads_minor, N).astype(jnp.float32), axis=-1)  # [B, T, N]
-    # Row statistics [B, N, 1, T_pad]: query ids along lanes.
-    lse_rows, di_rows = lse[:, :, None, :], di.transpose(0, 2, 1)[:, :, None, :]
+def _dq_kernel(*refs, st: _Static):
+    row_refs, (start_ref, count_ref) = refs[:3], refs[3:5]
+    (q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, lse_ref, di_ref, do_ref,
+     dq_ref, dbias_ref, acc_ref) = refs[5:]
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    block_q, block_k = q_ref.shape[0], k_ref.shape[0]
+    tile, run = _step(row_refs, start_ref, count_ref, b, b * pl.num_programs(2) + i, j, i, None, block_q, block_k)
 
-    # dQ (and the bias gradient): grid (B, N, q_tiles, kv_steps).
-    stat_spec = pl.BlockSpec((None, None, 1, bq), lambda b, n, i, j, *_: (b, n, 0, i))
-    q_tile_spec = functools.partial(_head_spec, st, bq, index=lambda b, n, i, j, *_: (b, n, i))
-    dbias_spec = dbias_shape = None
-    if dbias_wanted:
-        dbias_spec = pl.BlockSpec((None, None, bq, bk), lambda b, n, i, j, *_: (b, n, i, j))
-        dbias_shape = jax.ShapeDtypeStruct((B, N, T_pad, S_pad), bias.dtype)
-    dq, dbias = _q_major_call(
-        st, _dq_kernel, "gqa_flash_dq", rows, q, k, v, bias, block_q=bq, block_k=bk, dense=dbias_wanted,
-        extra_specs=(stat_spec, stat_spec, q_tile_spec(width=Hv)), extra_args=(lse_rows, di_rows, do),
-        out_specs=[q_tile_spec(width=H), dbias_spec],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), dbias_shape],
-        scratch=[pltpu.VMEM((bq, H), jnp.float32)],
-    )
+    @pl.when(j == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    # dK, dV: grid (B, K, kv_tiles, G, q_steps).
-    start, count = _visit_ranges(_tile_visibility(st, rows, bq, bk, T_pad, S_pad).transpose(0, 2, 1))
+    def compute(masked: bool):
+        k = k_ref[...]
+        bias = None if bias_ref is None else bias_ref[...].astype(jnp.float32)
+        s, t = _tile_logits(st, tile, q_ref[...], k, bias,
+                            lambda: (lanes(q_seg_ref[...], block_k), kv_seg_ref[:1, :]), masked)
+        p = jnp.exp(s - lse_ref[0][:, None])
+        ds = p * (dot(do_ref[...], v_ref[...], NT_DIMS) - di_ref[0][:, None])
+        if dbias_ref is not None:
+            dbias_ref[...] = ds.astype(dbias_ref.dtype)
+        if t is not None:
+            ds *= 1.0 - t * t
+        acc_ref[...] += dot(ds.astype(k.dtype), k)
 
-    def q_index(b, h, jk, g, i, q_off, q_len, kv_len, start_ref, count_ref):
-        return b, h * G + g, _visit(start_ref, count_ref, b * nk + jk, i)
+    _when_visible(st, run, tile, block_q, block_k, compute)
 
-    def kv_index(b, h, jk, g, i, *_):
-        return b, h, jk
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _finish():
+        dq_ref[...] = (acc_ref[...] * st.rules.scale).astype(dq_ref.dtype)
 
-    in_specs = [_head_spec(st, bq, H, q_index), _head_spec(st, bk, H, kv_index), _head_spec(st, bk, Hv, kv_index)]
-    in_specs.append(None if bias is None else _bias_spec(bias, bq, bk, lambda *a: q_index(*a) + (a[2],)))
-    q_seg = kv_seg = None
-    if st.segments:
-        q_seg, kv_seg = _segment_layouts(rows.q_seg, True), _segment_layouts(rows.kv_seg, False)
-        in_specs += [
-            pl.BlockSpec((None, NUM_SUBLANES, bq), lambda *a: (a[0], 0, q_index(*a)[2])),
-            pl.BlockSpec((None, bk, NUM_LANES), lambda *a: (a[0], a[2], 0)),
-        ]
-    else:
-        in_specs += [None, None]
-    stat_spec = pl.BlockSpec((None, None, 1, bq), lambda *a: q_index(*a)[:2] + (0, q_index(*a)[2]))
-    in_specs += [stat_spec, stat_spec, _head_spec(st, bq, Hv, q_index)]
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, st=st),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5,
-            grid=(B, K, nk, G, nq),
-            in_specs=in_specs,
-            out_specs=[_head_spec(st, bk, H, kv_index), _head_spec(st, bk, Hv, kv_index)],
-            scratch_shapes=[pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, Hv), jnp.float32)],
-        ),
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
-        interpret=st.interpret,
-        name="gqa_flash_dkv",
-    )(rows.q_off, rows.q_len, rows.kv_len, start, count, q, k, v, bias, q_seg, kv_seg, lse_rows, di_rows, do)
 
-    if dbias is not None:
-        shared = tuple(axis for axis in (0, 1) if bias.shape[axis] == 1)
-        dbias = jnp.sum(dbias, axis=shared, keepdims=True, dtype=jnp.float32).astype(bias.dtype)
-    return dq, dk, dv, dbias
+def _dkv_kernel(*refs, st: _Static):
+    # Tiles are transposed: keys along sublanes (rows), queries along lanes.
+    row_refs, (start_ref, count_ref) = refs[:3], refs[3:5]
+    (q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, lse_ref, di_ref, do_ref,
+     dk_ref, dv_ref, dk_acc_ref, dv_acc_ref) = refs[5:]
+    b, jk, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
+    block_q, block_k = q_ref.shape[0], k_ref.shape[0]
+    tile, run = _step(row_refs, start_ref, count_ref, b, b * pl.num_programs(2) + jk, i, None, jk, block_q, block_k)
+
+    @pl.when((g == 0) & (i == 0))
+    def _init():
+        dk_acc_ref[...] = jnp.zeros(dk_acc_ref.shape, jnp.float32)
+        dv_acc_ref[...] = jnp.zeros(dv_acc_ref.shape, jnp.float32)
+
+    def compute(masked: bool):
+        q, do = q_ref[...], do_ref[...]
+        bias = None if bias_ref is None else bias_ref[...].astype(jnp.float32).T
+        s, t = _tile_logits(st, tile, k_ref[...], q, bias,
+                            lambda: (q_seg_ref[:1, :], lanes(kv_seg_ref[...], block_q)), masked, q_axis=1)
+        p = jnp.exp(s - lse_ref[...])
+        dv_acc_ref[...] += dot(p.astype(do.dtype), do)
+        ds = p * (dot(v_ref[...], do, NT_DIMS) - di_ref[...])
+        if t is not None:
+            ds *= 1.0 - t * t
+        dk_acc_ref[...] += dot(ds.astype(q.dtype), q)
+
+    _when_visible(st, run, tile, block_q, block_k, compute)
+
+    @pl.when((g == pl.num_programs(3) - 1) & (i == pl.num_programs(4) - 1))
+    def _finish():
+        dk_ref[...] = (dk_acc_ref[...] * st.rules.scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
 # ---------------------------------------------------------------------------
-# Public wrapper.
+# Tile rules, used inside the kernels.
 
 
-def _kernel_head_dim(h: int) -> int:
-    return h if h in NATIVE_SMALL_HEAD_DIMS or h % NUM_LANES == 0 else round_up(h, NUM_LANES)
+class _Tile(NamedTuple):
+    """Where a kernel step's tile sits: first query and key index, and its row's scalars."""
+
+    q_start: jax.Array
+    k_start: jax.Array
+    q_off: jax.Array
+    q_len: jax.Array
+    kv_len: jax.Array
 
 
-def flash_attention(
-    query,
-    key,
-    value,
-    *,
-    bias=None,
-    scale: float | None = None,
-    is_causal: bool = False,
-    query_offset=None,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    q_segment_ids=None,
-    kv_segment_ids=None,
-    local_window_size: int | tuple[int, int] | None = None,
-    logits_soft_cap: float | None = None,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool | pltpu.InterpretParams = False,
-):
-    """Flash attention with grouped key/value heads on TPUs (Pallas, Mosaic TPU).
+def _visit(start_ref, count_ref, slot, step):
+    """Tile visited at ``step``: ``start + step``, held at the last visited tile past the count."""
+    count = count_ref[slot]
+    return start_ref[slot] + jnp.minimum(step, jnp.maximum(count - 1, 0))
 
-    Semantics are those of `gqa_jax.dot_product_attention`: query ``t`` of row
-    ``b`` sits at ``query_offset[b] + t`` (default 0 when ``T == S``, else
-    bottom-right), key ``s`` at ``s``; ``logits = cap*tanh(scale*q.k/cap) + bias``;
-    rows that see no key give zeros. Differentiable (``jax.custom_vjp`` with
-    Pallas backward kernels); the bias gets a gradient only when it is being
-    differentiated.
 
-    Args:
-      query: ``[B, T, N, H]`` (bfloat16, float32; float16 runs in float32).
-      key: ``[B, S, K, H]`` with ``N % K == 0``.
-      value: ``[B, S, K, Hv]``.
-      bias: optional float bias ``[B|1, N|1, T|1, S|1]`` added to the logits.
-      scale: logit scale, default ``1/sqrt(H)``.
-      is_causal: keys at positions up to the query's own.
-      query_offset: int or int ``[B]``: position of query 0 of each row (used
-        with ``is_causal`` or ``local_window_size``).
-      query_seq_lengths: int ``[B]`` valid queries; the others output zeros.
-      key_value_seq_lengths: int ``[B]`` valid keys.
-      q_segment_ids: int ``[B, T]`` packed-sequence ids of the queries.
-      kv_segment_ids: int ``[B, S]`` ids of the keys.
-      local_window_size: int or ``(left, right)``: a query at position ``p``
-        sees keys in ``[p - left, p + right]``.
-      logits_soft_cap: positive cap, or None.
-      block_sizes: `BlockSizes`; default ``BlockSizes()``.
-      interpret: False (compiled for TPU), True (TPU interpret mode on any
-        backend, ``pltpu.InterpretParams()``) or a ``pltpu.InterpretParams``.
+def _step(row_refs, start_ref, count_ref, b, slot, step, q_tile, k_tile, block_q: int, block_k: int):
+    """``(tile, run)`` of a grid step: its `_Tile`, and whether the visit table says to compute it.
 
-    Returns:
-      ``[B, T, N, Hv]`` in the query dtype.
-
-    Raises:
-      ValueError, TypeError: for inconsistent shapes, dtypes or arguments.
+    ``q_tile``/``k_tile`` are the tile indices, or None for the one that the table visits.
     """
-    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    check_qkv(query, key, value)
-    B, T, N, H = query.shape
-    _, S, K, _ = key.shape
-    Hv = value.shape[3]
-    window = window_pair(local_window_size)
-    positional = bool(is_causal) or window is not None
-    q_len = jnp.clip(row_vector("query_seq_lengths", query_seq_lengths, B, T), 0, T)
-    kv_len = jnp.clip(row_vector("key_value_seq_lengths", key_value_seq_lengths, B, S), 0, S)
-    if positional and query_offset is None:
-        query_offset = default_query_offset(T, S, query_seq_lengths, key_value_seq_lengths)
-    q_off = row_vector("query_offset", query_offset if positional else None, B, 0)
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError(
-            f"q_segment_ids and kv_segment_ids go together, got q_segment_ids is None={q_segment_ids is None}, "
-            f"kv_segment_ids is None={kv_segment_ids is None}"
-        )
-    blocks = (block_sizes or BlockSizes()).fit(T, S)
-    T_pad = round_up(T, math.lcm(blocks.block_q, blocks.block_q_bwd))
-    S_pad = round_up(S, math.lcm(blocks.block_k, blocks.block_k_bwd))
-    q_seg = kv_seg = None
-    if q_segment_ids is not None:
-        q_seg, kv_seg = jnp.asarray(q_segment_ids), jnp.asarray(kv_segment_ids)
-        if q_seg.shape != (B, T) or kv_seg.shape != (B, S):
-            raise ValueError(
-                f"q_segment_ids must be [B,T]={(B, T)} and kv_segment_ids [B,S]={(B, S)}, got "
-                f"{q_seg.shape=}, {kv_seg.shape=}"
-            )
-        q_seg = pad_axis(q_seg.astype(jnp.int32), 1, T_pad)
-        kv_seg = pad_axis(kv_seg.astype(jnp.int32), 1, S_pad)
+    visited = _visit(start_ref, count_ref, slot, step)
+    q_tile = visited if q_tile is None else q_tile
+    k_tile = visited if k_tile is None else k_tile
+    q_off_ref, q_len_ref, kv_len_ref = row_refs
+    tile = _Tile(q_tile * block_q, k_tile * block_k, q_off_ref[b], q_len_ref[b], kv_len_ref[b])
+    return tile, step < count_ref[slot]
+
+
+def _tile_mask(st: _Static, shape, q_axis: int, tile: _Tile, q_ids, kv_ids):
+    """bool ``shape``: visible (query, key) pairs of a tile; queries run along ``q_axis``."""
+    t = tile.q_start + jax.lax.broadcasted_iota(jnp.int32, shape, q_axis)
+    s = tile.k_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
+    mask = (t < tile.q_len) & (s < tile.kv_len)
+    positional = st.rules.visible(tile.q_off + t, s)
+    if positional is not None:
+        mask &= positional
+    if q_ids is not None:
+        mask &= q_ids == kv_ids
+    return mask
+
+
+def _tile_logits(st: _Static, tile: _Tile, a, b, bias, segment_ids, masked: bool, q_axis: int = 0):
+    """Logits ``cap(scale * a.b) + bias`` of a tile, ``-inf`` where masked, and the cap's tanh (or None).
+
+    ``a``/``b`` are the query/key tiles (``q_axis=0``) or key/query tiles
+    (``q_axis=1``); ``segment_ids()`` gives the tile's query and key ids.
+    """
+    s, t = scaled_logits(a, b, st.rules.scale, st.rules.soft_cap)
     if bias is not None:
-        bias = jnp.asarray(bias)
-        if bias.ndim != 4 or any(d not in (1, full) for d, full in zip(bias.shape, (B, N, T, S))):
-            raise ValueError(f"bias must broadcast as [B|1, N|1, T|1, S|1] to {(B, N, T, S)}, got {bias.shape=}")
-        if not jnp.issubdtype(bias.dtype, jnp.floating):
-            raise TypeError(f"bias must be a floating-point array, got {bias.dtype=}")
-        bias = jnp.broadcast_to(bias, bias.shape[:2] + (T, S))
-        bias = pad_axis(pad_axis(bias, 2, T_pad), 3, S_pad)
-
-    H_pad, Hv_pad = _kernel_head_dim(H), _kernel_head_dim(Hv)
-    heads_minor = H_pad % NUM_LANES == 0 and Hv_pad % NUM_LANES == 0
-    dtype = compute_dtype(query.dtype)
-
-    def prepare(x, length: int, head_dim: int):
-        x = pad_axis(pad_axis(x.astype(dtype), 1, length), 3, head_dim)
-        return _to_kernel_layout(x, heads_minor)
-
-    st = _Static(
-        scale=check_scale(scale, H),
-        causal=bool(is_causal),
-        window=window,
-        soft_cap=check_soft_cap(logits_soft_cap),
-        num_groups=N // K,
-        heads_minor=heads_minor,
-        head_dim=H_pad,
-        value_head_dim=Hv_pad,
-        segments=q_seg is not None,
-        maybe_masked=(positional or query_seq_lengths is not None or key_value_seq_lengths is not None
-                      or T_pad != T or S_pad != S),
-        blocks=blocks,
-        interpret=interpret_params(interpret),
-    )
-    rows = _Rows(q_off, q_len, kv_len, q_seg, kv_seg)
-    out = _flash(st, prepare(query, T_pad, H_pad), prepare(key, S_pad, H_pad), prepare(value, S_pad, Hv_pad),
-                 bias, rows)
-    return _from_kernel_layout(out, heads_minor, N)[:, :T, :, :Hv].astype(query.dtype)
+        s += bias
+    if masked:
+        q_ids, kv_ids = segment_ids() if st.segments else (None, None)
+        s = jnp.where(_tile_mask(st, s.shape, q_axis, tile, q_ids, kv_ids), s, -jnp.inf)
+    return s, t
 
 
-# ---------------------------------------------------------------------------
-# Differentiable core on kernel-layout arrays.
+def _needs_mask(st: _Static, tile: _Tile, block_q: int, block_k: int):
+    """False when every (query, key) pair of the tile is visible; a static bool when known."""
+    if st.segments:
+        return True
+    if not st.maybe_masked:
+        return False
+    q_last = tile.q_start + block_q - 1
+    lo, hi = st.rules.kv_full_range(tile.q_off + tile.q_start, tile.q_off + q_last, tile.kv_len)
+    inside = (q_last < tile.q_len) & (lo <= tile.k_start) & (tile.k_start + block_k <= hi)
+    return jnp.logical_not(inside)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, q, k, v, bias, rows: _Rows):
-    return _forward(st, q, k, v, bias, rows)[0]
-
-
-def _primal_values(tree):
-    return jax.tree.map(lambda x: x.value, tree, is_leaf=lambda x: isinstance(x, CustomVJPPrimal))
-
-
-def _flash_fwd(st: _Static, q, k, v, bias, rows):
-    # With symbolic zeros every argument arrives as CustomVJPPrimal(value, perturbed):
-    # the bias gradient (a [B, N, T, S] array) is only computed when the bias is differentiated.
-    dbias_wanted = bias is not None and bias.perturbed
-    q, k, v, bias, rows = _primal_values((q, k, v, bias, rows))
-    out, lse = _forward(st, q, k, v, bias, rows)
-    # The bias appears twice when its gradient is wanted: the pytree structure carries the flag.
-    return out, (q, k, v, bias, rows, out, lse, bias if dbias_wanted else None)
-
-
-def _flash_bwd(st: _Static, residuals, do):
-    q, k, v, bias, rows, out, lse, dbias_wanted = residuals
-    if isinstance(do, SymbolicZero):
-        do = jnp.zeros(do.shape, do.dtype)
-    dq, dk, dv, dbias = _backward(st, q, k, v, bias, rows, out, lse, do, dbias_wanted is not None)
-    return dq, dk, dv, dbias, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
+def _when_visible(st: _Static, run, tile: _Tile, block_q: int, block_k: int, compute) -> None:
+    """Runs ``compute(masked)`` on visited tiles, with the element mask only where it is needed."""
+    needs_mask = _needs_mask(st, tile, block_q, block_k)
+    if isinstance(needs_mask, bool):
+        pl.when(run)(lambda: compute(needs_mask))
+        return
+    pl.when(run & needs_mask)(lambda: compute(True))
+    pl.when(run & jnp.logical_not(needs_mask))(lambda: compute(False))

@@ -1,4 +1,4 @@
-"""The XLA implementation: grouped einsums, float32 softmax, every feature.
+"""The ``"xla"`` implementation: grouped einsums, float32 softmax, every feature.
 
 It is the reference path of the library: it serves every request (masks,
 bias, dropout, returned weights), never repeats K/V to N heads (queries are
@@ -11,32 +11,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gqa_jax.masks import combine_masks, padding_mask, segment_mask
+from gqa_jax.implementations._common import Implementation
 from gqa_jax.request import AttentionRequest
-from pallas_kernels.masking import visible
 
 Array = jax.Array
 
 
 def request_mask(request: AttentionRequest) -> Array | None:
     """All of a request's masks combined: bool ``[B|1, N|1, T, S]`` or None."""
-    T, S = request.q_len, request.kv_len
-    positional = None
-    if request.positional:
-        q_pos = request.query_offset[:, None, None] + jnp.arange(T, dtype=jnp.int32)[None, :, None]
-        k_pos = jnp.arange(S, dtype=jnp.int32)[None, None, :]
-        positional = visible(q_pos, k_pos, causal=request.is_causal, window=request.local_window_size)[:, None]
-    padding = None
-    if request.query_seq_lengths is not None or request.key_value_seq_lengths is not None:
-        padding = padding_mask(T, S, request.query_seq_lengths, request.key_value_seq_lengths)
-    segments = None
-    if request.q_segment_ids is not None:
-        segments = segment_mask(request.q_segment_ids, request.kv_segment_ids)
-    return combine_masks(request.mask, positional, padding, segments)
+    rules_mask = request.rules.mask(request.q_len, request.kv_len)
+    if request.mask is None:
+        return rules_mask
+    return request.mask if rules_mask is None else request.mask & rules_mask
 
 
 def _grouped(x: Array | None, num_kv_heads: int) -> Array | None:
-    """``[B|1, N|1, T, S] -> [B|1, K|1, G|1, T, S]``."""
+    """``[B|1, N|1, T|1, S|1] -> [B|1, K|1, G|1, T|1, S|1]``."""
     if x is None:
         return None
     b, n, t, s = x.shape
@@ -66,12 +56,12 @@ def attention_weights(request: AttentionRequest) -> Array:
     """Softmax weights ``[B, K, G, T, S]`` in float32 (before dropout)."""
     B, T, N, H = request.query.shape
     K = request.num_kv_heads
+    rules = request.rules
     q_BTKGH = request.query.reshape(B, T, K, N // K, H)
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, request.key, preferred_element_type=jnp.float32)
-    logits = logits * request.scale
-    if request.logits_soft_cap is not None:
-        cap = request.logits_soft_cap
-        logits = cap * jnp.tanh(logits / cap)
+    logits = logits * rules.scale
+    if rules.soft_cap is not None:
+        logits = rules.soft_cap * jnp.tanh(logits / rules.soft_cap)
     if request.bias is not None:
         logits = logits + _grouped(request.bias, K).astype(jnp.float32)
     return masked_softmax(logits, _grouped(request_mask(request), K))
@@ -93,3 +83,8 @@ def xla_attention(request: AttentionRequest):
     if request.return_weights:
         return out, weights.reshape(B, N, T, request.kv_len).astype(dtype)
     return out
+
+
+IMPLEMENTATION = Implementation(
+    name="xla", platforms=("cpu", "gpu", "tpu"), priority=0, supports=lambda request: None, call=xla_attention
+)

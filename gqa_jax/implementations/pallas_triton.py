@@ -1,0 +1,41 @@
+"""The ``"pallas_triton"`` implementation: our Pallas kernels for NVIDIA GPUs (Triton lowering).
+
+Decode-shaped requests (a few queries against a longer cache, no dense masks
+or segments) go to the split-K decode kernel, the rest to flash attention; a
+dense boolean mask becomes an additive ``-inf`` bias. The rules reach the
+kernel cores unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from gqa_jax.implementations._common import (
+    Implementation,
+    is_decode_shaped,
+    kernel_refusal,
+    mask_as_bias,
+    zero_invalid_rows,
+)
+from gqa_jax.request import AttentionRequest
+from pallas_kernels import gpu
+
+# Tests set this to run the kernels in Pallas interpret mode on a CPU.
+interpret: bool = False
+
+
+def supports(request: AttentionRequest) -> str | None:
+    return kernel_refusal(request)
+
+
+def triton_attention(request: AttentionRequest):
+    q, k, v, rules = request.query, request.key, request.value, request.rules
+    if is_decode_shaped(request):
+        # Padded queries are computed and then zeroed; their offsets already count them.
+        out = gpu.decode_attention_core(q, k, v, dataclasses.replace(rules, q_len=None), interpret=interpret)
+        return zero_invalid_rows(request, out) if rules.q_len is not None else out
+    return gpu.flash_attention_core(q, k, v, rules, bias=mask_as_bias(request), interpret=interpret)
+
+
+IMPLEMENTATION = Implementation(name="pallas_triton", platforms=("gpu",), priority=20, supports=supports,
+                                call=triton_attention)
