@@ -22,28 +22,35 @@ def max_diff(a, b) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames="impl")
-def checks(x_BTD, w_q_DNH, w_k_DKH, w_v_DKH, w_o_NHD, impl=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def checks(x, w_q, w_k, w_v, w_o, impl=None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Each step next to a simpler computation of the same thing; returns the output and the largest differences.
 
     The functions run eagerly too; under one ``jax.jit`` the script compiles once instead of op by op.
+
+    Args:
+      x: inputs ``[B, T, D]``.
+      w_q: query kernel ``[D, N, H]``.
+      w_k, w_v: key and value kernels ``[D, K, H]``.
+      w_o: output kernel ``[N, H, D]``.
+      impl: an ``implementation=`` of `gqa_jax.dot_product_attention`.
     """
-    B, T, _ = x_BTD.shape
-    N, K = w_q_DNH.shape[1], w_k_DKH.shape[1]
-    H = w_q_DNH.shape[2]
+    B, T, _ = x.shape
+    N, K = w_q.shape[1], w_k.shape[1]
+    H = w_q.shape[2]
     diffs = {}
 
     # 1. Project to heads and rotate queries and keys by their positions (RoPE).
     positions_BT = jnp.arange(T)[None, :].repeat(B, axis=0)
-    q = gqa_jax.apply_rope(gqa_jax.project_heads(x_BTD, w_q_DNH), positions_BT)  # [B, T, N, H]
-    k = gqa_jax.apply_rope(gqa_jax.project_heads(x_BTD, w_k_DKH), positions_BT)  # [B, T, K, H]
-    v = gqa_jax.project_heads(x_BTD, w_v_DKH)  # [B, T, K, H]
+    q = gqa_jax.apply_rope(gqa_jax.project_heads(x, w_q), positions_BT)  # [B, T, N, H]
+    k = gqa_jax.apply_rope(gqa_jax.project_heads(x, w_k), positions_BT)  # [B, T, K, H]
+    v = gqa_jax.project_heads(x, w_v)  # [B, T, K, H]
 
     # 2. Causal GQA: no repeated K/V on the hot path; the same as repeating K/V to N heads (the Keras way).
     out = gqa_jax.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
     G = N // K
     mha = jax.nn.dot_product_attention(q, gqa_jax.repeat_kv(k, G), gqa_jax.repeat_kv(v, G), is_causal=True)
     diffs["step 2: causal GQA vs repeated-K/V multi-head attention"] = max_diff(out, mha)
-    y_BTD = gqa_jax.project_output(out, w_o_NHD)  # [B, T, D]
+    y_BTD = gqa_jax.project_output(out, w_o)  # [B, T, D]
 
     # 3. Masks: sliding window + padding (ragged rows), as rules or as one explicit boolean mask.
     lengths = jnp.array([T, 7])

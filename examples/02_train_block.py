@@ -30,15 +30,16 @@ class Block(nn.Module):
     implementation: str | None = None
 
     @nn.compact
-    def __call__(self, x_BTD):
-        h = nn.LayerNorm()(x_BTD)
+    def __call__(self, x):
+        """``x [B, T, D] -> [B, T, D]``."""
+        h = nn.LayerNorm()(x)
         attention = gqa_jax.GroupedQueryAttention(
             head_dim=self.head_dim,
             num_query_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads,
             implementation=self.implementation,
         )
-        x_BTD = x_BTD + attention(h, h, use_causal_mask=True)
+        x_BTD = x + attention(h, h, use_causal_mask=True)
         h = nn.LayerNorm()(x_BTD)
         return x_BTD + nn.Dense(x_BTD.shape[-1])(nn.gelu(nn.Dense(4 * x_BTD.shape[-1])(h)))
 
@@ -51,9 +52,10 @@ class TinyLM(nn.Module):
     implementation: str | None = None
 
     @nn.compact
-    def __call__(self, tokens_BT):
-        positions = jnp.arange(tokens_BT.shape[1])
-        x = nn.Embed(self.vocab_size, self.dim)(tokens_BT) + nn.Embed(self.max_length, self.dim)(positions)
+    def __call__(self, tokens):
+        """Logits ``[B, T, vocab_size]`` of int ``tokens [B, T]``."""
+        positions = jnp.arange(tokens.shape[1])
+        x = nn.Embed(self.vocab_size, self.dim)(tokens) + nn.Embed(self.max_length, self.dim)(positions)
         for _ in range(self.num_layers):
             x = Block(num_heads=4, num_kv_heads=2, head_dim=self.dim // 4, implementation=self.implementation)(x)
         return nn.Dense(self.vocab_size)(nn.LayerNorm()(x))

@@ -35,8 +35,9 @@ class TinyLM(nn.Module):
     implementation: str | None = None
 
     @nn.compact
-    def __call__(self, tokens_BT, num_new=None):
-        B, T = tokens_BT.shape
+    def __call__(self, tokens, num_new=None):
+        """Logits ``[B, T, vocab_size]`` of int ``tokens [B, T]``; in decode mode the first ``num_new [B]`` are real."""
+        B, T = tokens.shape
         start = jnp.zeros((B,), jnp.int32)
         if self.decode:  # each row's next position, kept beside the layers' caches
             position = self.variable("cache", "position", jnp.zeros, (B,), jnp.int32)
@@ -44,7 +45,7 @@ class TinyLM(nn.Module):
             if not self.is_initializing():
                 position.value = start + (T if num_new is None else num_new)
         positions = start[:, None] + jnp.arange(T)
-        x = nn.Embed(self.vocab_size, self.dim)(tokens_BT) + nn.Embed(self.max_length, self.dim)(positions)
+        x = nn.Embed(self.vocab_size, self.dim)(tokens) + nn.Embed(self.max_length, self.dim)(positions)
         for _ in range(self.num_layers):
             h = nn.LayerNorm()(x)
             attention = gqa_jax.GroupedQueryAttention(

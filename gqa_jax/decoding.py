@@ -70,11 +70,11 @@ class Sampling:
         return self.temperature == 0
 
 
-def sample_tokens(logits_BV: Array, rng, sampling: Sampling) -> Array:
+def sample_tokens(logits: Array, rng, sampling: Sampling) -> Array:
     """Picks one token per row.
 
     Args:
-      logits_BV: ``[B, V]`` next-token logits.
+      logits: ``[B, V]`` next-token logits.
       rng: PRNG key (unused when greedy).
       sampling: the rule.
 
@@ -82,8 +82,8 @@ def sample_tokens(logits_BV: Array, rng, sampling: Sampling) -> Array:
       int32 ``[B]`` token ids.
     """
     if sampling.greedy:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits_BV = logits.astype(jnp.float32) / sampling.temperature
     V = logits_BV.shape[-1]
     if sampling.top_k is not None:
         if sampling.top_k > V:
@@ -120,28 +120,29 @@ class Generation:
     cache: Cache | None
 
 
-def _check_prompt(prompt_BP, prompt_lengths_B, max_new_tokens: int) -> tuple[Array, Array]:
-    prompt_BP = jnp.asarray(prompt_BP)
+def _check_prompt(prompt, prompt_lengths, max_new_tokens: int) -> tuple[Array, Array]:
+    """``prompt`` int32 ``[B, P]`` and its lengths int32 ``[B]`` (default ``P``), after checking them."""
+    prompt_BP = jnp.asarray(prompt)
     if prompt_BP.ndim != 2:
-        raise ValueError(f"prompt_BP must have rank 2 [B,P], got prompt_BP.shape={tuple(prompt_BP.shape)}")
+        raise ValueError(f"prompt must have rank 2 [B,P], got prompt.shape={tuple(prompt_BP.shape)}")
     if not jnp.issubdtype(prompt_BP.dtype, jnp.integer):
-        raise TypeError(f"prompt_BP must be int token ids, got prompt_BP.dtype={prompt_BP.dtype}")
+        raise TypeError(f"prompt must be int token ids, got prompt.dtype={prompt_BP.dtype}")
     B, P = prompt_BP.shape
     if P < 1:
-        raise ValueError(f"prompts need at least one token, got prompt_BP.shape={tuple(prompt_BP.shape)}")
+        raise ValueError(f"prompts need at least one token, got prompt.shape={tuple(prompt_BP.shape)}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens=}")
-    if prompt_lengths_B is None:
+    if prompt_lengths is None:
         return prompt_BP.astype(jnp.int32), jnp.full((B,), P, jnp.int32)
-    lengths = jnp.asarray(prompt_lengths_B)
-    if lengths.shape != (B,):
-        raise ValueError(f"prompt_lengths_B must have shape [B]=({B},), got prompt_lengths_B.shape={lengths.shape}")
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"prompt_lengths_B must be an int array, got prompt_lengths_B.dtype={lengths.dtype}")
-    values = concrete_value(lengths)
+    lengths_B = jnp.asarray(prompt_lengths)
+    if lengths_B.shape != (B,):
+        raise ValueError(f"prompt_lengths must have shape [B]=({B},), got prompt_lengths.shape={lengths_B.shape}")
+    if not jnp.issubdtype(lengths_B.dtype, jnp.integer):
+        raise TypeError(f"prompt_lengths must be an int array, got prompt_lengths.dtype={lengths_B.dtype}")
+    values = concrete_value(lengths_B)
     if values is not None and ((values < 1) | (values > P)).any():
-        raise ValueError(f"prompt_lengths_B must be in [1, P={P}], got prompt_lengths_B={values.tolist()}")
-    return prompt_BP.astype(jnp.int32), lengths.astype(jnp.int32)
+        raise ValueError(f"prompt_lengths must be in [1, P={P}], got prompt_lengths={values.tolist()}")
+    return prompt_BP.astype(jnp.int32), lengths_B.astype(jnp.int32)
 
 
 def _check_rng(rng, sampling: Sampling):
@@ -245,8 +246,8 @@ def _generate_uncached(model, params, prompt_BP, lengths_B, rng, end_token, pad_
 def generate(
     model: Decoder,
     params,
-    prompt_BP,
-    prompt_lengths_B=None,
+    prompt,
+    prompt_lengths=None,
     *,
     max_new_tokens: int,
     cache: Cache | None = None,
@@ -260,8 +261,8 @@ def generate(
     Args:
       model: the `Decoder`.
       params: its ``params`` collection.
-      prompt_BP: int ``[B, P]`` prompts, right-padded (the padding may hold any int).
-      prompt_lengths_B: optional int ``[B]`` real prompt lengths, each in
+      prompt: int ``[B, P]`` prompts, right-padded (the padding may hold any int).
+      prompt_lengths: optional int ``[B]`` real prompt lengths, each in
         ``[1, P]``; default ``P``.
       max_new_tokens: the most tokens generated per row.
       cache: optional cache from `gqa_jax.models.init_cache` (empty, or
@@ -281,7 +282,7 @@ def generate(
       ValueError: for bad prompts or lengths, or a cache that cannot hold
         ``P + max_new_tokens`` more tokens per row.
     """
-    prompt_BP, lengths_B = _check_prompt(prompt_BP, prompt_lengths_B, max_new_tokens)
+    prompt_BP, lengths_B = _check_prompt(prompt, prompt_lengths, max_new_tokens)
     B, P = prompt_BP.shape
     if cache is None:
         cache = init_cache(model.config, B, P + max_new_tokens)
@@ -301,8 +302,8 @@ def generate(
 def generate_without_cache(
     model: Decoder,
     params,
-    prompt_BP,
-    prompt_lengths_B=None,
+    prompt,
+    prompt_lengths=None,
     *,
     max_new_tokens: int,
     sampling: Sampling = Sampling(),
@@ -316,7 +317,7 @@ def generate_without_cache(
     `generate` up to floating-point rounding; quadratically more work. It is
     the baseline that cached decoding is measured against.
     """
-    prompt_BP, lengths_B = _check_prompt(prompt_BP, prompt_lengths_B, max_new_tokens)
+    prompt_BP, lengths_B = _check_prompt(prompt, prompt_lengths, max_new_tokens)
     return _generate_uncached(
         model, params, prompt_BP, lengths_B, _check_rng(rng, sampling), *_token_ids(end_token, pad_token),
         max_new_tokens=max_new_tokens, sampling=sampling,

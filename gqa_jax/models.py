@@ -9,10 +9,10 @@ the model uses the GPU/TPU kernels where they serve the call.
 
 Two ways to call `Decoder`:
 
-* ``logits = model.apply({"params": params}, tokens_BT)``: causal forward pass
+* ``logits = model.apply({"params": params}, tokens)``: causal forward pass
   over whole sequences (training, scoring). Right padding is harmless: a valid
   token never sees a later one.
-* ``logits, cache = model.apply({"params": params}, tokens_BT, cache, num_new=n)``:
+* ``logits, cache = model.apply({"params": params}, tokens, cache, num_new=n)``:
   the tokens continue each row after the ``cache.lengths`` tokens already in
   ``cache`` (a tuple of `gqa_jax.KVCache`, one per layer, from `init_cache`);
   only the first ``n[b]`` tokens of row ``b`` are real (ragged prefill).
@@ -142,8 +142,16 @@ class Attention(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None, num_new=None):
-        """``[B, T, D] -> ([B, T, D], cache)`` with queries and keys rotated to ``positions_BT``."""
+    def __call__(self, x, positions, cache: KVCache | None = None, num_new=None):
+        """Self-attention of ``x [B, T, D]``, queries and keys rotated to ``positions`` (int ``[B, T]`` or ``[1, T]``).
+
+        With a ``cache``, the keys/values of the first ``num_new`` (int ``[B]``,
+        default all ``T``) tokens of each row are written to it and the queries
+        attend over it.
+
+        Returns:
+          ``(out [B, T, D], cache)``.
+        """
         cfg = self.config
         D, N, K, H = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         in_init, out_init = _projection_init(0, (1, 2)), _projection_init((0, 1), 2)
@@ -152,10 +160,10 @@ class Attention(nn.Module):
         w_v_DKH = self.param("value", in_init, (D, K, H), cfg.param_dtype)
         w_o_NHD = self.param("output", out_init, (N, H, D), cfg.param_dtype)
         x_BTD, w_q_DNH, w_k_DKH, w_v_DKH, w_o_NHD = nn.dtypes.promote_dtype(
-            x_BTD, w_q_DNH, w_k_DKH, w_v_DKH, w_o_NHD, dtype=cfg.dtype
+            x, w_q_DNH, w_k_DKH, w_v_DKH, w_o_NHD, dtype=cfg.dtype
         )
-        q_BTNH = apply_rope(project_heads(x_BTD, w_q_DNH), positions_BT, theta=cfg.rope_theta)
-        k_BTKH = apply_rope(project_heads(x_BTD, w_k_DKH), positions_BT, theta=cfg.rope_theta)
+        q_BTNH = apply_rope(project_heads(x_BTD, w_q_DNH), positions, theta=cfg.rope_theta)
+        k_BTKH = apply_rope(project_heads(x_BTD, w_k_DKH), positions, theta=cfg.rope_theta)
         v_BTKH = project_heads(x_BTD, w_v_DKH)
         if cache is None:
             out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=cfg.implementation)
@@ -171,13 +179,14 @@ class MLP(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x_BTD):
+    def __call__(self, x):
+        """``x [B, T, D] -> [B, T, D]``."""
         cfg = self.config
         dense = lambda features, name: nn.Dense(  # noqa: E731
             features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name
         )
-        hidden = nn.silu(dense(cfg.mlp_dim, "gate")(x_BTD)) * dense(cfg.mlp_dim, "up")(x_BTD)
-        return dense(cfg.model_dim, "down")(hidden)
+        hidden_BTF = nn.silu(dense(cfg.mlp_dim, "gate")(x)) * dense(cfg.mlp_dim, "up")(x)
+        return dense(cfg.model_dim, "down")(hidden_BTF)
 
 
 class Block(nn.Module):
@@ -186,13 +195,14 @@ class Block(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None, num_new=None):
+    def __call__(self, x, positions, cache: KVCache | None = None, num_new=None):
+        """``x [B, T, D] -> ([B, T, D], cache)``; ``positions``, ``cache`` and ``num_new`` as in `Attention`."""
         cfg = self.config
         norm = lambda name: nn.RMSNorm(  # noqa: E731
             epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name
         )
-        attended, cache = Attention(cfg, name="attention")(norm("attention_norm")(x_BTD), positions_BT, cache, num_new)
-        x_BTD = x_BTD + attended
+        attended_BTD, cache = Attention(cfg, name="attention")(norm("attention_norm")(x), positions, cache, num_new)
+        x_BTD = x + attended_BTD
         x_BTD = x_BTD + MLP(cfg, name="mlp")(norm("mlp_norm")(x_BTD))
         return x_BTD, cache
 
@@ -211,11 +221,11 @@ class Decoder(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, tokens_BT, cache: Sequence[KVCache] | None = None, *, num_new=None):
+    def __call__(self, tokens, cache: Sequence[KVCache] | None = None, *, num_new=None):
         """Logits of the next token at every position.
 
         Args:
-          tokens_BT: int ``[B, T]`` token ids.
+          tokens: int ``[B, T]`` token ids.
           cache: optional tuple of `KVCache` (one per layer, from `init_cache`)
             holding each row's earlier tokens; the tokens continue them.
           num_new: with a cache, optional int ``[B]``: only the first
@@ -231,11 +241,11 @@ class Decoder(nn.Module):
             the wrong number of layers, or ``num_new`` without a cache.
         """
         cfg = self.config
-        tokens_BT = jnp.asarray(tokens_BT)
+        tokens_BT = jnp.asarray(tokens)
         if tokens_BT.ndim != 2:
-            raise ValueError(f"tokens_BT must have rank 2 [B,T], got tokens_BT.shape={tuple(tokens_BT.shape)}")
+            raise ValueError(f"tokens must have rank 2 [B,T], got tokens.shape={tuple(tokens_BT.shape)}")
         if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
-            raise TypeError(f"tokens_BT must be integer token ids, got tokens_BT.dtype={tokens_BT.dtype}")
+            raise TypeError(f"tokens must be integer token ids, got tokens.dtype={tokens_BT.dtype}")
         T = tokens_BT.shape[1]
         if cache is None:
             if num_new is not None:

@@ -37,18 +37,18 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0) -> Array:
     return 1.0 / (theta**exponents)
 
 
-def apply_rope(x_BTNH: Array, positions_BT, *, theta: float = 10000.0) -> Array:
+def apply_rope(x: Array, positions, *, theta: float = 10000.0) -> Array:
     """Rotates each head vector of ``x`` by its token's position.
 
     Args:
-      x_BTNH: queries ``[B, T, N, H]`` or keys ``[B, T, K, H]``; ``H`` even.
-      positions_BT: int ``[B, T]`` position of every token (per row, so ragged
+      x: queries ``[B, T, N, H]`` or keys ``[B, T, K, H]``; ``H`` even.
+      positions: int ``[B, T]`` position of every token (per row, so ragged
         and cached batches work), or ``[T]`` shared by all rows.
       theta: the base of the frequencies (``rope_theta`` in Llama configs).
 
     Returns:
-      The rotated array, same shape and dtype as ``x_BTNH``. The angles and
-      the rotation are computed in float32.
+      The rotated array, same shape and dtype as ``x``. The angles and the
+      rotation are computed in float32.
 
     Raises:
       ValueError: for wrong ranks or shapes, odd ``H`` or ``theta <= 1``.
@@ -60,23 +60,23 @@ def apply_rope(x_BTNH: Array, positions_BT, *, theta: float = 10000.0) -> Array:
         q = apply_rope(q, positions, theta=500000.0)
         k = apply_rope(k, positions, theta=500000.0)
     """
-    x_BTNH = jnp.asarray(x_BTNH)
+    x_BTNH = jnp.asarray(x)
     if x_BTNH.ndim != 4:
-        raise ValueError(f"x_BTNH must have rank 4 [B,T,N,H], got x_BTNH.shape={tuple(x_BTNH.shape)}")
+        raise ValueError(f"x must have rank 4 [B,T,N,H], got x.shape={tuple(x_BTNH.shape)}")
     B, T, _, H = x_BTNH.shape
-    positions_BT = jnp.asarray(positions_BT)
+    positions_BT = jnp.asarray(positions)
     if not jnp.issubdtype(positions_BT.dtype, jnp.integer):
-        raise TypeError(f"positions_BT must be an integer array, got positions_BT.dtype={positions_BT.dtype}")
+        raise TypeError(f"positions must be an integer array, got positions.dtype={positions_BT.dtype}")
     if positions_BT.ndim == 1:
         positions_BT = positions_BT[None, :]
     if positions_BT.ndim != 2 or positions_BT.shape[1] != T or positions_BT.shape[0] not in (1, B):
         raise ValueError(
-            f"positions_BT must have shape [B,T]=({B}, {T}) or [T]=({T},), got "
-            f"positions_BT.shape={tuple(positions_BT.shape)} for x_BTNH.shape={tuple(x_BTNH.shape)}"
+            f"positions must have shape [B,T]=({B}, {T}) or [T]=({T},), got "
+            f"positions.shape={tuple(jnp.shape(positions))} for x.shape={tuple(x_BTNH.shape)}"
         )
     angles = positions_BT.astype(jnp.float32)[:, :, None] * rope_frequencies(H, theta)  # [B|1, T, H/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B|1, T, 1, H]
-    x = x_BTNH.astype(jnp.float32)
-    x1, x2 = jnp.split(x, 2, axis=-1)
+    x_f32 = x_BTNH.astype(jnp.float32)
+    x1, x2 = jnp.split(x_f32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BTNH.dtype)
+    return (x_f32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BTNH.dtype)

@@ -116,9 +116,9 @@ def test_step_compiles_once_and_cache_is_donated():
     traces = []
 
     class CountingDecoder(Decoder):
-        def __call__(self, tokens_BT, cache=None, *, num_new=None):
-            traces.append(tokens_BT.shape)
-            return super().__call__(tokens_BT, cache, num_new=num_new)
+        def __call__(self, tokens, cache=None, *, num_new=None):
+            traces.append(tokens.shape)
+            return super().__call__(tokens, cache, num_new=num_new)
 
     model = CountingDecoder(CFG)
     params, prompt, lengths = _setup()
@@ -160,13 +160,13 @@ def test_bad_arguments():
     params, prompt, lengths = _setup()
     with pytest.raises(ValueError, match=r"capacity=10"):
         generate(MODEL, params, prompt, lengths, max_new_tokens=M, cache=init_cache(CFG, B, 10))
-    with pytest.raises(ValueError, match=r"prompt_lengths_B=\[0, 2, 4\]"):
+    with pytest.raises(ValueError, match=r"prompt_lengths=\[0, 2, 4\]"):
         generate(MODEL, params, prompt, np.array([0, 2, 4]), max_new_tokens=M)
-    with pytest.raises(ValueError, match=r"prompt_lengths_B=\[7, 2, 4\]"):
+    with pytest.raises(ValueError, match=r"prompt_lengths=\[7, 2, 4\]"):
         generate_without_cache(MODEL, params, prompt, np.array([7, 2, 4]), max_new_tokens=M)
-    with pytest.raises(TypeError, match="prompt_BP.dtype=float32"):
+    with pytest.raises(TypeError, match="prompt.dtype=float32"):
         generate(MODEL, params, prompt.astype(np.float32), lengths, max_new_tokens=M)
-    with pytest.raises(ValueError, match=r"prompt_lengths_B.shape=\(2,\)"):
+    with pytest.raises(ValueError, match=r"prompt_lengths.shape=\(2,\)"):
         generate(MODEL, params, prompt, lengths[:2], max_new_tokens=M)
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         generate(MODEL, params, prompt, lengths, max_new_tokens=0)

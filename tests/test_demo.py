@@ -7,15 +7,15 @@ import re
 import numpy as np
 import pytest
 
-from gqa_jax import demo
-from gqa_jax.demo_task import Examples, decode
+from gqa_jax.demo.__main__ import main
+from gqa_jax.demo.task import Examples, decode
 
 
 def test_demo_learns_and_reports(capsys):
     # 32 rows everywhere (30 problems + the prompt's 2), so the speed test reuses the compiled cached loop
     argv = ["--size", "tiny", "--steps", "300", "--max-digits", "3", "--batch-size", "32", "--eval-examples", "30",
             "--decode-tokens", "4", "--prompt", "931", "--seed", "1"]
-    assert demo.main(argv) == 0
+    assert main(argv) == 0
     captured = capsys.readouterr()
     out = captured.out
 
@@ -40,7 +40,7 @@ def test_demo_learns_and_reports(capsys):
 
 def test_help_lists_the_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        demo.main(["--help"])
+        main(["--help"])
     assert exit_info.value.code == 0
     usage = capsys.readouterr().out
     for flag in ("--steps", "--size", "--implementation", "--batch-size", "--prompt", "--seed"):
@@ -48,10 +48,10 @@ def test_help_lists_the_flags(capsys):
 
 
 def test_bad_flags(capsys):
-    assert demo.main(["--prompt", "12a4"]) == 2
+    assert main(["--prompt", "12a4"]) == 2
     assert "1 to max_digits=8 digits, got '12a4'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        demo.main(["--steps", "0"])
+        main(["--steps", "0"])
     assert "--steps must be >= 1, got 0" in capsys.readouterr().err
 
 

@@ -36,7 +36,7 @@ def test_head_errors():
         group_queries(jnp.zeros((1, 2, 6, 4)), 4)
     with pytest.raises(ValueError, match=r"num_groups must be a positive int, got num_groups=0"):
         repeat_kv(jnp.zeros((1, 2, 2, 4)), 0)
-    with pytest.raises(ValueError, match=r"x_BSKH.shape=\(2, 2, 4\)"):
+    with pytest.raises(ValueError, match=r"x.shape=\(2, 2, 4\)"):
         repeat_kv(jnp.zeros((2, 2, 4)), 2)
 
 
@@ -61,9 +61,9 @@ def test_projection_gradients():
 
 
 def test_projection_errors():
-    with pytest.raises(ValueError, match=r"x_BTD.shape\[-1\]=5, kernel_DNH.shape\[0\]=4"):
+    with pytest.raises(ValueError, match=r"x.shape\[-1\]=5, kernel.shape\[0\]=4"):
         project_heads(jnp.zeros((1, 2, 5)), jnp.zeros((4, 2, 3)))
-    with pytest.raises(ValueError, match=r"bias_NH.shape=\(3,\) must equal kernel_DNH.shape\[1:\]=\(2, 3\)"):
+    with pytest.raises(ValueError, match=r"bias.shape=\(3,\) must equal kernel.shape\[1:\]=\(2, 3\)"):
         project_heads(jnp.zeros((1, 2, 4)), jnp.zeros((4, 2, 3)), jnp.zeros((3,)))
-    with pytest.raises(ValueError, match=r"x_BTNH.shape\[2:\]=\(2, 3\), kernel_NHD.shape\[:2\]=\(2, 4\)"):
+    with pytest.raises(ValueError, match=r"x.shape\[2:\]=\(2, 3\), kernel.shape\[:2\]=\(2, 4\)"):
         project_output(jnp.zeros((1, 2, 2, 3)), jnp.zeros((2, 4, 5)))

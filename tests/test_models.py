@@ -175,9 +175,9 @@ def test_bad_configs_and_inputs():
         shape_of(tokens, num_new=jnp.ones(2, jnp.int32))
     with pytest.raises(ValueError, match=r"len\(cache\)=2 != cfg.num_layers=1"):
         shape_of(tokens, init_cache(cfg, 2, 8) * 2)
-    with pytest.raises(TypeError, match="tokens_BT.dtype=float32"):
+    with pytest.raises(TypeError, match="tokens.dtype=float32"):
         shape_of(jnp.zeros((2, 3)))
-    with pytest.raises(ValueError, match=r"tokens_BT.shape=\(2, 3, 1\)"):
+    with pytest.raises(ValueError, match=r"tokens.shape=\(2, 3, 1\)"):
         shape_of(jnp.zeros((2, 3, 1), jnp.int32))
     sd = random_hf_weights(cfg, np.random.default_rng())
     sd["model.layers.0.self_attn.k_proj.weight"] = sd["model.layers.0.self_attn.k_proj.weight"][:4]

@@ -30,17 +30,18 @@ def _rel_err(out, ref):
 class RopeTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_matches_formula_per_row_positions(self):
-        rng = np.random.default_rng()
+        rng = np.random.default_rng(11)
         for shape, theta in (((2, 7, 4, 16), 10000.0), ((3, 5, 1, 8), 500000.0)):  # [B,T,N,H] and [B,T,K,H]
             x = rng.standard_normal(shape).astype(np.float32)
             positions = rng.integers(0, 4096, shape[:2]).astype(np.int32)
             out = self.variant(lambda x, p: apply_rope(x, p, theta=theta))(x, positions)
             chex.assert_shape(out, shape)
             assert out.dtype == jnp.float32
-            assert _rel_err(out, numpy_rope(x, positions, theta)) < 1e-5
+            # float32 angles at positions up to 4096 round by up to 4096 * 2**-24 ~ 2.4e-4 rad.
+            assert _rel_err(out, numpy_rope(x, positions, theta)) < 5e-4
 
     def test_bfloat16_in_bfloat16_out(self):
-        x = np.random.default_rng().standard_normal((2, 6, 2, 32)).astype(np.float32)
+        x = np.random.default_rng(12).standard_normal((2, 6, 2, 32)).astype(np.float32)
         positions = np.arange(6)[None].repeat(2, 0) + np.array([[0], [100]])
         out = apply_rope(jnp.asarray(x, jnp.bfloat16), positions)
         assert out.dtype == jnp.bfloat16
@@ -48,13 +49,13 @@ class RopeTest(chex.TestCase):
         assert _rel_err(out, ref) < 1e-2
 
     def test_shared_positions_broadcast_over_rows(self):
-        x = np.random.default_rng().standard_normal((3, 5, 2, 8)).astype(np.float32)
+        x = np.random.default_rng(13).standard_normal((3, 5, 2, 8)).astype(np.float32)
         positions = np.array([3, 9, 4, 0, 7], np.int32)
         chex.assert_trees_all_close(apply_rope(x, positions), apply_rope(x, np.tile(positions, (3, 1))))
         assert _rel_err(apply_rope(x, positions), numpy_rope(x, np.tile(positions, (3, 1)), 10000.0)) < 1e-5
 
     def test_scores_depend_only_on_position_difference(self):
-        rng = np.random.default_rng()
+        rng = np.random.default_rng(14)
         q = rng.standard_normal((1, 1, 1, 64)).astype(np.float32)
         k = rng.standard_normal((1, 1, 1, 64)).astype(np.float32)
 
@@ -79,8 +80,8 @@ class RopeTest(chex.TestCase):
         cases = [
             (ValueError, "head_dim", lambda: apply_rope(jnp.ones((2, 3, 4, 7)), jnp.zeros((2, 3), int))),
             (ValueError, "rank 4", lambda: apply_rope(jnp.ones((2, 3, 8)), jnp.zeros((2, 3), int))),
-            (ValueError, "positions_BT.shape=(2, 4)", lambda: apply_rope(x, jnp.zeros((2, 4), int))),
-            (ValueError, "positions_BT.shape=(3, 3)", lambda: apply_rope(x, jnp.zeros((3, 3), int))),
+            (ValueError, "positions.shape=(2, 4)", lambda: apply_rope(x, jnp.zeros((2, 4), int))),
+            (ValueError, "positions.shape=(3, 3)", lambda: apply_rope(x, jnp.zeros((3, 3), int))),
             (TypeError, "float32", lambda: apply_rope(x, jnp.zeros((2, 3)))),
             (ValueError, "theta=1.0", lambda: apply_rope(x, jnp.zeros((2, 3), int), theta=1.0)),
         ]

@@ -20,7 +20,7 @@ import jax
 from gqa_jax.bench import decode, e2e, prefill
 from gqa_jax.bench.report import markdown_table, write_chart, write_json
 from gqa_jax.bench.timing import environment, time_fn
-from gqa_jax.progress import ProgressBar
+from gqa_jax.demo.progress import ProgressBar
 
 
 def _short(error: BaseException) -> str:

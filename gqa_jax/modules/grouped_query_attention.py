@@ -10,6 +10,7 @@ multi-token, per-row cache writes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,16 +20,11 @@ import jax.numpy as jnp
 
 from gqa_jax.attention import dot_product_attention
 from gqa_jax.kv_cache import KVCache
+from gqa_jax.modules.attention_axes import SequenceLayout
 from gqa_jax.modules.checks import check_positive_int
-from gqa_jax.modules.einsum_dense import dense
 from gqa_jax.modules.initializers import Initializer
-from gqa_jax.modules.keras_attention import (
-    check_keras_fields,
-    keras_attention_kwargs,
-    keras_attention_mask,
-    keras_outputs,
-)
-from gqa_jax.modules.keras_cache import cached_key_value, check_cache
+from gqa_jax.modules.keras_attention import check_cache_index, check_keras_fields, keras_attention
+from gqa_jax.modules.keras_cache import check_cache
 
 Array = jax.Array
 
@@ -160,45 +156,41 @@ class GroupedQueryAttention(nn.Module):
           ``cache`` is given.
         """
         N, K, H = self.num_query_heads, self.num_key_value_heads, self.head_dim
-        if cache_update_index is not None and cache is None:
-            raise ValueError(f"cache_update_index needs a cache, got cache=None, {cache_update_index=}")
+        check_cache_index(cache, cache_update_index)
         if self.decode and cache is not None:
             raise ValueError("decode=True keeps its own cache in the 'cache' collection; do not pass cache=")
         if num_new is not None and not self.decode:
             raise ValueError(f"num_new is for decode=True, got decode=False and {num_new=}")
-        static_cache = cache is not None and cache_update_index is None
         key = value if key is None else key
         query = jnp.asarray(query)
-        if static_cache:
+        if cache is not None and cache_update_index is None:
             check_sequences(query)
         else:
-            value, key = jnp.asarray(value), jnp.asarray(key)
-            check_sequences(query, value, key)
-        q = dense(self, "query", (N, H), query)
-        gate = nn.sigmoid(dense(self, "gate", (N, H), query)) if self.use_gate else None
-        k = None if static_cache else dense(self, "key", (K, H), key)
-        v = None if static_cache else dense(self, "value", (K, H), value)
-        mask = keras_attention_mask(attention_mask, query_mask, value_mask, key_mask)
-        options = keras_attention_kwargs(
+            check_sequences(query, jnp.asarray(value), jnp.asarray(key))
+        if cache is not None:
+            cache = check_cache(cache, batch_size=query.shape[0], num_heads=K, head_dim=H, heads_letter="K")
+        return keras_attention(
             self,
-            use_causal_mask=use_causal_mask,
-            query_offset=0 if cache_update_index is None else cache_update_index,
-            deterministic=deterministic,
+            query,
+            value,
+            key,
+            heads=(N, K),
+            head_dims=(H, H),
+            output_shape=(query.shape[-1],),
+            layout=SequenceLayout(),
+            query_mask=query_mask,
+            value_mask=value_mask,
+            key_mask=key_mask,
+            attention_mask=attention_mask,
             return_attention_scores=return_attention_scores,
+            deterministic=deterministic,
+            use_causal_mask=use_causal_mask,
+            cache=cache,
+            cache_update_index=cache_update_index,
+            attend=functools.partial(self._decode, num_new=num_new) if self.decode else dot_product_attention,
         )
-        if self.decode:
-            result = self._decode(q, k, v, mask=mask, num_new=num_new, options=options)
-        else:
-            if cache is not None:
-                cache = check_cache(cache, batch_size=query.shape[0], num_heads=K, head_dim=H, heads_letter="K")
-                k, v, cache = cached_key_value(cache, cache_update_index, k, v)
-            result = dot_product_attention(q, k, v, mask=mask, **options)
-        out, scores = result if return_attention_scores else (result, None)
-        if gate is not None:
-            out = out * gate.astype(out.dtype)
-        return keras_outputs(dense(self, "attention_output", (query.shape[-1],), out, contract=2), scores, cache)
 
-    def _decode(self, q, k, v, *, mask, num_new, options):
+    def _decode(self, q, k, v, *, num_new, mask, **options):
         """Decode mode: append to the ``"cache"`` collection, attend over it (``options``: attention keywords)."""
         initialized = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
@@ -208,7 +200,7 @@ class GroupedQueryAttention(nn.Module):
             return dot_product_attention(q, k, v, mask=mask, **options)
         cache = KVCache(cached_key.value, cached_value.value, cache_index.value).update(k, v, num_new=num_new)
         cached_key.value, cached_value.value, cache_index.value = cache.key, cache.value, cache.lengths
-        options = {name: value for name, value in options.items() if name != "query_offset"}  # the cache's positions
+        del options["query_offset"]  # the cache's positions
         return cache.attend(q, num_new=num_new, mask=mask, **options)
 
 

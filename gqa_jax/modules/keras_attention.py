@@ -1,4 +1,9 @@
-"""What the Keras attention layers share: masks, positions, settings, outputs.
+"""What the Keras attention layers share: their body, masks, positions, settings, outputs.
+
+`keras_attention` is the body of ``GroupedQueryAttention`` and
+``MultiHeadAttention``: projections, masks, keras-hub cache splice,
+attention, gate and output projection. The layers check their inputs and
+choose the layout (`gqa_jax.modules.attention_axes`) and the attention call.
 
 Keras (``MultiHeadAttention._compute_attention_mask``) ANDs the query mask
 ``[B, T, 1]``, the value and key masks ``[B, 1, S]``, the causal mask and the
@@ -15,12 +20,19 @@ a uniform average on its fused path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gqa_jax.attention import dot_product_attention
 from gqa_jax.masks import combine_masks
+from gqa_jax.modules.attention_axes import AxesLayout, SequenceLayout
 from gqa_jax.modules.checks import check_optional_positive_int, check_rate
+from gqa_jax.modules.einsum_dense import dense
 from gqa_jax.modules.implementation import check_choice, dispatch_kwargs
+from gqa_jax.modules.keras_cache import cached_key_value
 
 Array = jax.Array
 
@@ -110,3 +122,97 @@ def keras_outputs(output, scores, cache):
     """``output``, then ``scores`` and ``cache`` where not None: a bare output when alone, else a tuple."""
     outputs = tuple(x for x in (output, scores, cache) if x is not None)
     return outputs[0] if len(outputs) == 1 else outputs
+
+
+def check_cache_index(cache, cache_update_index) -> None:
+    """Raises ``ValueError`` for a ``cache_update_index`` without a ``cache``."""
+    if cache_update_index is not None and cache is None:
+        raise ValueError(f"cache_update_index needs a cache, got cache=None, {cache_update_index=}")
+
+
+def keras_attention(
+    layer: nn.Module,
+    query: Array,
+    value: Array | None,
+    key: Array | None,
+    *,
+    heads: tuple[int, int],
+    head_dims: tuple[int, int],
+    output_shape: tuple[int, ...],
+    layout: AxesLayout | SequenceLayout,
+    query_mask=None,
+    value_mask=None,
+    key_mask=None,
+    attention_mask=None,
+    return_attention_scores: bool = False,
+    deterministic: bool = True,
+    use_causal_mask: bool = False,
+    cache: Array | None = None,
+    cache_update_index=None,
+    attend: Callable = dot_product_attention,
+):
+    """The body of a Keras attention layer, from its checked inputs to its outputs.
+
+    Projects ``query``, ``key`` and ``value`` to heads (parameters ``query``,
+    ``key``, ``value``, and ``gate`` when ``layer.use_gate``), splices the new
+    keys/values into a keras-hub ``cache``, folds the heads and the masks into
+    BTNH with ``layout``, attends, unfolds, gates, and projects the heads to
+    ``output_shape`` (parameter ``attention_output``). Call it from the layer's
+    compact method.
+
+    Args:
+      layer: the calling module, with the fields of `dense` and of
+        `keras_attention_kwargs` and ``use_gate``.
+      query: ``[B, ..., Dq]``.
+      value: ``[B, ..., Dv]``; unused (may be None) with a ``cache`` and no
+        ``cache_update_index``.
+      key: ``[B, ..., Dk]``, as ``value``.
+      heads: ``(N, K)``: query heads and key/value heads.
+      head_dims: ``(H, Hv)``: query/key head size and value head size.
+      output_shape: the output's trailing shape (``(Dq,)`` as Keras' default).
+      layout: how the inputs map onto BTNH (`gqa_jax.modules.attention_axes`).
+      query_mask, value_mask, key_mask, attention_mask: Keras' masks, in the
+        shapes ``layout`` folds (see `keras_attention_mask`).
+      return_attention_scores: also return the weights ``[B, N, T, S]`` (as
+        ``layout`` unfolds them).
+      deterministic: no dropout.
+      use_causal_mask: Keras' top-left causal mask; the queries sit at
+        ``cache_update_index + t`` with an index.
+      cache: a checked keras-hub cache ``[B, 2, S, K, H]`` or None (see
+        `gqa_jax.modules.keras_cache.cached_key_value`).
+      cache_update_index: None, or int / int ``[B]``: where the new keys and
+        values go in ``cache``.
+      attend: the attention, called as ``attend(q [B, T, N, H], k [B, S, K, H],
+        v [B, S, K, Hv], mask=..., **keras_attention_kwargs)``:
+        `gqa_jax.dot_product_attention`, or a layer's own cache.
+
+    Returns:
+      ``output [B, ..., *output_shape]``, then the scores and the updated
+      cache where present (see `keras_outputs`).
+    """
+    num_heads, num_kv_heads = heads
+    key_dim, value_dim = head_dims
+    static_cache = cache is not None and cache_update_index is None
+    q = dense(layer, "query", (num_heads, key_dim), query)
+    gate = nn.sigmoid(dense(layer, "gate", (num_heads, value_dim), query)) if layer.use_gate else None
+    k = None if static_cache else dense(layer, "key", (num_kv_heads, key_dim), key)
+    v = None if static_cache else dense(layer, "value", (num_kv_heads, value_dim), value)
+    if cache is not None:
+        k, v, cache = cached_key_value(cache, cache_update_index, k, v)
+    q_shape, kv_shape = q.shape[:-2], k.shape[:-2]
+    mask = keras_attention_mask(*layout.fold_masks(attention_mask, query_mask, value_mask, key_mask, q_shape, kv_shape))
+    options = keras_attention_kwargs(
+        layer,
+        use_causal_mask=use_causal_mask,
+        query_offset=0 if cache_update_index is None else cache_update_index,
+        deterministic=deterministic,
+        return_attention_scores=return_attention_scores,
+    )
+    result = attend(layout.fold(q, 2), layout.fold(k, 2), layout.fold(v, 2), mask=mask, **options)
+    out, scores = result if return_attention_scores else (result, None)
+    out = layout.unfold(out, q_shape)
+    if gate is not None:
+        out = out * gate.astype(out.dtype)
+    out = dense(layer, "attention_output", output_shape, out, contract=2)
+    scores = None if scores is None else layout.unfold_scores(scores, q_shape, kv_shape)
+    return keras_outputs(out, scores, cache)

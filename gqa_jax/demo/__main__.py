@@ -1,7 +1,7 @@
 """``python -m gqa_jax.demo``: train a small grouped-query-attention decoder, then decode with its KV cache.
 
 Trains the reference decoder (`gqa_jax.models.Decoder`) from scratch to sort
-or reverse strings of digits (`gqa_jax.demo_task`; nothing is downloaded), with
+or reverse strings of digits (`gqa_jax.demo.task`; nothing is downloaded), with
 a progress bar showing the loss; then generates answers for new, ragged
 prompts with the jitted cached loop (`gqa_jax.decoding.generate`), prints
 samples and the exact-match accuracy, and compares decoding speed with the
@@ -25,10 +25,10 @@ import numpy as np
 import optax
 
 from gqa_jax.decoding import generate, generate_without_cache
-from gqa_jax.demo_task import END, OPERATIONS, VOCAB, Examples, decode
+from gqa_jax.demo.progress import ProgressBar
+from gqa_jax.demo.task import END, OPERATIONS, VOCAB, Examples, decode
 from gqa_jax.dispatch import implementations
 from gqa_jax.models import Decoder, DecoderConfig
-from gqa_jax.progress import ProgressBar
 
 SIZES = {
     "tiny": dict(num_layers=1, model_dim=32, num_heads=4, num_kv_heads=2),
