@@ -3,7 +3,7 @@
 | | GPU (Triton, Mosaic GPU) | TPU (Mosaic TPU) |
 |---|---|---|
 | exponent | base 2: ``exp2``, with ``log2(e)`` folded into the scale (one FMA per logit) | natural ``exp`` (the TPU EUP has no cheaper ``exp2``) |
-| masked logit | `MASK_VALUE` (finite: ``exp2(MASK_VALUE - m)`` is 0, never ``inf - inf``) | ``-inf`` (the running max starts at the finite `MASK_VALUE`) |
+| masked logit | Triton: `MASK_VALUE` (finite: ``exp2(MASK_VALUE - m)`` is 0, never ``inf - inf``); Mosaic GPU: ``-inf`` with the running max floored at a finite value | ``-inf`` (the running max starts at the finite `MASK_VALUE`) |
 | log-sum-exp of a row that sees no key | `DEAD_LSE` (``exp2(s - DEAD_LSE) == 0`` in the backward) | ``+inf`` |
 | skipping masked tiles | loop bounds computed in the kernel from the rules | per-row visit tables prefetched to SMEM (the grid is static) |
 

@@ -42,7 +42,7 @@ def fake_gpu(monkeypatch):
 
 def test_platform_order():
     assert gqa_jax.implementations("cpu") == ("xla",)
-    assert gqa_jax.implementations("gpu")[:3] == ("pallas_triton", "cudnn", "xla")
+    assert gqa_jax.implementations("gpu") == ("pallas_mosaic_gpu", "pallas_triton", "cudnn", "xla")
 
 
 def test_none_picks_the_best_that_serves(fake_gpu, recorder):

@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("prefill", "decode", "e2e"), help="run one family of shapes")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (median); default 10, 3 with --quick")
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for results.json and charts")
+    parser.add_argument("--skip", nargs="*", default=(), metavar="TEXT",
+                        help="leave out the implementations whose name contains any of these")
     args = parser.parse_args(argv)
     reps = args.reps or (3 if args.quick else 10)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -101,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     prefill_shapes = prefill.QUICK_SHAPES if args.quick else prefill.FULL_SHAPES
     decode_shapes = decode.QUICK_SHAPES if args.quick else decode.FULL_SHAPES
     prefill_impls, decode_impls = prefill.implementations(args.quick), decode.implementations(args.quick)
+    if args.skip:
+        prefill_impls, decode_impls = ({name: build for name, build in impls.items()
+                                        if not any(text in name for text in args.skip)}
+                                       for impls in (prefill_impls, decode_impls))
     e2e_shapes = e2e.shapes(args.quick)
     total = (run_prefill * 2 * len(prefill_shapes) * len(prefill_impls)
              + run_decode * len(decode_shapes) * len(decode_impls)

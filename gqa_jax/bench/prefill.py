@@ -47,15 +47,25 @@ FULL_SHAPES = [
 ]
 QUICK_SHAPES = [PrefillShape(1, 128, 4, 2, 64, causal) for causal in (True, False)]
 
-OURS = "gqa_jax pallas_triton"
+MOSAIC = "gqa_jax pallas_mosaic_gpu"
+TRITON = "gqa_jax pallas_triton"
+OURS = (MOSAIC, TRITON)
 
 
-def _ours(shape: PrefillShape, interpret: bool) -> Callable:
+def _triton(shape: PrefillShape, interpret: bool) -> Callable:
     if interpret:
         from pallas_kernels.gpu import flash_attention
 
         return lambda q, k, v: flash_attention(q, k, v, is_causal=shape.causal, interpret=True)
-    return lambda q, k, v: gqa_jax.dot_product_attention(q, k, v, is_causal=shape.causal, implementation="pallas_triton")
+    return lambda q, k, v: gqa_jax.dot_product_attention(q, k, v, is_causal=shape.causal,
+                                                         implementation="pallas_triton")
+
+
+def _mosaic(shape: PrefillShape, interpret: bool) -> Callable:
+    """The Mosaic-GPU kernel itself (its Triton backward included), also where dispatch prefers Triton."""
+    from pallas_kernels.gpu import flash_attention_mgpu
+
+    return lambda q, k, v: flash_attention_mgpu.flash_attention(q, k, v, is_causal=shape.causal)
 
 
 # The XLA path materializes float32 logits [B,N,S,S]: skip it where they pass this size.
@@ -98,8 +108,9 @@ def _tokamax(implementation: str):
 
 def implementations(quick: bool) -> dict[str, Callable]:
     """Name -> builder(shape, interpret) of every implementation to time."""
-    impls = {OURS: _ours, "jax.nn xla": _jax_nn("xla")}
+    impls = {TRITON: _triton, "jax.nn xla": _jax_nn("xla")}
     if not quick:
+        impls = {MOSAIC: _mosaic, **impls}
         impls["jax.nn cudnn"] = _jax_nn("cudnn")
         impls["jax pallas op (repeated K/V)"] = _jax_pallas_op
         impls["tokamax triton"] = _tokamax("triton")

@@ -7,21 +7,32 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def ratio_to_best_peer(results: list[dict], ours: str, metric: str) -> dict[tuple[str, str], float | None]:
-    """``(case, mode) -> ours / best peer`` on ``metric`` (higher is better)."""
+def _names(ours: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (ours,) if isinstance(ours, str) else tuple(ours)
+
+
+def ratio_to_best_peer(results: list[dict], ours: str | tuple[str, ...], metric: str
+                       ) -> dict[tuple[str, str, str], float | None]:
+    """``(case, mode, our impl) -> ours / best peer`` on ``metric`` (higher is better).
+
+    ``ours`` names one or more of our implementations; none of them counts as a peer.
+    """
+    ours = _names(ours)
     groups = defaultdict(dict)
     for r in results:
         if r.get(metric) is not None:
             groups[(r["case"], r["mode"])][r["impl"]] = r[metric]
     ratios = {}
-    for key, by_impl in groups.items():
-        peers = [v for name, v in by_impl.items() if name != ours]
-        ratios[key] = by_impl[ours] / max(peers) if ours in by_impl and peers else None
+    for (case, mode), by_impl in groups.items():
+        peers = [v for name, v in by_impl.items() if name not in ours]
+        for name in ours:
+            ratios[(case, mode, name)] = by_impl[name] / max(peers) if name in by_impl and peers else None
     return ratios
 
 
-def markdown_table(results: list[dict], ours: str, metric: str, unit: str, extra: str | None = None) -> str:
-    """One row per (case, mode, implementation), our row marked with the ratio to the best peer."""
+def markdown_table(results: list[dict], ours: str | tuple[str, ...], metric: str, unit: str,
+                   extra: str | None = None) -> str:
+    """One row per (case, mode, implementation), our rows marked with the ratio to the best peer."""
     ratios = ratio_to_best_peer(results, ours, metric)
     header = f"| case | mode | implementation | time (ms) | {unit} |" + (f" {extra} |" if extra else "") + " ours / best peer |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -30,8 +41,8 @@ def markdown_table(results: list[dict], ours: str, metric: str, unit: str, extra
         ms = "—" if r.get("seconds") is None else f"{1e3 * r['seconds']:.3f}"
         note = r.get("error") or ""
         ratio = ""
-        if r["impl"] == ours and ratios.get((r["case"], r["mode"])) is not None:
-            ratio = f"{ratios[(r['case'], r['mode'])]:.2f}x"
+        if ratios.get((r["case"], r["mode"], r["impl"])) is not None:
+            ratio = f"{ratios[(r['case'], r['mode'], r['impl'])]:.2f}x"
         row = f"| {r['case']} | {r['mode']} | {r['impl']} | {ms} | {value if not note else note} |"
         if extra:
             row += f" {'' if r.get(extra) is None else format(r[extra], '.2f')} |"

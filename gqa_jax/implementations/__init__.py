@@ -7,10 +7,11 @@ with `gqa_jax.register_implementation` and follows the same protocol
 returns None or the reason it cannot serve, then ``call(request)`` serves.
 """
 
-from gqa_jax.implementations import cudnn, pallas_tpu, pallas_triton, xla
+from gqa_jax.implementations import cudnn, pallas_mosaic_gpu, pallas_tpu, pallas_triton, xla
 from gqa_jax.implementations._common import Implementation
 
 BUILTIN: tuple[Implementation, ...] = (
+    pallas_mosaic_gpu.IMPLEMENTATION,
     pallas_triton.IMPLEMENTATION,
     pallas_tpu.IMPLEMENTATION,
     cudnn.IMPLEMENTATION,

@@ -238,7 +238,7 @@ def _forward(st: _Static, q, k, v, lengths, q_off):
         out_shape=jax.ShapeDtypeStruct((B, C, R_pad, hb * Hv), q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=st.interpret,
-        name="gqa_decode",
+        name="gqa_decode_attention",
     )(lengths, q_off, row_t, q_rows, k.reshape(B, S, K * H), v.reshape(B, S, K * Hv))
     # Keep each row's own head columns: [B, C, hb, G, T, hb, Hv] -> diagonal over the two hb axes.
     out = jnp.diagonal(out[:, :, :R].reshape(B, C, hb, G, T, hb, Hv), axis1=2, axis2=5)  # [B, C, G, T, Hv, hb]

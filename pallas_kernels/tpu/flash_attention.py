@@ -340,7 +340,7 @@ def _forward(st: _Static, q, k, v, bias, rows: Rules):
     B, N, _, T_pad, _ = _dims(st, q, k)
     bq, bk, Hv = st.blocks.block_q, st.blocks.block_k, st.value_head_dim
     out, lse = _q_major_call(
-        st, _forward_kernel, "gqa_flash_fwd", rows, q, k, v, bias, block_q=bq, block_k=bk, dense=False,
+        st, _forward_kernel, "gqa_flash_forward", rows, q, k, v, bias, block_q=bq, block_k=bk, dense=False,
         extra_specs=(), extra_args=(),
         out_specs=[_head_spec(st, bq, Hv, lambda b, n, i, j, *_: (b, n, i)),
                    pl.BlockSpec((None, None, bq, NUM_LANES), lambda b, n, i, j, *_: (b, n, i, 0))],
@@ -412,7 +412,7 @@ def _backward(st: _Static, q, k, v, bias, rows: Rules, out, lse, do, dbias_wante
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
         interpret=st.interpret,
-        name="gqa_flash_dkv",
+        name="gqa_flash_dkdv",
     )(rows.q_offset, rows.q_len, rows.kv_len, start, count, q, k, v, bias, q_seg, kv_seg, lse_rows, di_rows, do)
 
     if dbias is not None:

@@ -1,0 +1,41 @@
+"""The ``"pallas_mosaic_gpu"`` implementation: our Hopper flash attention (Pallas Mosaic GPU).
+
+First on GPUs of compute capability 9.x for the prefill-shaped calls its
+kernel serves (`pallas_kernels.gpu.flash_attention_mgpu.unsupported_reason`
+says what it does not: a bias or dense mask, segment ids, float32, head dims
+other than 64/128/256); decode-shaped calls, causal calls with head dim 64
+(where the Triton forward measured faster on the H200: 299 against 281 TFLOP/s
+at B4 S2048 N16 K2, BENCHMARKS.md), and everything else fall back to
+``"pallas_triton"`` per request. The forward runs on Mosaic GPU, the backward
+on the Triton backward kernels from its residuals.
+"""
+
+from __future__ import annotations
+
+from gqa_jax.implementations._common import Implementation, is_decode_shaped, kernel_refusal
+from gqa_jax.request import AttentionRequest
+from pallas_kernels.gpu import flash_attention_mgpu
+
+# Causal calls at or below this head dim go to Triton (measured faster there).
+CAUSAL_MIN_HEAD_DIM = 64
+
+
+def supports(request: AttentionRequest) -> str | None:
+    reason = kernel_refusal(request)
+    if reason is not None:
+        return reason
+    if request.has_dense_masks:
+        return "a bias or dense mask is not supported"
+    if is_decode_shaped(request):
+        return "decode-shaped calls go to the Triton decode kernel"
+    if request.rules.is_causal and request.head_dim <= CAUSAL_MIN_HEAD_DIM:
+        return f"causal head dim {request.head_dim}: the Triton kernel measured faster"
+    return flash_attention_mgpu.unsupported_reason(request.query, request.key, request.value, request.rules, None)
+
+
+def mosaic_attention(request: AttentionRequest):
+    return flash_attention_mgpu.flash_attention_core(request.query, request.key, request.value, request.rules)
+
+
+IMPLEMENTATION = Implementation(name="pallas_mosaic_gpu", platforms=("gpu",), priority=30, supports=supports,
+                                call=mosaic_attention)
