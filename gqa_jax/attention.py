@@ -73,7 +73,8 @@ def dot_product_attention(
       return_weights: also return the weights.
       implementation: None (the fastest that serves the call on this
         platform), a name such as ``"xla"``, ``"cudnn"``, ``"pallas_triton"``,
-        ``"pallas_tpu"``, or a sequence of names tried in order.
+        ``"pallas_mosaic_gpu"``, ``"pallas_tpu"``, or a sequence of names
+        asked in order.
 
     Returns:
       ``[B, T, N, Hv]`` in the query dtype, or ``(output, weights)`` with
