@@ -74,10 +74,15 @@ def test_refuses_what_it_does_not_serve_by_name(case):
         mgpu.flash_attention(q, k, v, **rules)
 
 
-def test_float32_is_refused():
+def test_float32_and_non_positive_scales_are_refused():
     q = jnp.zeros((1, 8, 2, 64), jnp.float32)
     with pytest.raises(NotImplementedError, match="bf16 or fp16"):
         mgpu.flash_attention(q, q, q)
+    for scale in (-0.5, 0.0):
+        with pytest.raises(NotImplementedError, match=f"scale must be positive.*scale={scale}"):
+            mgpu.flash_attention(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), scale=scale)
+    out = jax.eval_shape(lambda q: mgpu.flash_attention(q, q, q, scale=-0.5, logits_soft_cap=5.0), q.astype(jnp.bfloat16))
+    assert out.shape == q.shape  # with a soft-cap the tanh comes first: any scale works
 
 
 def test_block_sizes_validate_and_fit_shared_memory():

@@ -239,6 +239,9 @@ def _unsupported_inputs(query, key, value, rules: Rules, bias) -> str | None:
     H, Hv = query.shape[-1], value.shape[-1]
     if H not in HEAD_DIMS or Hv != H:
         return f"head dims must be equal and one of {HEAD_DIMS}, got H={H}, Hv={Hv}"
+    if rules.soft_cap is None and rules.scale <= 0:
+        # The kernel takes the row max before scaling (max(s) * scale == max(s * scale) needs scale > 0).
+        return f"the logit scale must be positive without a soft-cap, got scale={rules.scale}"
     return None
 
 
