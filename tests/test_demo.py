@@ -38,6 +38,15 @@ def test_demo_learns_and_reports(capsys):
     assert re.search(r"the cache is \d+\.\dx faster", out)
 
 
+@pytest.mark.parametrize("steps", [1, 100])
+def test_short_runs_train_and_report(steps, capsys):
+    # 100 steps used to crash: the warm-up took every step and left the cosine decay none.
+    argv = ["--size", "tiny", "--steps", str(steps), "--max-digits", "2", "--batch-size", "8",
+            "--eval-examples", "6", "--decode-tokens", "2", "--seed", "2"]
+    assert main(argv) == 0
+    assert re.search(r"accuracy on 6 new problems: \d+\.\d% exact", capsys.readouterr().out)
+
+
 def test_help_lists_the_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])

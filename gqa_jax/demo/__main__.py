@@ -71,7 +71,8 @@ def train(model: Decoder, args: argparse.Namespace, rng: np.random.Generator):
     """AdamW on the answer tokens' cross-entropy; returns the params."""
     width = 2 * args.max_digits + 3
     params = jax.jit(model.init)(jax.random.key(args.seed), jnp.zeros((1, width), jnp.int32))["params"]
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.learning_rate, min(100, args.steps), args.steps,
+    # Warm up over a tenth of the run (at most 100 steps), so the cosine part is never empty.
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.learning_rate, min(100, args.steps // 10), args.steps,
                                                   args.learning_rate / 10)
     optimizer = optax.adamw(schedule, weight_decay=0.01)
 
