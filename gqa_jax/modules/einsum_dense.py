@@ -51,30 +51,60 @@ class EinsumDense(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         features = tuple(self.features)
-        if self.contract == 1 and len(features) != 2:
-            raise ValueError(f"a heads projection needs features=(N, H), got {features=}")
-        if self.contract not in (1, 2):
-            raise ValueError(f"contract must be 1 or 2, got contract={self.contract}")
+        check_features(features, self.contract)
         x = jnp.asarray(x)
-        lead, contracted = x.shape[: x.ndim - self.contract], x.shape[x.ndim - self.contract :]
-        axes = tuple(range(self.contract)), tuple(range(self.contract, self.contract + len(features)))
-        kernel_init = keras_initializer(self.kernel_init, in_axis=axes[0], out_axis=axes[1])
-        kernel = self.param("kernel", kernel_init, contracted + features, self.param_dtype)
+        contracted = x.shape[x.ndim - self.contract :]
+        kernel = self.param("kernel", kernel_initializer(self.kernel_init, self.contract, features),
+                            contracted + features, self.param_dtype)
         bias = None
         if self.use_bias:
             bias = self.param("bias", keras_initializer(self.bias_init), features, self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if self.contract == 1:
-            y = project_heads(x.reshape(1, -1, contracted[0]), kernel, bias, precision=self.precision)
-        else:
-            size = math.prod(features)
-            y = project_output(
-                x.reshape(1, -1, *contracted),
-                kernel.reshape(*contracted, size),
-                None if bias is None else bias.reshape(size),
-                precision=self.precision,
-            )
-        return y.reshape(lead + features)
+        return einsum_dense(x, kernel, bias, contract=self.contract, dtype=self.dtype, precision=self.precision)
+
+
+def check_features(features: tuple[int, ...], contract: int) -> None:
+    """Raises ``ValueError`` unless ``contract`` is 1 with ``features=(N, H)``, or 2."""
+    if contract == 1 and len(features) != 2:
+        raise ValueError(f"a heads projection needs features=(N, H), got {features=}")
+    if contract not in (1, 2):
+        raise ValueError(f"contract must be 1 or 2, got contract={contract}")
+
+
+def kernel_initializer(init: Initializer | str, contract: int, features: tuple[int, ...]) -> Initializer:
+    """``init`` resolved with Keras' fans: the ``contract`` leading kernel axes in, the ``features`` axes out."""
+    return keras_initializer(
+        init, in_axis=tuple(range(contract)), out_axis=tuple(range(contract, contract + len(features)))
+    )
+
+
+def einsum_dense(x: Array, kernel: Array, bias: Array | None, *, contract: int, dtype=None, precision=None) -> Array:
+    """The projection of `EinsumDense` with given parameters (shared by the linen and NNX layers).
+
+    Args:
+      x: ``[..., D]`` (``contract=1``) or ``[..., N, H]`` (``contract=2``).
+      kernel: ``[D, N, H]`` or ``[N, H, *features]``.
+      bias: ``features`` (the kernel's trailing shape) or None.
+      contract: trailing axes of ``x`` contracted, 1 or 2.
+      dtype: computation dtype (default: promoted from the inputs).
+      precision: passed to the einsums.
+
+    Returns:
+      ``[..., *features]``.
+    """
+    x, kernel, bias = nn.dtypes.promote_dtype(jnp.asarray(x), kernel, bias, dtype=dtype)
+    lead, contracted = x.shape[: x.ndim - contract], x.shape[x.ndim - contract :]
+    features = kernel.shape[contract:]
+    if contract == 1:
+        y = project_heads(x.reshape(1, -1, contracted[0]), kernel, bias, precision=precision)
+    else:
+        size = math.prod(features)
+        y = project_output(
+            x.reshape(1, -1, *contracted),
+            kernel.reshape(*contracted, size),
+            None if bias is None else bias.reshape(size),
+            precision=precision,
+        )
+    return y.reshape(lead + features)
 
 
 def dense(layer: nn.Module, name: str, features: Sequence[int], x: Array, *, contract: int = 1) -> Array:

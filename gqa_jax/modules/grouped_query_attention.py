@@ -22,6 +22,7 @@ from gqa_jax.attention import dot_product_attention
 from gqa_jax.kv_cache import KVCache
 from gqa_jax.modules.attention_axes import SequenceLayout
 from gqa_jax.modules.checks import check_positive_int
+from gqa_jax.modules.decode_cache import decode_attention
 from gqa_jax.modules.initializers import Initializer
 from gqa_jax.modules.keras_attention import check_cache_index, check_keras_fields, keras_attention
 from gqa_jax.modules.keras_cache import check_cache
@@ -198,10 +199,10 @@ class GroupedQueryAttention(nn.Module):
         cache_index = self.variable("cache", "cache_index", jnp.zeros, k.shape[:1], jnp.int32)
         if not initialized:  # init: the inputs set the capacity; attend without the cache
             return dot_product_attention(q, k, v, mask=mask, **options)
-        cache = KVCache(cached_key.value, cached_value.value, cache_index.value).update(k, v, num_new=num_new)
+        cache = KVCache(cached_key.value, cached_value.value, cache_index.value)
+        out, cache = decode_attention(cache, q, k, v, num_new=num_new, mask=mask, **options)
         cached_key.value, cached_value.value, cache_index.value = cache.key, cache.value, cache.lengths
-        del options["query_offset"]  # the cache's positions
-        return cache.attend(q, num_new=num_new, mask=mask, **options)
+        return out
 
 
 GroupQueryAttention = GroupedQueryAttention

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import flax.linen as nn
-
 from gqa_jax.dispatch import current_platform, implementations
 
 # zeta / llm-foundry ``attn_impl`` names: "torch" is the plain einsum path; the
@@ -73,7 +71,7 @@ def resolve_implementation(
 
 
 def dispatch_kwargs(
-    layer: nn.Module,
+    layer,
     *,
     dropout: float,
     deterministic: bool,
@@ -83,8 +81,9 @@ def dispatch_kwargs(
 ) -> dict:
     """Dropout, weights and implementation keywords of `gqa_jax.dot_product_attention`.
 
-    Draws the dropout key from ``layer``'s ``"dropout"`` rng stream when
-    dropout is on (``dropout > 0`` and not ``deterministic``).
+    Draws the dropout key with ``layer.make_rng("dropout")`` when dropout is
+    on (``dropout > 0`` and not ``deterministic``): a linen module's rng
+    stream, or an NNX layer's method of that name.
     """
     rate = 0.0 if deterministic else float(dropout)
     return {

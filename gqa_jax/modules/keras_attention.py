@@ -20,9 +20,9 @@ a uniform average on its fused path.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -95,7 +95,8 @@ def keras_attention_kwargs(
 
     Args:
       layer: a module with ``dropout``, ``sliding_window``, ``flash_attention``
-        and ``implementation`` fields (and a ``"dropout"`` rng when training).
+        and ``implementation`` fields (and ``make_rng("dropout")`` when
+        training: linen's, or the NNX layers' own).
       use_causal_mask: the causal rule.
       query_offset: position of the first query (see `keras_position_rules`).
       deterministic: no dropout.
@@ -131,7 +132,7 @@ def check_cache_index(cache, cache_update_index) -> None:
 
 
 def keras_attention(
-    layer: nn.Module,
+    layer,
     query: Array,
     value: Array | None,
     key: Array | None,
@@ -150,6 +151,7 @@ def keras_attention(
     cache: Array | None = None,
     cache_update_index=None,
     attend: Callable = dot_product_attention,
+    project: Callable | None = None,
 ):
     """The body of a Keras attention layer, from its checked inputs to its outputs.
 
@@ -161,8 +163,8 @@ def keras_attention(
     compact method.
 
     Args:
-      layer: the calling module, with the fields of `dense` and of
-        `keras_attention_kwargs` and ``use_gate``.
+      layer: the calling module, with the fields of `keras_attention_kwargs`
+        and ``use_gate`` (and those of `dense` unless ``project`` is given).
       query: ``[B, ..., Dq]``.
       value: ``[B, ..., Dv]``; unused (may be None) with a ``cache`` and no
         ``cache_update_index``.
@@ -185,6 +187,10 @@ def keras_attention(
       attend: the attention, called as ``attend(q [B, T, N, H], k [B, S, K, H],
         v [B, S, K, Hv], mask=..., **keras_attention_kwargs)``:
         `gqa_jax.dot_product_attention`, or a layer's own cache.
+      project: the projections, called as ``project(name, features, x,
+        contract=1 | 2)`` (see `gqa_jax.modules.einsum_dense.EinsumDense`);
+        default: a linen `dense` sublayer of ``layer`` per name. The NNX
+        layers pass their own sublayers.
 
     Returns:
       ``output [B, ..., *output_shape]``, then the scores and the updated
@@ -192,11 +198,12 @@ def keras_attention(
     """
     num_heads, num_kv_heads = heads
     key_dim, value_dim = head_dims
+    project = functools.partial(dense, layer) if project is None else project
     static_cache = cache is not None and cache_update_index is None
-    q = dense(layer, "query", (num_heads, key_dim), query)
-    gate = nn.sigmoid(dense(layer, "gate", (num_heads, value_dim), query)) if layer.use_gate else None
-    k = None if static_cache else dense(layer, "key", (num_kv_heads, key_dim), key)
-    v = None if static_cache else dense(layer, "value", (num_kv_heads, value_dim), value)
+    q = project("query", (num_heads, key_dim), query)
+    gate = jax.nn.sigmoid(project("gate", (num_heads, value_dim), query)) if layer.use_gate else None
+    k = None if static_cache else project("key", (num_kv_heads, key_dim), key)
+    v = None if static_cache else project("value", (num_kv_heads, value_dim), value)
     if cache is not None:
         k, v, cache = cached_key_value(cache, cache_update_index, k, v)
     q_shape, kv_shape = q.shape[:-2], k.shape[:-2]
@@ -213,6 +220,6 @@ def keras_attention(
     out = layout.unfold(out, q_shape)
     if gate is not None:
         out = out * gate.astype(out.dtype)
-    out = dense(layer, "attention_output", output_shape, out, contract=2)
+    out = project("attention_output", output_shape, out, contract=2)
     scores = None if scores is None else layout.unfold_scores(scores, q_shape, kv_shape)
     return keras_outputs(out, scores, cache)

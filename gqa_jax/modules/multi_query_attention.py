@@ -115,11 +115,6 @@ class MultiQueryAttention(nn.Module):
           ``past_key_value`` is None if it was None, else the extended tuple or
           the updated `KVCache`.
         """
-        x = jnp.asarray(x)
-        if x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be [B,T,dim] with dim={self.dim}, got x.shape={tuple(x.shape)}")
-        B, T, _ = x.shape
-        H = self.dim // self.heads
         linear = dict(
             kernel_init=self.kernel_init,
             bias_init=self.bias_init,
@@ -127,52 +122,89 @@ class MultiQueryAttention(nn.Module):
             param_dtype=self.param_dtype,
             precision=self.precision,
         )
-        qkv = nn.Dense(self.dim + 2 * H, name="Wqkv", **linear)(x)
-        if self.clip_qkv:
-            qkv = jnp.clip(qkv, -self.clip_qkv, self.clip_qkv)
-        query, key, value = jnp.split(qkv, [self.dim, self.dim + H], axis=-1)
-        if self.qk_ln:
-            norm = dict(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
-            query = nn.LayerNorm(name="q_ln", **norm)(query).astype(qkv.dtype)
-            key = nn.LayerNorm(name="k_ln", **norm)(key).astype(qkv.dtype)
-        q = query.reshape(B, T, self.heads, H)
-        k, v = key.reshape(B, T, 1, H), value.reshape(B, T, 1, H)
-        implementation = self.attn_impl
-        if isinstance(implementation, str):
-            implementation = ZETA_ATTN_IMPL.get(implementation, implementation)
-        options = dispatch_kwargs(
+        norm = dict(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
+        return zeta_attention(
             self,
-            dropout=self.attn_pdrop,
+            x,
+            wqkv=nn.Dense(self.dim + 2 * (self.dim // self.heads), name="Wqkv", **linear),
+            out_proj=nn.Dense(self.dim, name="out_proj", **linear),
+            qk_norms=(nn.LayerNorm(name="q_ln", **norm), nn.LayerNorm(name="k_ln", **norm)) if self.qk_ln else None,
+            past_key_value=past_key_value,
+            bias=bias,
+            mask=mask,
+            causal=causal,
+            needs_weights=needs_weights,
             deterministic=deterministic,
-            return_weights=needs_weights,
-            implementation=implementation,
         )
-        if isinstance(past_key_value, KVCache):
-            past_key_value = past_key_value.update(k, v)
-            S = past_key_value.capacity
-            attend = functools.partial(past_key_value.attend, q, is_causal=causal)
-        else:
-            if past_key_value is not None:
-                if len(past_key_value) not in (0, 2):
-                    raise ValueError(
-                        f"past_key_value must be (), (key, value) or a KVCache, got {len(past_key_value)} items"
-                    )
-                if len(past_key_value):
-                    k = jnp.concatenate([jnp.asarray(past_key_value[0]).astype(k.dtype), k], axis=1)
-                    v = jnp.concatenate([jnp.asarray(past_key_value[1]).astype(v.dtype), v], axis=1)
-                past_key_value = (k, v)
-            S = k.shape[1]
-            attend = functools.partial(dot_product_attention, q, k, v, is_causal=causal)
-        if mask is not None:
-            mask = jnp.asarray(mask)
-            if mask.shape != (B, S):
+
+
+def zeta_attention(
+    layer, x, *, wqkv, out_proj, qk_norms, past_key_value, bias, mask, causal, needs_weights, deterministic
+):
+    """The body of `MultiQueryAttention` (linen and NNX): fused projection, attention, output projection.
+
+    Args:
+      layer: the calling layer, with the fields ``dim``, ``heads``,
+        ``clip_qkv``, ``softmax_scale``, ``attn_pdrop``, ``attn_impl`` (and
+        ``make_rng("dropout")`` when training).
+      x: ``[B, T, dim]``.
+      wqkv: the fused projection ``[..., dim] -> [..., dim + 2 * H]``.
+      out_proj: the output projection ``[..., dim] -> [..., dim]``.
+      qk_norms: None, or the LayerNorms ``(q_ln, k_ln)`` of the queries and keys.
+      past_key_value, bias, mask, causal, needs_weights, deterministic: as in
+        `MultiQueryAttention.__call__`.
+
+    Returns:
+      ``(context [B, T, dim], weights or None, past_key_value)``.
+    """
+    x = jnp.asarray(x)
+    if x.ndim != 3 or x.shape[-1] != layer.dim:
+        raise ValueError(f"x must be [B,T,dim] with dim={layer.dim}, got x.shape={tuple(x.shape)}")
+    B, T, _ = x.shape
+    H = layer.dim // layer.heads
+    qkv = wqkv(x)
+    if layer.clip_qkv:
+        qkv = jnp.clip(qkv, -layer.clip_qkv, layer.clip_qkv)
+    query, key, value = jnp.split(qkv, [layer.dim, layer.dim + H], axis=-1)
+    if qk_norms is not None:
+        query, key = qk_norms[0](query).astype(qkv.dtype), qk_norms[1](key).astype(qkv.dtype)
+    q = query.reshape(B, T, layer.heads, H)
+    k, v = key.reshape(B, T, 1, H), value.reshape(B, T, 1, H)
+    implementation = layer.attn_impl
+    if isinstance(implementation, str):
+        implementation = ZETA_ATTN_IMPL.get(implementation, implementation)
+    options = dispatch_kwargs(
+        layer,
+        dropout=layer.attn_pdrop,
+        deterministic=deterministic,
+        return_weights=needs_weights,
+        implementation=implementation,
+    )
+    if isinstance(past_key_value, KVCache):
+        past_key_value = past_key_value.update(k, v)
+        S = past_key_value.capacity
+        attend = functools.partial(past_key_value.attend, q, is_causal=causal)
+    else:
+        if past_key_value is not None:
+            if len(past_key_value) not in (0, 2):
                 raise ValueError(
-                    f"mask (key padding) must have shape [B,S]=({B}, {S}), got mask.shape={tuple(mask.shape)}"
+                    f"past_key_value must be (), (key, value) or a KVCache, got {len(past_key_value)} items"
                 )
-            mask = mask.astype(jnp.bool_)[:, None, None, :]
-        result = attend(
-            bias=None if bias is None else _slice_bias(bias, T, S), mask=mask, scale=self.softmax_scale, **options
-        )
-        context, weights = result if needs_weights else (result, None)
-        out = nn.Dense(self.dim, name="out_proj", **linear)(context.reshape(B, T, self.dim))
-        return out, weights, past_key_value
+            if len(past_key_value):
+                k = jnp.concatenate([jnp.asarray(past_key_value[0]).astype(k.dtype), k], axis=1)
+                v = jnp.concatenate([jnp.asarray(past_key_value[1]).astype(v.dtype), v], axis=1)
+            past_key_value = (k, v)
+        S = k.shape[1]
+        attend = functools.partial(dot_product_attention, q, k, v, is_causal=causal)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.shape != (B, S):
+            raise ValueError(
+                f"mask (key padding) must have shape [B,S]=({B}, {S}), got mask.shape={tuple(mask.shape)}"
+            )
+        mask = mask.astype(jnp.bool_)[:, None, None, :]
+    result = attend(
+        bias=None if bias is None else _slice_bias(bias, T, S), mask=mask, scale=layer.softmax_scale, **options
+    )
+    context, weights = result if needs_weights else (result, None)
+    return out_proj(context.reshape(B, T, layer.dim)), weights, past_key_value
