@@ -25,15 +25,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gqa_jax.kv_cache import KVCache
 from gqa_jax.models import Cache, Decoder, init_cache
 from gqa_jax.request import concrete_value
+from pallas_kernels.arguments import positive_int
+from pallas_kernels.rules import check_int32_range
 
 Array = jax.Array
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +66,11 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"temperature must be a non-negative float, got temperature={self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+        if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a non-negative finite float, got temperature={self.temperature!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got top_k={self.top_k!r}")
-        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+        if self.top_p is not None and not (_is_real(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1] or None, got top_p={self.top_p!r}")
         if self.temperature == 0 and (self.top_k is not None or self.top_p is not None):
             raise ValueError(
@@ -120,29 +133,63 @@ class Generation:
     cache: Cache | None
 
 
-def _check_prompt(prompt, prompt_lengths, max_new_tokens: int) -> tuple[Array, Array]:
-    """``prompt`` int32 ``[B, P]`` and its lengths int32 ``[B]`` (default ``P``), after checking them."""
+def _check_prompt(model, prompt, prompt_lengths, max_new_tokens: int, sampling) -> tuple[Array, Array]:
+    """``prompt`` int32 ``[B, P]`` and its lengths int32 ``[B]`` (default ``P``), after checking them and the settings.
+
+    Token ids of the real prompt tokens (not the padding) are checked against
+    the vocabulary when their values are known here.
+    """
+    if not isinstance(model, Decoder):
+        raise TypeError(f"model must be a gqa_jax.models.Decoder, got model of type {type(model).__name__}")
+    if not isinstance(sampling, Sampling):
+        raise TypeError(f"sampling must be a gqa_jax.decoding.Sampling, got {sampling=}")
     prompt_BP = jnp.asarray(prompt)
     if prompt_BP.ndim != 2:
         raise ValueError(f"prompt must have rank 2 [B,P], got prompt.shape={tuple(prompt_BP.shape)}")
     if not jnp.issubdtype(prompt_BP.dtype, jnp.integer):
         raise TypeError(f"prompt must be int token ids, got prompt.dtype={prompt_BP.dtype}")
     B, P = prompt_BP.shape
-    if P < 1:
-        raise ValueError(f"prompts need at least one token, got prompt.shape={tuple(prompt_BP.shape)}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens=}")
+    if P < 1 or B < 1:
+        raise ValueError(f"prompts need a row and at least one token, got prompt.shape={tuple(prompt_BP.shape)}")
+    max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
     if prompt_lengths is None:
-        return prompt_BP.astype(jnp.int32), jnp.full((B,), P, jnp.int32)
-    lengths_B = jnp.asarray(prompt_lengths)
-    if lengths_B.shape != (B,):
-        raise ValueError(f"prompt_lengths must have shape [B]=({B},), got prompt_lengths.shape={lengths_B.shape}")
-    if not jnp.issubdtype(lengths_B.dtype, jnp.integer):
-        raise TypeError(f"prompt_lengths must be an int array, got prompt_lengths.dtype={lengths_B.dtype}")
-    values = concrete_value(lengths_B)
-    if values is not None and ((values < 1) | (values > P)).any():
-        raise ValueError(f"prompt_lengths must be in [1, P={P}], got prompt_lengths={values.tolist()}")
+        lengths_B = jnp.full((B,), P, jnp.int32)
+    else:
+        lengths_B = jnp.asarray(prompt_lengths)
+        if lengths_B.shape != (B,):
+            raise ValueError(f"prompt_lengths must have shape [B]=({B},), got prompt_lengths.shape={lengths_B.shape}")
+        if not jnp.issubdtype(lengths_B.dtype, jnp.integer):
+            raise TypeError(f"prompt_lengths must be an int array, got prompt_lengths.dtype={lengths_B.dtype}")
+        values = concrete_value(lengths_B)
+        if values is not None and ((values < 1) | (values > P)).any():
+            raise ValueError(f"prompt_lengths must be in [1, P={P}], got prompt_lengths={values.tolist()}")
+    tokens, lengths = concrete_value(prompt_BP), concrete_value(lengths_B)
+    if tokens is not None and lengths is not None:
+        real = np.arange(P)[None, :] < lengths[:, None]
+        V = model.config.vocab_size
+        bad = real & ((tokens < 0) | (tokens >= V))
+        if bad.any():
+            row, col = map(int, np.argwhere(bad)[0])
+            raise ValueError(
+                f"prompt token ids must be in [0, vocab_size={V}), got prompt[{row}, {col}]={int(tokens[row, col])}"
+            )
     return prompt_BP.astype(jnp.int32), lengths_B.astype(jnp.int32)
+
+
+def _check_cache(cache, config, batch_size: int) -> None:
+    """Raises unless ``cache`` is one `KVCache` per layer of ``config``, for ``batch_size`` rows."""
+    if not isinstance(cache, (tuple, list)) or not all(isinstance(c, KVCache) for c in cache):
+        raise TypeError(f"cache must be a tuple of KVCache (gqa_jax.models.init_cache), got {type(cache).__name__}")
+    if len(cache) != config.num_layers:
+        raise ValueError(f"cache must hold one KVCache per layer: len(cache)={len(cache)} != {config.num_layers=}")
+    expected = (batch_size, config.num_kv_heads, config.head_dim)
+    for i, layer in enumerate(cache):
+        got = (layer.key.shape[0], layer.key.shape[2], layer.key.shape[3])
+        if got != expected:
+            raise ValueError(
+                f"cache[{i}].key must have shape [B,S,K,H]=({batch_size}, S, {config.num_kv_heads}, "
+                f"{config.head_dim}) for this prompt and model, got cache[{i}].key.shape={tuple(layer.key.shape)}"
+            )
 
 
 def _check_rng(rng, sampling: Sampling):
@@ -153,11 +200,18 @@ def _check_rng(rng, sampling: Sampling):
     return jax.random.key(0)  # never drawn from
 
 
-def _token_ids(end_token: int | None, pad_token: int) -> tuple[Array, Array]:
-    """Traced (so changing them does not recompile); -1 never matches a sampled token."""
+def _token_ids(end_token: int | None, pad_token: int, vocab_size: int) -> tuple[Array, Array]:
+    """Traced (so changing them does not recompile); -1 never matches a sampled token.
+
+    ``end_token`` must be a token the model can sample, ``[0, V)``; ``pad_token``
+    is any int32 (it is never fed to the model).
+    """
     for name, value in (("end_token", end_token), ("pad_token", pad_token)):
-        if value is not None and not isinstance(value, (int, np.integer)):
+        if value is not None and not _is_int(value):
             raise TypeError(f"{name} must be an int, got {name}={value!r}")
+    if end_token is not None and not 0 <= end_token < vocab_size:
+        raise ValueError(f"end_token must be in [0, vocab_size={vocab_size}), got {end_token=}")
+    check_int32_range("pad_token", pad_token)
     end = -1 if end_token is None else end_token
     return jnp.asarray(end, jnp.int32), jnp.asarray(pad_token, jnp.int32)
 
@@ -282,10 +336,11 @@ def generate(
       ValueError: for bad prompts or lengths, or a cache that cannot hold
         ``P + max_new_tokens`` more tokens per row.
     """
-    prompt_BP, lengths_B = _check_prompt(prompt, prompt_lengths, max_new_tokens)
+    prompt_BP, lengths_B = _check_prompt(model, prompt, prompt_lengths, max_new_tokens, sampling)
     B, P = prompt_BP.shape
     if cache is None:
         cache = init_cache(model.config, B, P + max_new_tokens)
+    _check_cache(cache, model.config, B)
     used = concrete_value(cache[0].lengths)
     used = 0 if used is None else int(used.max())
     if used + P + max_new_tokens > cache[0].capacity:
@@ -294,8 +349,8 @@ def generate(
             f"+ {max_new_tokens=} = {used + P + max_new_tokens} > cache capacity={cache[0].capacity}"
         )
     return _generate_cached(
-        model, params, prompt_BP, lengths_B, tuple(cache), _check_rng(rng, sampling), *_token_ids(end_token, pad_token),
-        max_new_tokens=max_new_tokens, sampling=sampling,
+        model, params, prompt_BP, lengths_B, tuple(cache), _check_rng(rng, sampling),
+        *_token_ids(end_token, pad_token, model.config.vocab_size), max_new_tokens=int(max_new_tokens), sampling=sampling,
     )
 
 
@@ -317,8 +372,9 @@ def generate_without_cache(
     `generate` up to floating-point rounding; quadratically more work. It is
     the baseline that cached decoding is measured against.
     """
-    prompt_BP, lengths_B = _check_prompt(prompt, prompt_lengths, max_new_tokens)
+    prompt_BP, lengths_B = _check_prompt(model, prompt, prompt_lengths, max_new_tokens, sampling)
     return _generate_uncached(
-        model, params, prompt_BP, lengths_B, _check_rng(rng, sampling), *_token_ids(end_token, pad_token),
-        max_new_tokens=max_new_tokens, sampling=sampling,
+        model, params, prompt_BP, lengths_B, _check_rng(rng, sampling),
+        *_token_ids(end_token, pad_token, model.config.vocab_size), max_new_tokens=int(max_new_tokens),
+        sampling=sampling,
     )

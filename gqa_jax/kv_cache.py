@@ -20,12 +20,27 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gqa_jax.attention import dot_product_attention
 from gqa_jax.request import concrete_value
-from pallas_kernels.arguments import row_vector
+from pallas_kernels.arguments import positive_int, row_vector
 
 Array = jax.Array
+
+
+def check_same_kind(*named_arrays) -> None:
+    """Raises ``TypeError`` unless every ``(name, array)`` is floating, or every one is integer.
+
+    Writes cast to the cache's dtype (a float32 key into a bfloat16 cache is
+    rounded); a float into an integer cache, or integers into a float one,
+    would change the values silently and is refused.
+    """
+    kinds = {name: "floating" if jnp.issubdtype(x.dtype, jnp.floating) else
+             "integer" if jnp.issubdtype(x.dtype, jnp.integer) else str(x.dtype) for name, x in named_arrays}
+    if len(set(kinds.values())) > 1 or not set(kinds.values()) <= {"floating", "integer"}:
+        got = ", ".join(f"{name}.dtype={x.dtype}" for name, x in named_arrays)
+        raise TypeError(f"cache writes need floating (or integer) arrays on both sides, got {got}")
 
 
 def splice_cache(cache, new, index, *, num_new=None) -> Array:
@@ -44,10 +59,13 @@ def splice_cache(cache, new, index, *, num_new=None) -> Array:
       are never written.
 
     Raises:
-      ValueError: if shapes differ, or ``index``/``num_new`` are concrete and a
-        write would fall outside ``[0, S)``.
+      ValueError: if shapes differ, ``index`` or ``num_new`` do not fit in
+        int32, or they are concrete and a write would fall outside ``[0, S)``.
+      TypeError: for integer indices of the wrong dtype, or ``new`` of another
+        kind of dtype than ``cache`` (floating into integer or the reverse).
     """
     cache, new = jnp.asarray(cache), jnp.asarray(new)
+    check_same_kind(("cache", cache), ("new", new))
     if cache.ndim < 2 or new.ndim != cache.ndim:
         raise ValueError(f"cache [B,S,...] and new [B,T,...] must have one rank >= 2, got {cache.shape=}, {new.shape=}")
     if new.shape[0] != cache.shape[0] or new.shape[2:] != cache.shape[2:]:
@@ -62,6 +80,7 @@ def splice_cache(cache, new, index, *, num_new=None) -> Array:
     if count_value is not None and ((count_value < 0) | (count_value > T)).any():
         raise ValueError(f"num_new must be in [0, T={T}], got num_new={count_value.tolist()}")
     if index_value is not None and count_value is not None:
+        index_value, count_value = index_value.astype(np.int64), count_value.astype(np.int64)  # no int32 wrap
         if (index_value < 0).any() or (index_value + count_value > S).any():
             raise ValueError(
                 f"writing {count_value.tolist()} tokens at index={index_value.tolist()} exceeds the cache "
@@ -107,16 +126,23 @@ class KVCache:
         *,
         value_head_dim: int | None = None,
     ) -> "KVCache":
-        """An empty cache of capacity ``max_length``."""
-        for name, v in (("batch_size", batch_size), ("max_length", max_length), ("num_kv_heads", num_kv_heads),
-                        ("head_dim", head_dim)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {name}={v!r}")
-        value_head_dim = head_dim if value_head_dim is None else value_head_dim
+        """An empty cache of capacity ``max_length``.
+
+        Raises:
+          TypeError: for sizes that are not ints (bools included) or a dtype
+            that is not floating.
+          ValueError: for sizes below 1.
+        """
+        B, S, K, H = (positive_int(name, v) for name, v in (
+            ("batch_size", batch_size), ("max_length", max_length), ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim)))
+        Hv = H if value_head_dim is None else positive_int("value_head_dim", value_head_dim)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"dtype must be a floating dtype, got dtype={jnp.dtype(dtype)}")
         return cls(
-            key=jnp.zeros((batch_size, max_length, num_kv_heads, head_dim), dtype),
-            value=jnp.zeros((batch_size, max_length, num_kv_heads, value_head_dim), dtype),
-            lengths=jnp.zeros((batch_size,), jnp.int32),
+            key=jnp.zeros((B, S, K, H), dtype),
+            value=jnp.zeros((B, S, K, Hv), dtype),
+            lengths=jnp.zeros((B,), jnp.int32),
         )
 
     @property
@@ -140,9 +166,22 @@ class KVCache:
 
         Returns:
           The new cache; ``lengths`` advanced by ``num_new``.
+
+        Raises:
+          ValueError: for shapes that do not match the cache's, ``num_new``
+            outside ``[0, T]``, or (when concrete) a write past capacity.
+          TypeError: for dtypes of another kind than the cache's.
         """
         key_new, value_new = jnp.asarray(key_new), jnp.asarray(value_new)
-        if key_new.shape[:2] != value_new.shape[:2]:
+        check_same_kind(("cache.key", self.key), ("key_new", key_new), ("value_new", value_new))
+        for name, new, cached, letters in (("key_new", key_new, self.key, "B,T,K,H"),
+                                           ("value_new", value_new, self.value, "B,T,K,Hv")):
+            if new.ndim != 4 or new.shape[0] != cached.shape[0] or new.shape[2:] != cached.shape[2:]:
+                raise ValueError(
+                    f"{name} must have shape [{letters}]=({cached.shape[0]}, T, {cached.shape[2]}, {cached.shape[3]}) "
+                    f"for this cache, got {name}.shape={tuple(new.shape)}"
+                )
+        if key_new.shape[1] != value_new.shape[1]:
             raise ValueError(f"key_new and value_new [B,T,...] differ: {key_new.shape=}, {value_new.shape=}")
         B, T = key_new.shape[:2]
         count = jnp.full((B,), T, jnp.int32) if num_new is None else row_vector("num_new", num_new, B)
@@ -168,12 +207,24 @@ class KVCache:
 
         Returns:
           ``[B, T, N, Hv]``; padded queries give zeros.
+
+        Raises:
+          ValueError: for a query that does not fit the cache, or (when
+            concrete) ``num_new`` above the tokens written (`update` first).
+          TypeError: as `gqa_jax.dot_product_attention`.
         """
         query = jnp.asarray(query)
         if query.ndim != 4:
             raise ValueError(f"query must have rank 4 [B,T,N,H], got query.shape={tuple(query.shape)}")
         B, T = query.shape[:2]
         count = jnp.full((B,), T, jnp.int32) if num_new is None else row_vector("num_new", num_new, B)
+        count_value, lengths_value = concrete_value(count), concrete_value(self.lengths)
+        if count_value is not None and lengths_value is not None and lengths_value.shape == count_value.shape:
+            if (count_value > lengths_value).any():
+                raise ValueError(
+                    f"the newest num_new={count_value.tolist()} queries must already be in the cache "
+                    f"(call update first), got cache lengths={lengths_value.tolist()}"
+                )
         positional = is_causal or kwargs.get("local_window_size") is not None
         return dot_product_attention(
             query,

@@ -9,8 +9,13 @@ they accept and refuse the same arguments with the same messages.
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.rules import check_int32_range
 
 # Input dtypes the kernels serve.
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -131,12 +136,32 @@ def check_bias(name: str, x, B: int, N: int, T: int, S: int, *, boolean: bool = 
     return x
 
 
+def positive_int(name: str, value) -> int:
+    """``value`` as an int after checking it is a positive integer (NumPy ints too, never a bool).
+
+    Raises:
+      TypeError: for a non-integer (floats, bools, strings).
+      ValueError: for zero or a negative value.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {name}={value!r} of type {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+    return int(value)
+
+
 def row_vector(name: str, x, batch: int, default: int | None = None) -> jax.Array:
-    """An int32 ``[B]`` from a scalar or ``[B]`` integer array (or ``default`` for None)."""
+    """An int32 ``[B]`` from a scalar or ``[B]`` integer array (or ``default`` for None).
+
+    Raises:
+      TypeError: for a non-integer dtype (bools included).
+      ValueError: for a shape other than ``[]`` or ``[B]``, or host integers outside int32.
+    """
     if x is None:
         if default is None:
             raise ValueError(f"{name} is required")
         return jnp.full((batch,), default, jnp.int32)
+    check_int32_range(name, x)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(f"{name} must be an integer array, got {name}.dtype={x.dtype}")

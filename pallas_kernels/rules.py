@@ -70,6 +70,22 @@ def default_query_offset(q_len: int, kv_len: int, query_seq_lengths=None, key_va
     return jnp.asarray(valid_kv, jnp.int32) - jnp.asarray(valid_q, jnp.int32)
 
 
+def check_int32_range(name: str, x) -> None:
+    """Raises ``ValueError`` when host integers (Python, NumPy) in ``x`` do not fit in int32.
+
+    Indices and lengths travel as int32; without this check ``jnp.asarray``
+    would wrap a value such as ``2**40`` silently. Device arrays already have
+    a JAX integer dtype and are not read.
+    """
+    if not isinstance(x, (numbers.Integral, list, tuple, np.ndarray)):
+        return
+    host = np.asarray(x)
+    if host.dtype.kind in "iu" and host.size:
+        info = np.iinfo(np.int32)
+        if host.min() < info.min or host.max() > info.max:
+            raise ValueError(f"{name} must fit in int32 [{info.min}, {info.max}], got {name}={host.tolist()}")
+
+
 def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
@@ -105,6 +121,7 @@ def normalize_window(local_window_size) -> tuple[int, int] | None:
 
 
 def _int_array(name: str, x, shape: tuple[int, ...], letters: str) -> Array:
+    check_int32_range(name, x)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(f"{name} must be an integer array, got {name}.dtype={x.dtype}")
@@ -234,6 +251,7 @@ class Rules:
                     f"query_offset only matters with is_causal=True or local_window_size, got {is_causal=}, "
                     f"{local_window_size=}"
                 )
+            check_int32_range("query_offset", query_offset)
             offset = jnp.asarray(query_offset)
             offset = _int_array("query_offset", jnp.broadcast_to(offset, (B,)) if offset.ndim == 0 else offset,
                                 (B,), "B")
