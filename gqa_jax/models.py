@@ -37,10 +37,17 @@ this mapping (``...`` is ``model.layers.{i}.``)::
     model.norm.weight [D]                           final_norm/scale [D]                   as is
     lm_head.weight [V, D] (untied only)             lm_head/kernel [D, V]                  w.T
 
-Config: ``hidden_size -> model_dim``, ``num_hidden_layers -> num_layers``,
-``num_attention_heads -> num_heads``, ``num_key_value_heads -> num_kv_heads``,
-``head_dim``, ``intermediate_size -> mlp_dim``, ``rope_theta``,
+Config (`config_from_hf`): ``hidden_size -> model_dim``, ``num_hidden_layers
+-> num_layers``, ``num_attention_heads -> num_heads``, ``num_key_value_heads ->
+num_kv_heads``, ``head_dim``, ``intermediate_size -> mlp_dim``, ``rope_theta``,
 ``rms_norm_eps -> norm_eps``, ``tie_word_embeddings -> tie_embeddings``.
+`config_from_hf` refuses, naming the field, every setting that would change
+the math here without a trace in the weights: ``rope_scaling`` /
+``rope_parameters`` other than the default rotary, ``sliding_window``,
+``attention_bias``, ``mlp_bias``, a ``hidden_act`` other than SiLU, partial
+rotary, logit soft-caps, non-full ``layer_types``, and model types other than
+``llama`` and ``mistral``. `params_from_hf` refuses weights it would not use
+(q/k/v or MLP biases, an untied ``lm_head`` under ``tie_embeddings``).
 
 Hugging Face checkpoints already use the half-split rotary convention of
 `gqa_jax.apply_rope` (their conversion script permuted Meta's interleaved
@@ -283,25 +290,126 @@ def init_cache(config: DecoderConfig, batch_size: int, max_length: int) -> Cache
     )
 
 
-def params_from_hf(state_dict: Mapping[str, Any], config: DecoderConfig) -> dict:
+# Model types whose math this decoder reproduces (with the settings `config_from_hf` checks).
+HF_MODEL_TYPES = ("llama", "mistral")
+_HF_ROPE_TYPES = (None, "default")
+
+
+def _hf_fields(hf_config) -> dict:
+    if isinstance(hf_config, Mapping):
+        return dict(hf_config)
+    if callable(getattr(hf_config, "to_dict", None)):
+        return hf_config.to_dict()
+    raise TypeError(
+        f"hf_config must be a transformers config or its dict (config.json), got {type(hf_config).__name__}"
+    )
+
+
+def _refuse_unsupported_hf_settings(fields: dict) -> None:
+    model_type = fields.get("model_type", "llama")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r} is not supported: only {list(HF_MODEL_TYPES)}")
+    for name in ("attention_bias", "mlp_bias"):
+        if fields.get(name):
+            raise ValueError(f"{name}={fields[name]!r} is not supported: the decoder's projections have no biases")
+    for name in ("rope_scaling", "rope_parameters"):
+        rope = fields.get(name)
+        if rope is not None:
+            kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, Mapping) else rope
+            if kind not in _HF_ROPE_TYPES:
+                raise ValueError(f"{name}={rope!r} is not supported: only the default rotary frequencies")
+    if fields.get("sliding_window") is not None and fields.get("use_sliding_window", True):
+        raise ValueError(
+            f"sliding_window={fields['sliding_window']!r} is not supported: the decoder attends over every earlier token"
+        )
+    if any(kind != "full_attention" for kind in fields.get("layer_types") or ()):
+        raise ValueError(f"layer_types={fields['layer_types']!r} is not supported: only full attention in every layer")
+    if fields.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise ValueError(f"hidden_act={fields['hidden_act']!r} is not supported: the MLP is SwiGLU (silu)")
+    if fields.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"partial_rotary_factor={fields['partial_rotary_factor']!r} is not supported: only 1.0")
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if fields.get(name) is not None:
+            raise ValueError(f"{name}={fields[name]!r} is not supported: no logit soft-cap")
+
+
+def config_from_hf(hf_config, **overrides) -> DecoderConfig:
+    """The `DecoderConfig` of a Hugging Face Llama-family config, refusing what this decoder does not compute.
+
+    Args:
+      hf_config: a ``transformers`` config (e.g. ``LlamaConfig``) or its dict
+        (the parsed ``config.json``); a dict without ``model_type`` is read as
+        Llama.
+      **overrides: other `DecoderConfig` fields (``dtype``, ``param_dtype``,
+        ``implementation``).
+
+    Returns:
+      The config (see the module docstring for the field mapping).
+
+    Raises:
+      ValueError: naming the field, for a setting that changes the model's
+        math and is not supported here, or a missing size.
+      TypeError: for an ``hf_config`` of another type.
+    """
+    fields = _hf_fields(hf_config)
+    _refuse_unsupported_hf_settings(fields)
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    missing = [name for name in required if fields.get(name) is None]
+    if missing:
+        raise ValueError(f"hf_config lacks {missing}")
+    rope = fields.get("rope_parameters") or {}
+    num_kv_heads = fields.get("num_key_value_heads")
+    return DecoderConfig(
+        vocab_size=fields["vocab_size"],
+        num_layers=fields["num_hidden_layers"],
+        model_dim=fields["hidden_size"],
+        num_heads=fields["num_attention_heads"],
+        num_kv_heads=fields["num_attention_heads"] if num_kv_heads is None else num_kv_heads,
+        head_dim=fields.get("head_dim"),
+        mlp_dim=fields["intermediate_size"],
+        rope_theta=float(fields.get("rope_theta", rope.get("rope_theta", 10000.0))),
+        norm_eps=float(fields.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(fields.get("tie_word_embeddings", False)),
+        **overrides,
+    )
+
+
+def _unused_weight_reason(name: str) -> str:
+    if name.endswith(".bias") and ".self_attn." in name:
+        return "attention biases (attention_bias=True, as in Qwen2) are not supported"
+    if name.endswith(".bias") and ".mlp." in name:
+        return "MLP biases (mlp_bias=True) are not supported"
+    return "this decoder has no such weight"
+
+
+def params_from_hf(state_dict: Mapping[str, Any], config) -> dict:
     """Maps a Hugging Face ``LlamaForCausalLM`` state dict onto `Decoder` parameters.
 
     Args:
       state_dict: HF names (see the module docstring's table) to arrays
         (NumPy, or anything ``np.asarray`` takes, e.g. ``tensor.float().numpy()``).
-      config: the matching config.
+        Rotary ``inv_freq`` buffers are ignored; any other weight that would
+        not be used is refused.
+      config: the matching `DecoderConfig`, or the HF config itself (read by
+        `config_from_hf`, which refuses unsupported settings).
 
     Returns:
       The ``params`` collection, in ``config.param_dtype``.
 
     Raises:
       KeyError: for a missing weight.
-      ValueError: for a weight whose shape does not match the config.
+      ValueError: for a weight whose shape does not match the config, or a
+        weight (a bias, a separate ``lm_head`` with tied embeddings) that the
+        decoder would silently drop.
     """
+    if not isinstance(config, DecoderConfig):
+        config = config_from_hf(config)
     D, N, K, H = config.model_dim, config.num_heads, config.num_kv_heads, config.head_dim
     F, V = config.mlp_dim, config.vocab_size
+    used = set()
 
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        used.add(name)
         w = np.asarray(state_dict[name])
         if w.shape != shape:
             raise ValueError(f"{name} must have shape {shape} for this config, got {w.shape}")
@@ -331,4 +439,13 @@ def params_from_hf(state_dict: Mapping[str, Any], config: DecoderConfig) -> dict
     params["final_norm"] = {"scale": get("model.norm.weight", (D,))}
     if not config.tie_embeddings:
         params["lm_head"] = {"kernel": get("lm_head.weight", (V, D)).T}
+    elif "lm_head.weight" in state_dict:  # torch lists tied weights under both names
+        if not np.array_equal(get("lm_head.weight", (V, D)), params["embed"]["embedding"]):
+            raise ValueError(
+                "lm_head.weight differs from model.embed_tokens.weight, but config.tie_embeddings=True "
+                "(HF tie_word_embeddings) would use the embedding"
+            )
+    unused = sorted(name for name in state_dict if name not in used and not name.endswith("rotary_emb.inv_freq"))
+    if unused:
+        raise ValueError(f"{unused[0]} would not be used: {_unused_weight_reason(unused[0])} (unused: {unused})")
     return cast(params)

@@ -103,7 +103,7 @@ def _jitted(cfg: DecoderConfig):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_hf_weights_give_hf_logits(name):
     cfg = CONFIGS[name]
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(101)
     sd = random_hf_weights(cfg, rng)
     tokens = rng.integers(0, cfg.vocab_size, (2, 7))
     logits = _jitted(cfg)[0](params_from_hf(sd, cfg), tokens)
@@ -115,7 +115,7 @@ def test_hf_weights_give_hf_logits(name):
 def test_mapped_params_have_the_init_layout(name):
     cfg = CONFIGS[name]
     shapes = jax.eval_shape(Decoder(cfg).init, jax.random.key(0), jnp.zeros((1, 3), jnp.int32))["params"]
-    mapped = params_from_hf(random_hf_weights(cfg, np.random.default_rng()), cfg)
+    mapped = params_from_hf(random_hf_weights(cfg, np.random.default_rng(102)), cfg)
     assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(mapped)
     assert jax.tree_util.tree_map(lambda s: s.shape, shapes) == jax.tree_util.tree_map(lambda a: a.shape, mapped)
 
@@ -123,7 +123,7 @@ def test_mapped_params_have_the_init_layout(name):
 def test_cached_prefill_steps_and_chunks_equal_the_full_pass():
     """Ragged prefill, then one token per step, then a ragged two-token chunk: logits match the full pass."""
     cfg = CONFIGS["gqa2_untied"]
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(103)
     params = params_from_hf(random_hf_weights(cfg, rng), cfg)
     forward, cached = _jitted(cfg)
     B, T = 3, 11
@@ -150,7 +150,7 @@ def test_cached_prefill_steps_and_chunks_equal_the_full_pass():
 def test_implementation_reaches_dispatch():
     cfg = DecoderConfig(vocab_size=11, num_layers=1, model_dim=16, num_heads=2, num_kv_heads=1,
                         implementation="no_such_kernel")
-    params = params_from_hf(random_hf_weights(cfg, np.random.default_rng()), cfg)
+    params = params_from_hf(random_hf_weights(cfg, np.random.default_rng(104)), cfg)
     with pytest.raises(ValueError, match="implementation='no_such_kernel'"):
         jax.eval_shape(lambda p: Decoder(cfg).apply({"params": p}, jnp.zeros((1, 3), jnp.int32)), params)
 
@@ -167,7 +167,7 @@ def test_bad_configs_and_inputs():
 
     cfg = CONFIGS["mha"]
     model, tokens = Decoder(cfg), jnp.zeros((2, 3), jnp.int32)
-    params = params_from_hf(random_hf_weights(cfg, np.random.default_rng()), cfg)
+    params = params_from_hf(random_hf_weights(cfg, np.random.default_rng(105)), cfg)
     shape_of = lambda *args, **kwargs: jax.eval_shape(  # noqa: E731
         lambda p: model.apply({"params": p}, *args, **kwargs), params
     )
@@ -179,7 +179,7 @@ def test_bad_configs_and_inputs():
         shape_of(jnp.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"tokens.shape=\(2, 3, 1\)"):
         shape_of(jnp.zeros((2, 3, 1), jnp.int32))
-    sd = random_hf_weights(cfg, np.random.default_rng())
+    sd = random_hf_weights(cfg, np.random.default_rng(106))
     sd["model.layers.0.self_attn.k_proj.weight"] = sd["model.layers.0.self_attn.k_proj.weight"][:4]
     with pytest.raises(ValueError, match=r"k_proj.weight must have shape \(16, 16\)"):
         params_from_hf(sd, cfg)
