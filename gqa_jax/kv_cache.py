@@ -43,6 +43,14 @@ def check_same_kind(*named_arrays) -> None:
         raise TypeError(f"cache writes need floating (or integer) arrays on both sides, got {got}")
 
 
+def _host_row(x, batch: int) -> np.ndarray | None:
+    """A scalar or ``[B]`` of known integers as an int64 NumPy ``[B]``; None when traced (or malformed: checked later)."""
+    value = concrete_value(x)
+    if value is None or value.dtype.kind not in "iu" or value.shape not in ((), (batch,)):
+        return None
+    return np.broadcast_to(value.astype(np.int64), (batch,))
+
+
 def splice_cache(cache, new, index, *, num_new=None) -> Array:
     """Writes ``new`` into ``cache`` along axis 1 at ``index`` (scalar or per row).
 
@@ -74,13 +82,13 @@ def splice_cache(cache, new, index, *, num_new=None) -> Array:
         )
     B, S = cache.shape[:2]
     T = new.shape[1]
+    index_value = _host_row(index, B)  # before conversion: Python ints are known under jit too
+    count_value = np.full((B,), T) if num_new is None else _host_row(num_new, B)
     index = row_vector("index", index, B)
     count = jnp.full((B,), T, jnp.int32) if num_new is None else row_vector("num_new", num_new, B)
-    index_value, count_value = concrete_value(index), concrete_value(count)
     if count_value is not None and ((count_value < 0) | (count_value > T)).any():
         raise ValueError(f"num_new must be in [0, T={T}], got num_new={count_value.tolist()}")
     if index_value is not None and count_value is not None:
-        index_value, count_value = index_value.astype(np.int64), count_value.astype(np.int64)  # no int32 wrap
         if (index_value < 0).any() or (index_value + count_value > S).any():
             raise ValueError(
                 f"writing {count_value.tolist()} tokens at index={index_value.tolist()} exceeds the cache "
