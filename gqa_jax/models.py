@@ -135,7 +135,8 @@ class DecoderConfig:
             object.__setattr__(self, "implementation", tuple(self.implementation))
 
 
-def _projection_init(in_axes, out_axes):
+def projection_init(in_axes, out_axes):
+    """The initializer of the attention projections: truncated normal, variance ``1 / fan_in``."""
     return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axes, out_axis=out_axes)
 
 
@@ -161,23 +162,39 @@ class Attention(nn.Module):
         """
         cfg = self.config
         D, N, K, H = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        in_init, out_init = _projection_init(0, (1, 2)), _projection_init((0, 1), 2)
+        in_init, out_init = projection_init(0, (1, 2)), projection_init((0, 1), 2)
         w_q_DNH = self.param("query", in_init, (D, N, H), cfg.param_dtype)
         w_k_DKH = self.param("key", in_init, (D, K, H), cfg.param_dtype)
         w_v_DKH = self.param("value", in_init, (D, K, H), cfg.param_dtype)
         w_o_NHD = self.param("output", out_init, (N, H, D), cfg.param_dtype)
-        x_BTD, w_q_DNH, w_k_DKH, w_v_DKH, w_o_NHD = nn.dtypes.promote_dtype(
-            x, w_q_DNH, w_k_DKH, w_v_DKH, w_o_NHD, dtype=cfg.dtype
-        )
-        q_BTNH = apply_rope(project_heads(x_BTD, w_q_DNH), positions, theta=cfg.rope_theta)
-        k_BTKH = apply_rope(project_heads(x_BTD, w_k_DKH), positions, theta=cfg.rope_theta)
-        v_BTKH = project_heads(x_BTD, w_v_DKH)
-        if cache is None:
-            out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=cfg.implementation)
-        else:
-            cache = cache.update(k_BTKH, v_BTKH, num_new=num_new)
-            out_BTNH = cache.attend(q_BTNH, num_new=num_new, implementation=cfg.implementation)
-        return project_output(out_BTNH, w_o_NHD), cache
+        return rotary_attention(cfg, x, positions, (w_q_DNH, w_k_DKH, w_v_DKH, w_o_NHD), cache, num_new)
+
+
+def rotary_attention(
+    config: DecoderConfig, x, positions, weights: tuple[Array, Array, Array, Array], cache=None, num_new=None
+):
+    """The body of `Attention` (linen and NNX): projections, rotary embedding, attention, output projection.
+
+    Args:
+      config: the decoder's config.
+      x: ``[B, T, D]``.
+      positions: int ``[B, T]`` or ``[1, T]``.
+      weights: ``(query [D, N, H], key [D, K, H], value [D, K, H], output [N, H, D])``.
+      cache, num_new: as in `Attention.__call__`.
+
+    Returns:
+      ``(out [B, T, D], cache)``.
+    """
+    x_BTD, w_q_DNH, w_k_DKH, w_v_DKH, w_o_NHD = nn.dtypes.promote_dtype(x, *weights, dtype=config.dtype)
+    q_BTNH = apply_rope(project_heads(x_BTD, w_q_DNH), positions, theta=config.rope_theta)
+    k_BTKH = apply_rope(project_heads(x_BTD, w_k_DKH), positions, theta=config.rope_theta)
+    v_BTKH = project_heads(x_BTD, w_v_DKH)
+    if cache is None:
+        out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=config.implementation)
+    else:
+        cache = cache.update(k_BTKH, v_BTKH, num_new=num_new)
+        out_BTNH = cache.attend(q_BTNH, num_new=num_new, implementation=config.implementation)
+    return project_output(out_BTNH, w_o_NHD), cache
 
 
 class MLP(nn.Module):
@@ -248,21 +265,7 @@ class Decoder(nn.Module):
             the wrong number of layers, or ``num_new`` without a cache.
         """
         cfg = self.config
-        tokens_BT = jnp.asarray(tokens)
-        if tokens_BT.ndim != 2:
-            raise ValueError(f"tokens must have rank 2 [B,T], got tokens.shape={tuple(tokens_BT.shape)}")
-        if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
-            raise TypeError(f"tokens must be integer token ids, got tokens.dtype={tokens_BT.dtype}")
-        T = tokens_BT.shape[1]
-        if cache is None:
-            if num_new is not None:
-                raise ValueError("num_new needs a cache, got cache=None")
-            positions_BT = jnp.arange(T, dtype=jnp.int32)[None, :]
-        else:
-            if len(cache) != cfg.num_layers:
-                raise ValueError(f"cache must hold one KVCache per layer: {len(cache)=} != {cfg.num_layers=}")
-            positions_BT = cache[0].lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-
+        tokens_BT, positions_BT = token_positions(cfg, tokens, cache, num_new)
         embed = nn.Embed(cfg.vocab_size, cfg.model_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="embed")
         x_BTD = embed(tokens_BT)
         new_cache = []
@@ -280,6 +283,27 @@ class Decoder(nn.Module):
             )(x_BTD)
         logits_BTV = logits_BTV.astype(jnp.float32)
         return logits_BTV if cache is None else (logits_BTV, tuple(new_cache))
+
+
+def token_positions(config: DecoderConfig, tokens, cache, num_new) -> tuple[Array, Array]:
+    """The checked ``tokens [B, T]`` of a `Decoder` call and their positions (int ``[B, T]`` or ``[1, T]``).
+
+    Raises:
+      ValueError, TypeError: as `Decoder.__call__`.
+    """
+    tokens_BT = jnp.asarray(tokens)
+    if tokens_BT.ndim != 2:
+        raise ValueError(f"tokens must have rank 2 [B,T], got tokens.shape={tuple(tokens_BT.shape)}")
+    if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
+        raise TypeError(f"tokens must be integer token ids, got tokens.dtype={tokens_BT.dtype}")
+    T = tokens_BT.shape[1]
+    if cache is None:
+        if num_new is not None:
+            raise ValueError("num_new needs a cache, got cache=None")
+        return tokens_BT, jnp.arange(T, dtype=jnp.int32)[None, :]
+    if len(cache) != config.num_layers:
+        raise ValueError(f"cache must hold one KVCache per layer: {len(cache)=} != cfg.num_layers={config.num_layers}")
+    return tokens_BT, cache[0].lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
 
 
 def init_cache(config: DecoderConfig, batch_size: int, max_length: int) -> Cache:
