@@ -44,6 +44,71 @@ def check_sequences(query, value=None, key=None) -> None:
         )
 
 
+def check_gqa_fields(layer) -> None:
+    """Raises ``ValueError`` for bad head counts and sizes, or bad Keras fields (`check_keras_fields`)."""
+    check_positive_int("head_dim", layer.head_dim)
+    check_positive_int("num_query_heads", layer.num_query_heads)
+    check_positive_int("num_key_value_heads", layer.num_key_value_heads)
+    if layer.num_query_heads % layer.num_key_value_heads:
+        raise ValueError(
+            f"num_query_heads={layer.num_query_heads} must be a multiple of "
+            f"num_key_value_heads={layer.num_key_value_heads}"
+        )
+    check_keras_fields(layer)
+
+
+def grouped_query_attention(
+    layer, query, value, key, *, decode: bool, cache, cache_update_index, num_new, attend, project=None,
+    dropout_rng=None, **flags
+):
+    """The checks and body of `GroupedQueryAttention.__call__`, shared by the linen and NNX layers.
+
+    Args:
+      layer: the calling layer (fields of `check_gqa_fields`, and those that
+        `gqa_jax.modules.keras_attention.keras_attention` reads).
+      query, value, key: as in `GroupedQueryAttention.__call__`.
+      decode: the layer keeps its own cache (``attend`` writes to it).
+      cache, cache_update_index, num_new: as in `GroupedQueryAttention.__call__`.
+      attend: `gqa_jax.dot_product_attention`, or the layer's decode step.
+      project, dropout_rng: passed to `keras_attention`.
+      **flags: the masks, ``return_attention_scores``, ``deterministic`` and
+        ``use_causal_mask``.
+
+    Returns:
+      What `GroupedQueryAttention.__call__` returns.
+    """
+    N, K, H = layer.num_query_heads, layer.num_key_value_heads, layer.head_dim
+    check_cache_index(cache, cache_update_index)
+    if decode and cache is not None:
+        raise ValueError("decode=True keeps its own cache in the 'cache' collection; do not pass cache=")
+    if num_new is not None and not decode:
+        raise ValueError(f"num_new is for decode=True, got decode=False and {num_new=}")
+    key = value if key is None else key
+    query = jnp.asarray(query)
+    if cache is not None and cache_update_index is None:
+        check_sequences(query)
+    else:
+        check_sequences(query, jnp.asarray(value), jnp.asarray(key))
+    if cache is not None:
+        cache = check_cache(cache, batch_size=query.shape[0], num_heads=K, head_dim=H, heads_letter="K")
+    return keras_attention(
+        layer,
+        query,
+        value,
+        key,
+        heads=(N, K),
+        head_dims=(H, H),
+        output_shape=(query.shape[-1],),
+        layout=SequenceLayout(),
+        cache=cache,
+        cache_update_index=cache_update_index,
+        attend=attend,
+        project=project,
+        dropout_rng=dropout_rng,
+        **flags,
+    )
+
+
 class GroupedQueryAttention(nn.Module):
     """Grouped-query attention after ``keras.layers.GroupQueryAttention``.
 
@@ -99,15 +164,7 @@ class GroupedQueryAttention(nn.Module):
     decode: bool = False
 
     def __post_init__(self):
-        check_positive_int("head_dim", self.head_dim)
-        check_positive_int("num_query_heads", self.num_query_heads)
-        check_positive_int("num_key_value_heads", self.num_key_value_heads)
-        if self.num_query_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_query_heads={self.num_query_heads} must be a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
-        check_keras_fields(self)
+        check_gqa_fields(self)
         super().__post_init__()
 
     @nn.compact
@@ -156,29 +213,16 @@ class GroupedQueryAttention(nn.Module):
           ``return_attention_scores``; and the updated cache last when
           ``cache`` is given.
         """
-        N, K, H = self.num_query_heads, self.num_key_value_heads, self.head_dim
-        check_cache_index(cache, cache_update_index)
-        if self.decode and cache is not None:
-            raise ValueError("decode=True keeps its own cache in the 'cache' collection; do not pass cache=")
-        if num_new is not None and not self.decode:
-            raise ValueError(f"num_new is for decode=True, got decode=False and {num_new=}")
-        key = value if key is None else key
-        query = jnp.asarray(query)
-        if cache is not None and cache_update_index is None:
-            check_sequences(query)
-        else:
-            check_sequences(query, jnp.asarray(value), jnp.asarray(key))
-        if cache is not None:
-            cache = check_cache(cache, batch_size=query.shape[0], num_heads=K, head_dim=H, heads_letter="K")
-        return keras_attention(
+        return grouped_query_attention(
             self,
             query,
             value,
             key,
-            heads=(N, K),
-            head_dims=(H, H),
-            output_shape=(query.shape[-1],),
-            layout=SequenceLayout(),
+            decode=self.decode,
+            cache=cache,
+            cache_update_index=cache_update_index,
+            num_new=num_new,
+            attend=functools.partial(self._decode, num_new=num_new) if self.decode else dot_product_attention,
             query_mask=query_mask,
             value_mask=value_mask,
             key_mask=key_mask,
@@ -186,9 +230,6 @@ class GroupedQueryAttention(nn.Module):
             return_attention_scores=return_attention_scores,
             deterministic=deterministic,
             use_causal_mask=use_causal_mask,
-            cache=cache,
-            cache_update_index=cache_update_index,
-            attend=functools.partial(self._decode, num_new=num_new) if self.decode else dot_product_attention,
         )
 
     def _decode(self, q, k, v, *, num_new, mask, **options):

@@ -78,17 +78,20 @@ def dispatch_kwargs(
     return_weights: bool,
     implementation,
     flash_attention: bool | None = None,
+    dropout_rng=None,
 ) -> dict:
     """Dropout, weights and implementation keywords of `gqa_jax.dot_product_attention`.
 
-    Draws the dropout key with ``layer.make_rng("dropout")`` when dropout is
-    on (``dropout > 0`` and not ``deterministic``): a linen module's rng
-    stream, or an NNX layer's method of that name.
+    When dropout is on (``dropout > 0`` and not ``deterministic``) the key is
+    ``dropout_rng`` (an NNX layer draws it from its stream), or else drawn from
+    the linen ``layer``'s ``"dropout"`` rng stream.
     """
     rate = 0.0 if deterministic else float(dropout)
+    if rate > 0.0 and dropout_rng is None:
+        dropout_rng = layer.make_rng("dropout")
     return {
         "dropout_rate": rate,
-        "dropout_rng": layer.make_rng("dropout") if rate > 0.0 else None,
+        "dropout_rng": dropout_rng if rate > 0.0 else None,
         "return_weights": bool(return_weights),
         "implementation": resolve_implementation(
             implementation, flash_attention, needs_xla=rate > 0.0 or bool(return_weights)

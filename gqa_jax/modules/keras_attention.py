@@ -89,18 +89,25 @@ def keras_position_rules(use_causal_mask: bool, sliding_window: int | None, quer
 
 
 def keras_attention_kwargs(
-    layer, *, use_causal_mask: bool, query_offset, deterministic: bool, return_attention_scores: bool
+    layer,
+    *,
+    use_causal_mask: bool,
+    query_offset,
+    deterministic: bool,
+    return_attention_scores: bool,
+    dropout_rng=None,
 ) -> dict:
     """Keywords of `gqa_jax.dot_product_attention` for a Keras-like layer's settings and call flags.
 
     Args:
       layer: a module with ``dropout``, ``sliding_window``, ``flash_attention``
-        and ``implementation`` fields (and ``make_rng("dropout")`` when
-        training: linen's, or the NNX layers' own).
+        and ``implementation`` fields (and a ``"dropout"`` rng when training
+        without ``dropout_rng``).
       use_causal_mask: the causal rule.
       query_offset: position of the first query (see `keras_position_rules`).
       deterministic: no dropout.
       return_attention_scores: also return the weights ``[B, N, T, S]``.
+      dropout_rng: the dropout key (None: drawn from ``layer``'s rng stream).
 
     Returns:
       ``is_causal``, ``local_window_size``, ``query_offset``, ``dropout_rate``,
@@ -115,6 +122,7 @@ def keras_attention_kwargs(
             return_weights=return_attention_scores,
             implementation=layer.implementation,
             flash_attention=layer.flash_attention,
+            dropout_rng=dropout_rng,
         ),
     }
 
@@ -152,6 +160,7 @@ def keras_attention(
     cache_update_index=None,
     attend: Callable = dot_product_attention,
     project: Callable | None = None,
+    dropout_rng=None,
 ):
     """The body of a Keras attention layer, from its checked inputs to its outputs.
 
@@ -191,6 +200,8 @@ def keras_attention(
         contract=1 | 2)`` (see `gqa_jax.modules.einsum_dense.EinsumDense`);
         default: a linen `dense` sublayer of ``layer`` per name. The NNX
         layers pass their own sublayers.
+      dropout_rng: the dropout key when training (None: from the linen
+        ``layer``'s ``"dropout"`` rng stream).
 
     Returns:
       ``output [B, ..., *output_shape]``, then the scores and the updated
@@ -214,6 +225,7 @@ def keras_attention(
         query_offset=0 if cache_update_index is None else cache_update_index,
         deterministic=deterministic,
         return_attention_scores=return_attention_scores,
+        dropout_rng=dropout_rng,
     )
     result = attend(layout.fold(q, 2), layout.fold(k, 2), layout.fold(v, 2), mask=mask, **options)
     out, scores = result if return_attention_scores else (result, None)

@@ -74,10 +74,7 @@ class MultiHeadAttention(nn.Module):
     implementation: str | Sequence[str] | None = None
 
     def __post_init__(self):
-        check_positive_int("num_heads", self.num_heads)
-        check_positive_int("key_dim", self.key_dim)
-        check_optional_positive_int("value_dim", self.value_dim)
-        check_keras_fields(self)
+        check_mha_fields(self)
         super().__post_init__()
 
     def __call__(
@@ -144,35 +141,13 @@ class MultiHeadAttention(nn.Module):
         cache_update_index=None,
     ):
         """`__call__` plus keras-hub's ``cache`` / ``cache_update_index`` (rank-3 inputs only)."""
-        check_cache_index(cache, cache_update_index)
-        value_dim = self.value_dim or self.key_dim
-        static_cache = cache is not None and cache_update_index is None
-        key = value if key is None else key
-        query = jnp.asarray(query)
-        kv_shape = None if static_cache else self._check_inputs(query, jnp.asarray(value), jnp.asarray(key))
-        layout = AxesLayout.of(query.ndim, self.attention_axes)
-        if len(layout.attention_axes) != 1 and (use_causal_mask or self.sliding_window is not None):
-            raise ValueError(
-                f"use_causal_mask and sliding_window need one attention axis, got "
-                f"attention_axes={layout.attention_axes}, {use_causal_mask=}, sliding_window={self.sliding_window}"
-            )
-        if cache is not None:
-            cache = self._check_cache(query, cache, value_dim)
-        elif layout.sizes(query.shape, layout.batch_axes) != layout.sizes(kv_shape, layout.batch_axes):
-            raise ValueError(
-                f"query and key/value must agree on the batch axes {layout.batch_axes}, got "
-                f"query.shape={tuple(query.shape)} and key/value shape {tuple(kv_shape)} (without the feature axis)"
-            )
-        output_shape = self.output_shape or (query.shape[-1],)
-        return keras_attention(
+        return multi_head_attention(
             self,
             query,
             value,
             key,
-            heads=(self.num_heads, self.num_heads),
-            head_dims=(self.key_dim, value_dim),
-            output_shape=(output_shape,) if isinstance(output_shape, int) else tuple(output_shape),
-            layout=layout,
+            cache=cache,
+            cache_update_index=cache_update_index,
             query_mask=query_mask,
             value_mask=value_mask,
             key_mask=key_mask,
@@ -180,34 +155,96 @@ class MultiHeadAttention(nn.Module):
             return_attention_scores=return_attention_scores,
             deterministic=deterministic,
             use_causal_mask=use_causal_mask,
-            cache=cache,
-            cache_update_index=cache_update_index,
         )
 
-    def _check_cache(self, query: Array, cache, value_dim: int) -> Array:
-        """``cache`` as an array after checking it against rank-3 inputs and the head sizes."""
-        if query.ndim != 3:
-            raise ValueError(f"a cache needs rank-3 inputs [B,T,D], got query.shape={tuple(query.shape)}")
-        cache = check_cache(
-            cache, batch_size=query.shape[0], num_heads=self.num_heads, head_dim=self.key_dim, heads_letter="N"
-        )
-        if value_dim != self.key_dim:
-            raise ValueError(f"a cache needs value_dim == key_dim, got value_dim={value_dim}, key_dim={self.key_dim}")
-        return cache
 
-    @staticmethod
-    def _check_inputs(query, value, key) -> tuple[int, ...]:
-        """Checks ranks and batch sizes; returns the key/value shape without D."""
-        if query.ndim < 3 or value.ndim != query.ndim or key.ndim != query.ndim:
-            raise ValueError(
-                f"query, value and key must have one rank >= 3 [B,...,D], got query.shape={tuple(query.shape)}, "
-                f"value.shape={tuple(value.shape)}, key.shape={tuple(key.shape)}"
-            )
-        if value.shape[:-1] != key.shape[:-1]:
-            raise ValueError(
-                f"key and value must agree on all axes but the last, got key.shape={tuple(key.shape)}, "
-                f"value.shape={tuple(value.shape)}"
-            )
-        if query.shape[0] != value.shape[0]:
-            raise ValueError(f"batch sizes differ: query.shape={tuple(query.shape)}, value.shape={tuple(value.shape)}")
-        return value.shape[:-1]
+def check_mha_fields(layer) -> None:
+    """Raises ``ValueError`` for bad head counts and sizes, or bad Keras fields (`check_keras_fields`)."""
+    check_positive_int("num_heads", layer.num_heads)
+    check_positive_int("key_dim", layer.key_dim)
+    check_optional_positive_int("value_dim", layer.value_dim)
+    check_keras_fields(layer)
+
+
+def multi_head_attention(
+    layer, query, value, key, *, cache, cache_update_index, use_causal_mask, project=None, dropout_rng=None, **flags
+):
+    """The checks and body of `MultiHeadAttention.attend`, shared by the linen and NNX layers.
+
+    Args:
+      layer: the calling layer (fields of `check_mha_fields`, ``output_shape``,
+        ``attention_axes`` and those that
+        `gqa_jax.modules.keras_attention.keras_attention` reads).
+      query, value, key, cache, cache_update_index, use_causal_mask: as in
+        `MultiHeadAttention.attend`.
+      project, dropout_rng: passed to `keras_attention`.
+      **flags: the masks, ``return_attention_scores`` and ``deterministic``.
+
+    Returns:
+      What `MultiHeadAttention.attend` returns.
+    """
+    check_cache_index(cache, cache_update_index)
+    value_dim = layer.value_dim or layer.key_dim
+    static_cache = cache is not None and cache_update_index is None
+    key = value if key is None else key
+    query = jnp.asarray(query)
+    kv_shape = None if static_cache else _check_inputs(query, jnp.asarray(value), jnp.asarray(key))
+    layout = AxesLayout.of(query.ndim, layer.attention_axes)
+    if len(layout.attention_axes) != 1 and (use_causal_mask or layer.sliding_window is not None):
+        raise ValueError(
+            f"use_causal_mask and sliding_window need one attention axis, got "
+            f"attention_axes={layout.attention_axes}, {use_causal_mask=}, sliding_window={layer.sliding_window}"
+        )
+    if cache is not None:
+        cache = _check_cache(layer, query, cache, value_dim)
+    elif layout.sizes(query.shape, layout.batch_axes) != layout.sizes(kv_shape, layout.batch_axes):
+        raise ValueError(
+            f"query and key/value must agree on the batch axes {layout.batch_axes}, got "
+            f"query.shape={tuple(query.shape)} and key/value shape {tuple(kv_shape)} (without the feature axis)"
+        )
+    output_shape = layer.output_shape or (query.shape[-1],)
+    return keras_attention(
+        layer,
+        query,
+        value,
+        key,
+        heads=(layer.num_heads, layer.num_heads),
+        head_dims=(layer.key_dim, value_dim),
+        output_shape=(output_shape,) if isinstance(output_shape, int) else tuple(output_shape),
+        layout=layout,
+        use_causal_mask=use_causal_mask,
+        cache=cache,
+        cache_update_index=cache_update_index,
+        project=project,
+        dropout_rng=dropout_rng,
+        **flags,
+    )
+
+
+def _check_cache(layer, query: Array, cache, value_dim: int) -> Array:
+    """``cache`` as an array after checking it against rank-3 inputs and the head sizes."""
+    if query.ndim != 3:
+        raise ValueError(f"a cache needs rank-3 inputs [B,T,D], got query.shape={tuple(query.shape)}")
+    cache = check_cache(
+        cache, batch_size=query.shape[0], num_heads=layer.num_heads, head_dim=layer.key_dim, heads_letter="N"
+    )
+    if value_dim != layer.key_dim:
+        raise ValueError(f"a cache needs value_dim == key_dim, got value_dim={value_dim}, key_dim={layer.key_dim}")
+    return cache
+
+
+def _check_inputs(query, value, key) -> tuple[int, ...]:
+    """Checks ranks and batch sizes; returns the key/value shape without D."""
+    if query.ndim < 3 or value.ndim != query.ndim or key.ndim != query.ndim:
+        raise ValueError(
+            f"query, value and key must have one rank >= 3 [B,...,D], got query.shape={tuple(query.shape)}, "
+            f"value.shape={tuple(value.shape)}, key.shape={tuple(key.shape)}"
+        )
+    if value.shape[:-1] != key.shape[:-1]:
+        raise ValueError(
+            f"key and value must agree on all axes but the last, got key.shape={tuple(key.shape)}, "
+            f"value.shape={tuple(value.shape)}"
+        )
+    if query.shape[0] != value.shape[0]:
+        raise ValueError(f"batch sizes differ: query.shape={tuple(query.shape)}, value.shape={tuple(value.shape)}")
+    return value.shape[:-1]

@@ -38,6 +38,17 @@ def _slice_bias(bias, q_len: int, kv_len: int) -> Array:
     return bias[:, :, max(0, bias.shape[2] - q_len) :, max(0, bias.shape[3] - kv_len) :]
 
 
+def check_mqa_fields(layer) -> None:
+    """Raises ``ValueError`` for a bad ``dim``, ``heads``, ``attn_pdrop`` or ``clip_qkv``."""
+    check_positive_int("dim", layer.dim)
+    check_positive_int("heads", layer.heads)
+    if layer.dim % layer.heads:
+        raise ValueError(f"dim={layer.dim} must be a multiple of heads={layer.heads}")
+    check_rate("attn_pdrop", layer.attn_pdrop)
+    if layer.clip_qkv is not None and not layer.clip_qkv > 0:
+        raise ValueError(f"clip_qkv must be None or positive, got clip_qkv={layer.clip_qkv!r}")
+
+
 class MultiQueryAttention(nn.Module):
     """Multi-query self-attention after zeta's ``MultiQueryAttention``.
 
@@ -72,13 +83,7 @@ class MultiQueryAttention(nn.Module):
     precision: Any = None
 
     def __post_init__(self):
-        check_positive_int("dim", self.dim)
-        check_positive_int("heads", self.heads)
-        if self.dim % self.heads:
-            raise ValueError(f"dim={self.dim} must be a multiple of heads={self.heads}")
-        check_rate("attn_pdrop", self.attn_pdrop)
-        if self.clip_qkv is not None and not self.clip_qkv > 0:
-            raise ValueError(f"clip_qkv must be None or positive, got clip_qkv={self.clip_qkv!r}")
+        check_mqa_fields(self)
         super().__post_init__()
 
     @nn.compact
@@ -139,20 +144,34 @@ class MultiQueryAttention(nn.Module):
 
 
 def zeta_attention(
-    layer, x, *, wqkv, out_proj, qk_norms, past_key_value, bias, mask, causal, needs_weights, deterministic
+    layer,
+    x,
+    *,
+    wqkv,
+    out_proj,
+    qk_norms,
+    past_key_value,
+    bias,
+    mask,
+    causal,
+    needs_weights,
+    deterministic,
+    dropout_rng=None,
 ):
     """The body of `MultiQueryAttention` (linen and NNX): fused projection, attention, output projection.
 
     Args:
       layer: the calling layer, with the fields ``dim``, ``heads``,
-        ``clip_qkv``, ``softmax_scale``, ``attn_pdrop``, ``attn_impl`` (and
-        ``make_rng("dropout")`` when training).
+        ``clip_qkv``, ``softmax_scale``, ``attn_pdrop``, ``attn_impl`` (and a
+        linen ``"dropout"`` rng when training without ``dropout_rng``).
       x: ``[B, T, dim]``.
       wqkv: the fused projection ``[..., dim] -> [..., dim + 2 * H]``.
       out_proj: the output projection ``[..., dim] -> [..., dim]``.
       qk_norms: None, or the LayerNorms ``(q_ln, k_ln)`` of the queries and keys.
       past_key_value, bias, mask, causal, needs_weights, deterministic: as in
         `MultiQueryAttention.__call__`.
+      dropout_rng: the dropout key when training (None: from ``layer``'s rng
+        stream).
 
     Returns:
       ``(context [B, T, dim], weights or None, past_key_value)``.
@@ -179,6 +198,7 @@ def zeta_attention(
         deterministic=deterministic,
         return_weights=needs_weights,
         implementation=implementation,
+        dropout_rng=dropout_rng,
     )
     if isinstance(past_key_value, KVCache):
         past_key_value = past_key_value.update(k, v)
