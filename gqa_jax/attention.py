@@ -32,6 +32,8 @@ def dot_product_attention(
     dropout_rng=None,
     return_weights: bool = False,
     implementation: str | Sequence[str] | None = None,
+    q_sharding=None,
+    kv_sharding=None,
 ):
     """Scaled dot-product attention with grouped key/value heads.
 
@@ -75,6 +77,12 @@ def dot_product_attention(
         platform), a name such as ``"xla"``, ``"cudnn"``, ``"pallas_triton"``,
         ``"pallas_mosaic_gpu"``, ``"pallas_tpu"``, or a sequence of names
         asked in order.
+      q_sharding: optional ``NamedSharding`` of the query, for calls under
+        ``jit`` on meshes with auto axes (elsewhere the arrays carry it). On a
+        mesh of several devices, kernels run inside ``jax.shard_map`` over the
+        batch and head axes; a sharded sequence goes to XLA (or see
+        `gqa_jax.sharding` for context parallelism).
+      kv_sharding: optional ``NamedSharding`` of key and value.
 
     Returns:
       ``[B, T, N, Hv]`` in the query dtype, or ``(output, weights)`` with
@@ -109,5 +117,7 @@ def dot_product_attention(
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
         return_weights=return_weights,
+        q_sharding=q_sharding,
+        kv_sharding=kv_sharding,
     )
     return run(request, implementation)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gqa_jax.placement import Placement, placement_of
 from pallas_kernels.arguments import check_bias, check_qkv
 from pallas_kernels.rules import Rules, concrete_value
 
@@ -39,6 +40,7 @@ class AttentionRequest:
       dropout_rate: probability of dropping an attention weight.
       dropout_rng: PRNG key, or None when ``dropout_rate == 0``.
       return_weights: also return the ``[B, N, T, S]`` attention weights.
+      placement: the mesh axes splitting batch and heads, or None on one device.
     """
 
     query: Array
@@ -50,6 +52,7 @@ class AttentionRequest:
     dropout_rate: float = 0.0
     dropout_rng: Array | None = None
     return_weights: bool = False
+    placement: Placement | None = None
 
     @property
     def batch_size(self) -> int:
@@ -156,6 +159,8 @@ def make_request(
     dropout_rate: float = 0.0,
     dropout_rng: Any = None,
     return_weights: bool = False,
+    q_sharding=None,
+    kv_sharding=None,
 ) -> AttentionRequest:
     """Validates the arguments of `gqa_jax.dot_product_attention` (see it for their meaning).
 
@@ -191,4 +196,5 @@ def make_request(
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng if dropout_rate > 0.0 else None,
         return_weights=bool(return_weights),
+        placement=placement_of(query, key, q_sharding, kv_sharding),
     )

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gqa_jax.request import AttentionRequest
 from pallas_kernels.arguments import KERNEL_DTYPES
@@ -47,7 +48,9 @@ class Implementation:
 
 
 def kernel_refusal(request: AttentionRequest) -> str | None:
-    """Why the Pallas kernels cannot serve a request (XLA-only options, dtypes), or None."""
+    """Why the Pallas kernels cannot serve a request (XLA-only options, dtypes, placement), or None."""
+    if request.placement is not None and request.placement.refusal is not None:
+        return request.placement.refusal
     if request.has_dropout:
         return "does not support dropout"
     if request.return_weights:
@@ -85,3 +88,40 @@ def zero_invalid_rows(request: AttentionRequest, out: jax.Array) -> jax.Array:
     if rules.kv_len is not None:
         valid &= (rules.kv_len > 0)[:, None]
     return jnp.where(valid[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+
+def per_device(request: AttentionRequest, kernel: Callable[[AttentionRequest], jax.Array]) -> jax.Array:
+    """``kernel(request)``, inside ``jax.shard_map`` over the batch and head axes when the call is sharded.
+
+    Pallas calls cannot be partitioned by XLA: on a mesh each device runs the
+    kernel on its own rows and heads (no collective is needed: a query head
+    lives with its KV head). Outside a mesh this is ``kernel(request)``.
+    """
+    placement = request.placement
+    if placement is None:
+        return kernel(request)
+
+    def dense_spec(x):  # [B|1, N|1, T|1, S|1]: a broadcast axis is not split
+        return None if x is None else P(placement.batch if x.shape[0] > 1 else None,
+                                        placement.heads if x.shape[1] > 1 else None, None, None)
+
+    def row_spec(x):
+        return None if x is None else placement.spec(heads=False, rank=x.ndim)
+
+    rules = request.rules
+    rule_specs = dataclasses.replace(rules, **{name: row_spec(getattr(rules, name)) for name in
+                                               ("q_offset", "q_len", "kv_len", "q_segment_ids", "kv_segment_ids")})
+    heads = placement.spec()
+
+    def body(query, key, value, rules, bias, mask):
+        return kernel(dataclasses.replace(request, query=query, key=key, value=value, rules=rules, bias=bias,
+                                          mask=mask, placement=None))
+
+    in_specs = (heads, heads, heads, rule_specs, dense_spec(request.bias), dense_spec(request.mask))
+    inputs = (request.query, request.key, request.value, rules, request.bias, request.mask)
+    if any(t == jax.sharding.AxisType.Explicit for t in placement.mesh.axis_types):
+        # On explicit meshes every array's type carries its sharding: bring each to its spec (the small
+        # per-row rules arrays are usually replicated).
+        inputs = jax.reshard(inputs, jax.tree.map(lambda spec: NamedSharding(placement.mesh, spec), in_specs))
+    # check_vma=False: the kernels' outputs are declared per device, which is what they are here.
+    return jax.shard_map(body, mesh=placement.mesh, in_specs=in_specs, out_specs=heads, check_vma=False)(*inputs)

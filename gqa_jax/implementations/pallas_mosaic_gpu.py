@@ -12,7 +12,7 @@ on the Triton backward kernels from its residuals.
 
 from __future__ import annotations
 
-from gqa_jax.implementations._common import Implementation, is_decode_shaped, kernel_refusal
+from gqa_jax.implementations._common import Implementation, is_decode_shaped, kernel_refusal, per_device
 from gqa_jax.request import AttentionRequest
 from pallas_kernels.gpu import flash_attention_mgpu
 
@@ -34,7 +34,7 @@ def supports(request: AttentionRequest) -> str | None:
 
 
 def mosaic_attention(request: AttentionRequest):
-    return flash_attention_mgpu.flash_attention_core(request.query, request.key, request.value, request.rules)
+    return per_device(request, lambda r: flash_attention_mgpu.flash_attention_core(r.query, r.key, r.value, r.rules))
 
 
 IMPLEMENTATION = Implementation(name="pallas_mosaic_gpu", platforms=("gpu",), priority=30, supports=supports,

@@ -8,7 +8,13 @@ CPUs.
 
 from __future__ import annotations
 
-from gqa_jax.implementations._common import Implementation, is_decode_shaped, kernel_refusal, mask_as_bias
+from gqa_jax.implementations._common import (
+    Implementation,
+    is_decode_shaped,
+    kernel_refusal,
+    mask_as_bias,
+    per_device,
+)
 from gqa_jax.request import AttentionRequest
 from pallas_kernels import tpu
 
@@ -21,6 +27,10 @@ def supports(request: AttentionRequest) -> str | None:
 
 
 def tpu_attention(request: AttentionRequest):
+    return per_device(request, _local)
+
+
+def _local(request: AttentionRequest):
     q, k, v, rules = request.query, request.key, request.value, request.rules
     if is_decode_shaped(request) and not request.has_query_lengths:
         return tpu.decode_attention_core(q, k, v, rules, interpret=interpret)

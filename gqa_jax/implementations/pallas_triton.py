@@ -15,6 +15,7 @@ from gqa_jax.implementations._common import (
     is_decode_shaped,
     kernel_refusal,
     mask_as_bias,
+    per_device,
     zero_invalid_rows,
 )
 from gqa_jax.request import AttentionRequest
@@ -29,6 +30,10 @@ def supports(request: AttentionRequest) -> str | None:
 
 
 def triton_attention(request: AttentionRequest):
+    return per_device(request, _local)
+
+
+def _local(request: AttentionRequest):
     q, k, v, rules = request.query, request.key, request.value, request.rules
     if is_decode_shaped(request):
         # Padded queries are computed and then zeroed; their offsets already count them.
