@@ -40,6 +40,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.arguments import check_bias, check_qkv, is_power_of_two, next_power_of_two, pad_axis
 from pallas_kernels.numerics import DEAD_LSE, LOG2E, MASK_VALUE
+from pallas_kernels.residuals import forward_only, from_base2
 from pallas_kernels.rules import Rules
 
 MIN_BLOCK = 16  # the smallest tile side tl.dot takes
@@ -138,6 +139,7 @@ def flash_attention(
     logits_soft_cap: float | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
+    return_residuals: bool = False,
 ):
     """Flash attention with grouped key/value heads on NVIDIA GPUs (Pallas, Triton).
 
@@ -161,9 +163,12 @@ def flash_attention(
       logits_soft_cap: ``cap * tanh(logits / cap)``.
       block_sizes: tiles and launch parameters; default per head dim.
       interpret: run the kernels in Pallas interpret mode (CPU).
+      return_residuals: also return the log-sum-exp (`pallas_kernels.residuals`:
+        natural log, float32 ``[B, N, T]``, ``-inf`` for rows that see no key);
+        forward only.
 
     Returns:
-      ``[B, T, N, Hv]`` in the query dtype.
+      ``[B, T, N, Hv]`` in the query dtype, or ``(out, lse)``.
 
     Raises:
       ValueError, TypeError: for inconsistent shapes, dtypes or rules.
@@ -179,11 +184,12 @@ def flash_attention(
     B, T, N, _ = query.shape
     if bias is not None:
         bias = check_bias("bias", bias, B, N, T, key.shape[1])
-    return flash_attention_core(query, key, value, rules, bias=bias, block_sizes=block_sizes, interpret=interpret)
+    return flash_attention_core(query, key, value, rules, bias=bias, block_sizes=block_sizes, interpret=interpret,
+                                return_residuals=return_residuals)
 
 
 def flash_attention_core(query, key, value, rules: Rules, *, bias=None, block_sizes: BlockSizes | None = None,
-                         interpret: bool = False):
+                         interpret: bool = False, return_residuals: bool = False):
     """`flash_attention` on inputs already checked: ``rules`` from `Rules.create`, bias rank 4.
 
     Args:
@@ -194,13 +200,18 @@ def flash_attention_core(query, key, value, rules: Rules, *, bias=None, block_si
       bias: None or float ``[B|1, N|1, T|1, S|1]``.
       block_sizes: tiles and launch parameters; default per head dim.
       interpret: run the kernels in Pallas interpret mode (CPU).
+      return_residuals: also return the natural log-sum-exp ``[B, N, T]`` (forward only).
 
     Returns:
-      ``[B, T, N, Hv]`` in the query dtype.
+      ``[B, T, N, Hv]`` in the query dtype, or ``(out, lse)``.
     """
     T, Hv = query.shape[1], value.shape[-1]
     layout = _Layout.of(query, key, value, block_sizes)
     q, k, v, bias, padded_rules = layout.pad(query, key, value, bias, rules)
+    if return_residuals:
+        q, k, v, bias = forward_only((q, k, v, bias))
+        out, lse2 = _forward(padded_rules.statics(), layout.blocks, interpret, padded_rules, q, k, v, bias)
+        return out[:, :T, :, :Hv], from_base2(lse2[:, :, :T])
     out = _flash(padded_rules.statics(), layout.blocks, interpret, padded_rules, q, k, v, bias)
     return out[:, :T, :, :Hv]
 

@@ -53,6 +53,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.arguments import check_qkv, pad_axis, round_up
 from pallas_kernels.gpu.flash_attention import flash_backward
 from pallas_kernels.numerics import DEAD_LSE, LOG2E
+from pallas_kernels.residuals import forward_only, from_base2
 from pallas_kernels.rules import Rules
 
 NUM_CONSUMERS = 2  # consumer warpgroups per CTA; the producer is warpgroup 2
@@ -159,7 +160,9 @@ def flash_attention(
       local_window_size: int or ``(left, right)``.
       logits_soft_cap: ``cap * tanh(logits / cap)``.
       block_sizes: tiles; default `MosaicBlockSizes.for_head_dim`.
-      return_residuals: also return the base-2 log-sum-exp.
+      return_residuals: also return the log-sum-exp (`pallas_kernels.residuals`:
+        natural log, float32 ``[B, N, T]``, ``-inf`` for rows that see no key);
+        forward only.
 
     Returns:
       ``out [B, T, N, H]`` in the query dtype, or ``(out, lse [B, N, T] float32)``
@@ -181,7 +184,8 @@ def flash_attention(
     if reason is not None:
         raise NotImplementedError(f"the Mosaic-GPU flash forward cannot serve this call: {reason}")
     if return_residuals:
-        return forward(query, key, value, rules, block_sizes)
+        out, lse2 = forward(*forward_only((query, key, value)), rules, block_sizes)
+        return out, from_base2(lse2)
     return flash_attention_core(query, key, value, rules, block_sizes=block_sizes)
 
 

@@ -47,6 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.arguments import check_bias, check_qkv, pad_axis, round_up
+from pallas_kernels.residuals import forward_only, from_tpu
 from pallas_kernels.rules import Rules
 from pallas_kernels.tpu.common import (
     NUM_LANES,
@@ -144,6 +145,7 @@ def flash_attention(
     logits_soft_cap: float | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool | pltpu.InterpretParams = False,
+    return_residuals: bool = False,
 ):
     """Flash attention with grouped key/value heads on TPUs (Pallas, Mosaic TPU).
 
@@ -173,9 +175,12 @@ def flash_attention(
       block_sizes: `BlockSizes`; default ``BlockSizes()``.
       interpret: False (compiled for TPU), True (TPU interpret mode on any
         backend, ``pltpu.InterpretParams()``) or a ``pltpu.InterpretParams``.
+      return_residuals: also return the log-sum-exp (`pallas_kernels.residuals`:
+        natural log, float32 ``[B, N, T]``, ``-inf`` for rows that see no key);
+        forward only.
 
     Returns:
-      ``[B, T, N, Hv]`` in the query dtype.
+      ``[B, T, N, Hv]`` in the query dtype, or ``(out, lse)``.
 
     Raises:
       ValueError, TypeError: for inconsistent shapes, dtypes or arguments.
@@ -191,11 +196,12 @@ def flash_attention(
     B, T, N, _ = query.shape
     if bias is not None:
         bias = check_bias("bias", bias, B, N, T, key.shape[1])
-    return flash_attention_core(query, key, value, rules, bias=bias, block_sizes=block_sizes, interpret=interpret)
+    return flash_attention_core(query, key, value, rules, bias=bias, block_sizes=block_sizes, interpret=interpret,
+                                return_residuals=return_residuals)
 
 
 def flash_attention_core(query, key, value, rules: Rules, *, bias=None, block_sizes: BlockSizes | None = None,
-                         interpret: bool | pltpu.InterpretParams = False):
+                         interpret: bool | pltpu.InterpretParams = False, return_residuals: bool = False):
     """`flash_attention` on checked inputs: ``rules`` from `Rules.create`, bias of rank 4 or None.
 
     Args:
@@ -206,9 +212,10 @@ def flash_attention_core(query, key, value, rules: Rules, *, bias=None, block_si
       bias: None or float ``[B|1, N|1, T|1, S|1]``.
       block_sizes: `BlockSizes`; default ``BlockSizes()``.
       interpret: as in `flash_attention`.
+      return_residuals: also return the natural log-sum-exp ``[B, N, T]`` (forward only).
 
     Returns:
-      ``[B, T, N, Hv]`` in the query dtype.
+      ``[B, T, N, Hv]`` in the query dtype, or ``(out, lse)``.
     """
     B, T, N, H = query.shape
     _, S, K, _ = key.shape
@@ -242,8 +249,12 @@ def flash_attention_core(query, key, value, rules: Rules, *, bias=None, block_si
         blocks=blocks,
         interpret=interpret_params(interpret),
     )
-    out = _flash(st, prepare(query, T_pad, H_pad), prepare(key, S_pad, H_pad), prepare(value, S_pad, Hv_pad),
-                 bias, rows)
+    q, k, v = prepare(query, T_pad, H_pad), prepare(key, S_pad, H_pad), prepare(value, S_pad, Hv_pad)
+    if return_residuals:
+        out, lse = _forward(st, *forward_only((q, k, v, bias)), rows)
+        out = _from_kernel_layout(out, heads_minor, N)[:, :T, :, :Hv].astype(query.dtype)
+        return out, from_tpu(lse[:, :, :T])
+    out = _flash(st, q, k, v, bias, rows)
     return _from_kernel_layout(out, heads_minor, N)[:, :T, :, :Hv].astype(query.dtype)
 
 
