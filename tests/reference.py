@@ -83,3 +83,38 @@ def reference_attention(
         weights[:, n] = w
         out[:, :, n] = np.einsum("bts,bsh->bth", w, v[:, :, kv_head])
     return out, weights
+
+
+def reference_attention_grads(
+    query, key, value, d_out, bias=None, mask=None, *, scale=None, logits_soft_cap=None, **rules,
+):
+    """Returns (d_query, d_key, d_value) in float64: the gradients of ``sum(output * d_out)``.
+
+    Same arguments as `reference_attention`, plus ``d_out [B,T,N,Hv]``. Written
+    out by hand from the forward (softmax, soft-cap, grouped heads), so it
+    shares no code with the implementations' backward passes. Keys that are
+    not visible (and rows that see none) have zero weight, hence zero
+    gradients.
+    """
+    q = np.asarray(query, np.float64)
+    k = np.asarray(key, np.float64)
+    v = np.asarray(value, np.float64)
+    do = np.asarray(d_out, np.float64)
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    G = N // K
+    scale = 1.0 / np.sqrt(H) if scale is None else scale
+    _, weights = reference_attention(q, k, v, bias, mask, scale=scale, logits_soft_cap=logits_soft_cap, **rules)
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for n in range(N):
+        kv_head = n // G
+        w = weights[:, n]  # [B,T,S]
+        dv[:, :, kv_head] += np.einsum("bts,btd->bsd", w, do[:, :, n])
+        d_w = np.einsum("btd,bsd->bts", do[:, :, n], v[:, :, kv_head])
+        d_logits = w * (d_w - (d_w * w).sum(axis=-1, keepdims=True))
+        if logits_soft_cap is not None:
+            raw = np.einsum("bth,bsh->bts", q[:, :, n], k[:, :, kv_head]) * scale
+            d_logits = d_logits * (1.0 - np.tanh(raw / logits_soft_cap) ** 2)
+        dq[:, :, n] = scale * np.einsum("bts,bsh->bth", d_logits, k[:, :, kv_head])
+        dk[:, :, kv_head] += scale * np.einsum("bts,bth->bsh", d_logits, q[:, :, n])
+    return dq, dk, dv
