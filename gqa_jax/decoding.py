@@ -12,6 +12,10 @@ to it, so the loop updates its buffers in place instead of copying them.
 causal forward pass over the whole sequence at every step: the baseline that
 the cache is measured against (and the oracle of the cache's tests).
 
+Both take the linen `gqa_jax.models.Decoder` with its ``params``, or a
+`gqa_jax.nnx.Decoder` with ``params=None``: the two have one parameter tree,
+so the NNX model's weights run through the same jitted loop.
+
 Example::
 
     model = Decoder(DecoderConfig(vocab_size=16))
@@ -34,6 +38,7 @@ import numpy as np
 
 from gqa_jax.kv_cache import KVCache
 from gqa_jax.models import Cache, Decoder, init_cache
+from gqa_jax.nnx.decoder import linen_decoder
 from gqa_jax.request import concrete_value
 from pallas_kernels.arguments import positive_int
 from pallas_kernels.rules import check_int32_range
@@ -313,8 +318,9 @@ def generate(
     """Generates up to ``max_new_tokens`` tokens per row through a KV cache.
 
     Args:
-      model: the `Decoder`.
-      params: its ``params`` collection.
+      model: the `Decoder`, or a `gqa_jax.nnx.Decoder` (run through the linen
+        definition with its own weights: the same parameter tree).
+      params: the linen model's ``params`` collection; None for an NNX model.
       prompt: int ``[B, P]`` prompts, right-padded (the padding may hold any int).
       prompt_lengths: optional int ``[B]`` real prompt lengths, each in
         ``[1, P]``; default ``P``.
@@ -335,7 +341,9 @@ def generate(
     Raises:
       ValueError: for bad prompts or lengths, or a cache that cannot hold
         ``P + max_new_tokens`` more tokens per row.
+      TypeError: an NNX model with ``params``.
     """
+    model, params = linen_decoder(model, params)
     prompt_BP, lengths_B = _check_prompt(model, prompt, prompt_lengths, max_new_tokens, sampling)
     B, P = prompt_BP.shape
     if cache is None:
@@ -372,6 +380,7 @@ def generate_without_cache(
     `generate` up to floating-point rounding; quadratically more work. It is
     the baseline that cached decoding is measured against.
     """
+    model, params = linen_decoder(model, params)
     prompt_BP, lengths_B = _check_prompt(model, prompt, prompt_lengths, max_new_tokens, sampling)
     return _generate_uncached(
         model, params, prompt_BP, lengths_B, _check_rng(rng, sampling),

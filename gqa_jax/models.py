@@ -302,7 +302,9 @@ def token_positions(config: DecoderConfig, tokens, cache, num_new) -> tuple[Arra
             raise ValueError("num_new needs a cache, got cache=None")
         return tokens_BT, jnp.arange(T, dtype=jnp.int32)[None, :]
     if len(cache) != config.num_layers:
-        raise ValueError(f"cache must hold one KVCache per layer: {len(cache)=} != cfg.num_layers={config.num_layers}")
+        raise ValueError(
+            f"cache must hold one KVCache per layer: {len(cache)=} != cfg.num_layers={config.num_layers}"
+        )
     return tokens_BT, cache[0].lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
 
 

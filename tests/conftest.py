@@ -28,3 +28,11 @@ def random_params():
         return jax.tree.map(lambda s: (rng.standard_normal(s.shape) / np.sqrt(s.shape[0])).astype(s.dtype), shapes)
 
     return draw
+
+
+@pytest.fixture(params=["linen", "nnx"])
+def api(request):
+    """The layer classes of one API (`tests.layer_apis.LINEN` or `NNX`): one test body checks both."""
+    from tests.layer_apis import APIS
+
+    return APIS[request.param]

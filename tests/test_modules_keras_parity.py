@@ -3,7 +3,8 @@
 The Keras layer is the oracle: same random weights (read with `keras_params`),
 same inputs; outputs and attention scores must match in float32. Each case
 runs Keras' explicit path (``return_attention_scores=True``) and its fused
-path (``ops.dot_product_attention``).
+path (``ops.dot_product_attention``). Tests that take the ``api`` fixture run
+for the linen and the NNX layers (`tests.layer_apis`).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ GQA_CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(GQA_CASES))
-def test_grouped_query_attention_matches_keras(name):
+def test_grouped_query_attention_matches_keras(api, name):
     case = GQA_CASES[name]
     rng = np.random.default_rng(sum(map(ord, name)))
     B, T, S, Dq, Dv, Dk, H = 2, 5, 7, 12, 10, 6, 4
@@ -86,7 +87,7 @@ def test_grouped_query_attention_matches_keras(name):
     for mask_name in case.get("masks", ()):
         kwargs[mask_name] = {"attention_mask": _mask(rng, B, T, S), "value_mask": _mask(rng, B, S)}[mask_name]
     keras_layer = _keras_layer(keras.layers.GroupQueryAttention, rng, query.shape, value.shape, key.shape, **config)
-    ours = gqa_jax.GroupedQueryAttention(**config)
+    ours = api.GroupedQueryAttention(**config)
     ((ref_out, ref_scores), ref_fused), ((out, scores), fused) = _both_paths(
         keras_layer, ours, (query, value, key), kwargs
     )
@@ -96,7 +97,7 @@ def test_grouped_query_attention_matches_keras(name):
     np.testing.assert_allclose(fused, ref_fused, **TOL)
 
 
-def test_query_mask_rows_get_zero_attention_as_documented():
+def test_query_mask_rows_get_zero_attention_as_documented(api):
     """Masked queries: Keras' explicit path gives zero weights, as we do; its fused path averages the values."""
     rng = np.random.default_rng(1)
     B, T, S, D = 2, 4, 6, 8
@@ -111,7 +112,7 @@ def test_query_mask_rows_get_zero_attention_as_documented():
         num_query_heads=4,
         num_key_value_heads=2,
     )
-    ours = gqa_jax.GroupedQueryAttention(head_dim=4, num_query_heads=4, num_key_value_heads=2)
+    ours = api.GroupedQueryAttention(head_dim=4, num_query_heads=4, num_key_value_heads=2)
     ((ref_out, ref_scores), ref_fused), ((out, scores), fused) = _both_paths(
         keras_layer, ours, (query, value), dict(query_mask=query_mask)
     )
@@ -142,7 +143,7 @@ MHA_CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(MHA_CASES))
-def test_multi_head_attention_matches_keras(name):
+def test_multi_head_attention_matches_keras(api, name):
     case = MHA_CASES[name]
     config = case["config"]
     rng = np.random.default_rng(sum(map(ord, name)))
@@ -159,7 +160,7 @@ def test_multi_head_attention_matches_keras(name):
         kwargs["attention_mask"] = _mask(rng, *mask_shape)
     shapes = (query.shape, value.shape) + (() if key is None else (key.shape,))
     keras_layer = _keras_layer(keras.layers.MultiHeadAttention, rng, *shapes, **config)
-    ours = gqa_jax.MultiHeadAttention(**config)
+    ours = api.MultiHeadAttention(**config)
     # Keras' fused path (taken without scores) fails when value_dim != key_dim: compare it only where it runs.
     fused = config.get("value_dim", config["key_dim"]) == config["key_dim"]
     ((ref_out, ref_scores), ref_fused), ((out, scores), ours_fused) = _both_paths(
@@ -172,7 +173,7 @@ def test_multi_head_attention_matches_keras(name):
         np.testing.assert_allclose(ours_fused, ref_fused, **TOL)
 
 
-def test_multi_head_attention_query_and_value_masks_match_keras():
+def test_multi_head_attention_query_and_value_masks_match_keras(api):
     """Keras' MHA reads the query mask from the query's Keras mask (here from `Masking`)."""
     rng = np.random.default_rng(2)
     query, value = _normal(rng, 2, 5, 8), _normal(rng, 2, 6, 8)
@@ -183,7 +184,7 @@ def test_multi_head_attention_query_and_value_masks_match_keras():
     ref_out, ref_scores = jax.jit(
         lambda q, v: keras_layer(keras.layers.Masking()(q), v, value_mask=value_mask, return_attention_scores=True)
     )(query, value)
-    ours = gqa_jax.MultiHeadAttention(num_heads=2, key_dim=4)
+    ours = api.MultiHeadAttention(num_heads=2, key_dim=4)
     out, scores = ours.apply(
         {"params": gqa_jax.keras_params(keras_layer)},
         query,
@@ -197,12 +198,12 @@ def test_multi_head_attention_query_and_value_masks_match_keras():
     assert not np.asarray(scores).transpose(0, 2, 1, 3)[~query_mask].any()  # masked queries: no weights
 
 
-def test_dropout_in_training_is_unbiased_and_needs_no_fused_kernel(random_params):
+def test_dropout_in_training_is_unbiased_and_needs_no_fused_kernel(api, random_params):
     """Dropout > 0 with flash_attention=True serves the call (XLA path); its mean is the deterministic output."""
     x = _normal(np.random.default_rng(3), 1, 4, 8)
     config = dict(head_dim=4, num_query_heads=2, num_key_value_heads=1, dropout=0.3)
-    plain = gqa_jax.GroupedQueryAttention(**config)
-    layer = gqa_jax.GroupedQueryAttention(**config, flash_attention=True)
+    plain = api.GroupedQueryAttention(**config)
+    layer = api.GroupedQueryAttention(**config, flash_attention=True)
     params = random_params(plain, x, x)
     n = 2000
 
@@ -222,18 +223,18 @@ def test_dropout_in_training_is_unbiased_and_needs_no_fused_kernel(random_params
     np.testing.assert_allclose(scores.sum(-1), 1.0, **TOL)
 
 
-def test_flash_attention_true_without_a_fused_kernel_is_a_clear_error(monkeypatch):
+def test_flash_attention_true_without_a_fused_kernel_is_a_clear_error(api, monkeypatch):
     monkeypatch.setattr("gqa_jax.modules.implementation.implementations", lambda: ("xla",))
     x = _normal(np.random.default_rng(4), 1, 4, 8)
-    layer = gqa_jax.GroupedQueryAttention(head_dim=4, num_query_heads=2, num_key_value_heads=1, flash_attention=True)
+    layer = api.GroupedQueryAttention(head_dim=4, num_query_heads=2, num_key_value_heads=1, flash_attention=True)
     with pytest.raises(ValueError, match="flash_attention=True needs a fused attention implementation"):
-        layer.init(jax.random.key(0), x, x)
+        jax.eval_shape(lambda: layer.init(jax.random.key(0), x, x))
 
 
-def test_flash_attention_false_and_none_agree_with_explicit_xla(random_params):
+def test_flash_attention_false_and_none_agree_with_explicit_xla(api, random_params):
     x = _normal(np.random.default_rng(5), 2, 6, 8)
-    layers = [gqa_jax.MultiHeadAttention(num_heads=2, key_dim=4, flash_attention=flag) for flag in (None, False)]
-    xla = gqa_jax.MultiHeadAttention(num_heads=2, key_dim=4, implementation="xla")
+    layers = [api.MultiHeadAttention(num_heads=2, key_dim=4, flash_attention=flag) for flag in (None, False)]
+    xla = api.MultiHeadAttention(num_heads=2, key_dim=4, implementation="xla")
     params = random_params(xla, x, x)
     outs = jax.jit(lambda p: [m.apply({"params": p}, x, x, use_causal_mask=True) for m in layers + [xla]])(params)
     for out in outs[:-1]:
@@ -257,7 +258,7 @@ def test_keras_initializer_names_match_keras_distributions(name, contract):
     np.testing.assert_allclose(np.abs(kernel).max(), np.abs(keras_kernel).max(), rtol=0.15)
 
 
-def test_unknown_initializer_name_is_a_clear_error():
-    layer = gqa_jax.GroupedQueryAttention(head_dim=4, num_query_heads=2, num_key_value_heads=1, kernel_init="glorot")
+def test_unknown_initializer_name_is_a_clear_error(api):
     with pytest.raises(ValueError, match="unknown Keras initializer name init='glorot'"):
+        layer = api.GroupedQueryAttention(head_dim=4, num_query_heads=2, num_key_value_heads=1, kernel_init="glorot")
         layer.init(jax.random.key(0), jnp.ones((1, 2, 4)), jnp.ones((1, 2, 4)))

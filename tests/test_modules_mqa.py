@@ -5,6 +5,8 @@ follows zeta's ``MultiQueryAttention.forward`` and
 ``scaled_multihead_dot_product_attention`` step by step; our parameters come
 from the same state dict by the documented port rule (transpose the Linear
 weights). The attention itself is `tests.reference.reference_attention`.
+Each test runs for the linen and the NNX layer (the ``api`` fixture,
+`tests.layer_apis`).
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_multi_query_attention_matches_zeta(name):
+def test_multi_query_attention_matches_zeta(api, name):
     case = CASES[name]
     config, call = case.get("config", {}), dict(case.get("call", {}))
     rng = np.random.default_rng(sum(map(ord, name)))
@@ -103,7 +105,7 @@ def test_multi_query_attention_matches_zeta(name):
         call["mask"][:, 0] = True
     if case.get("bias"):
         call["bias"] = (rng.standard_normal((1, HEADS, T + 2, T + 3)) * 0.5).astype(np.float32)  # cut to [T, S]
-    layer = gqa_jax.MultiQueryAttention(dim=DIM, heads=HEADS, **config)
+    layer = api.MultiQueryAttention(dim=DIM, heads=HEADS, **config)
     out, weights, past = jax.jit(lambda p: layer.apply({"params": p}, x, needs_weights=True, **call))(_port(sd))
     ref_out, ref_weights, _ = _zeta(
         sd, x, clip_qkv=config.get("clip_qkv"), softmax_scale=config.get("softmax_scale"), **call
@@ -113,12 +115,12 @@ def test_multi_query_attention_matches_zeta(name):
     assert past is None
 
 
-def test_past_key_value_tuple_continues_the_sequence():
+def test_past_key_value_tuple_continues_the_sequence(api):
     """Prompt of 4 from an empty tuple, then 2 more tokens: equals zeta's pass, which equals the full causal pass."""
     rng = np.random.default_rng(1)
     sd = _state_dict(rng)
     x = rng.standard_normal((B, T, DIM)).astype(np.float32)
-    layer = gqa_jax.MultiQueryAttention(dim=DIM, heads=HEADS, attn_impl="torch")
+    layer = api.MultiQueryAttention(dim=DIM, heads=HEADS, attn_impl="torch")
 
     @jax.jit
     def run(params):
@@ -134,11 +136,11 @@ def test_past_key_value_tuple_continues_the_sequence():
     assert key.shape == value.shape == (B, T, 1, HD)
 
 
-def test_fixed_capacity_kv_cache_in_a_jitted_loop():
+def test_fixed_capacity_kv_cache_in_a_jitted_loop(api):
     rng = np.random.default_rng(2)
     sd = _state_dict(rng)
     x = rng.standard_normal((B, T, DIM)).astype(np.float32)
-    layer = gqa_jax.MultiQueryAttention(dim=DIM, heads=HEADS, attn_impl="flash")
+    layer = api.MultiQueryAttention(dim=DIM, heads=HEADS, attn_impl="flash")
     step = jax.jit(lambda p, token, cache: layer.apply({"params": p}, token, past_key_value=cache))
     cache = gqa_jax.KVCache.init(batch_size=B, max_length=T + 2, num_kv_heads=1, head_dim=HD)
     outputs = []
@@ -149,7 +151,7 @@ def test_fixed_capacity_kv_cache_in_a_jitted_loop():
     np.testing.assert_array_equal(cache.lengths, [T, T])
 
 
-def test_attn_impl_names_agree():
+def test_attn_impl_names_agree(api):
     rng = np.random.default_rng(3)
     sd = _state_dict(rng)
     x = rng.standard_normal((B, T, DIM)).astype(np.float32)
@@ -157,7 +159,7 @@ def test_attn_impl_names_agree():
     @jax.jit
     def run(params):
         return [
-            gqa_jax.MultiQueryAttention(dim=DIM, heads=HEADS, attn_impl=impl).apply({"params": params}, x)[0]
+            api.MultiQueryAttention(dim=DIM, heads=HEADS, attn_impl=impl).apply({"params": params}, x)[0]
             for impl in (None, "torch", "flash", "triton", "xla")
         ]
 

@@ -1,0 +1,178 @@
+"""The Llama-style reference decoder (`gqa_jax.models`) in Flax NNX, with the linen parameter tree.
+
+Same `gqa_jax.models.DecoderConfig`, same calls (``model(tokens)`` for the
+causal pass; ``model(tokens, cache, num_new=n)`` continuing a tuple of
+`gqa_jax.KVCache` from `gqa_jax.models.init_cache`), same body
+(`gqa_jax.models.rotary_attention`, `gqa_jax.models.token_positions`) and the
+same parameter names and shapes (``layers_{i}/attention/query [D, N, H]``,
+...), so `gqa_jax.models.params_from_hf` output loads with
+`gqa_jax.nnx.load_linen_params` and `gqa_jax.decoding.generate` runs either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gqa_jax import models
+from gqa_jax.kv_cache import KVCache
+from gqa_jax.models import DecoderConfig
+from gqa_jax.nnx.einsum_dense import partitioned
+from gqa_jax.nnx.keras_layer import KEY_VALUE_AXES, OUTPUT_AXES, QUERY_AXES
+from gqa_jax.nnx.params import linen_params
+
+Array = jax.Array
+
+
+class Attention(nnx.Module):
+    """Rotary grouped-query self-attention: ``query [D, N, H]``, ``key``/``value [D, K, H]``, ``output [N, H, D]``."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        D, N, K, H = config.model_dim, config.num_heads, config.num_kv_heads, config.head_dim
+        in_init, out_init = models.projection_init(0, (1, 2)), models.projection_init((0, 1), 2)
+
+        def param(init, shape, axes):
+            return nnx.Param(partitioned(init, axes)(rngs.params(), shape, config.param_dtype))
+
+        self.query = param(in_init, (D, N, H), QUERY_AXES)
+        self.key = param(in_init, (D, K, H), KEY_VALUE_AXES)
+        self.value = param(in_init, (D, K, H), KEY_VALUE_AXES)
+        self.output = param(out_init, (N, H, D), OUTPUT_AXES)
+
+    def __call__(self, x, positions, cache: KVCache | None = None, num_new=None):
+        """As `gqa_jax.models.Attention`: ``(out [B, T, D], cache)``."""
+        weights = (self.query[...], self.key[...], self.value[...], self.output[...])
+        return models.rotary_attention(self.config, x, positions, weights, cache, num_new)
+
+
+def _linear(config: DecoderConfig, in_features: int, out_features: int, axes, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=False,
+        kernel_init=partitioned(nnx.initializers.lecun_normal(), axes),
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        rngs=rngs,
+    )
+
+
+def _rms_norm(config: DecoderConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
+    return nnx.RMSNorm(
+        config.model_dim,
+        epsilon=config.norm_eps,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        scale_init=partitioned(nnx.initializers.ones, ("embed",)),
+        rngs=rngs,
+    )
+
+
+class MLP(nnx.Module):
+    """SwiGLU ``down(silu(gate(x)) * up(x))``: ``gate``/``up`` ``[D, F]``, ``down [F, D]``, no biases."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        D, F = config.model_dim, config.mlp_dim
+        self.gate = _linear(config, D, F, ("embed", "mlp"), rngs)
+        self.up = _linear(config, D, F, ("embed", "mlp"), rngs)
+        self.down = _linear(config, F, D, ("mlp", "embed"), rngs)
+
+    def __call__(self, x):
+        """``x [B, T, D] -> [B, T, D]``."""
+        return self.down(nnx.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+    """Pre-norm block: ``x + attention(attention_norm(x))``, then ``x + mlp(mlp_norm(x))``."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        self.attention_norm = _rms_norm(config, rngs)
+        self.attention = Attention(config, rngs=rngs)
+        self.mlp_norm = _rms_norm(config, rngs)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, cache: KVCache | None = None, num_new=None):
+        """``x [B, T, D] -> ([B, T, D], cache)``."""
+        attended_BTD, cache = self.attention(self.attention_norm(x), positions, cache, num_new)
+        x_BTD = x + attended_BTD
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
+
+
+class Decoder(nnx.Module):
+    """`gqa_jax.models.Decoder` as an ``nnx.Module``; see the module docstring.
+
+    Args:
+      config: sizes and options.
+      rngs: ``params`` draws the parameters.
+
+    Example::
+
+        model = Decoder(DecoderConfig(vocab_size=256), rngs=nnx.Rngs(0))
+        logits = model(tokens)                                     # [B, T, V]
+        out = gqa_jax.decoding.generate(model, None, prompts, max_new_tokens=8)
+    """
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = nnx.Embed(
+            config.vocab_size,
+            config.model_dim,
+            dtype=config.dtype,
+            param_dtype=config.param_dtype,
+            embedding_init=partitioned(nnx.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
+                                       ("vocab", "embed")),
+            rngs=rngs,
+        )
+        for i in range(config.num_layers):
+            setattr(self, f"layers_{i}", Block(config, rngs=rngs))
+        self.final_norm = _rms_norm(config, rngs)
+        self.lm_head = (
+            nnx.data(None) if config.tie_embeddings else _linear(config, config.model_dim, config.vocab_size,
+                                                                 ("embed", "vocab"), rngs)
+        )
+
+    def __call__(self, tokens, cache: Sequence[KVCache] | None = None, *, num_new=None):
+        """Logits of the next token at every position, as `gqa_jax.models.Decoder.__call__`.
+
+        Args:
+          tokens: int ``[B, T]``.
+          cache: optional tuple of `KVCache`, one per layer.
+          num_new: with a cache, optional int ``[B]`` valid tokens per row.
+
+        Returns:
+          float32 logits ``[B, T, V]``; ``(logits, new_cache)`` with a cache.
+        """
+        cfg = self.config
+        tokens_BT, positions_BT = models.token_positions(cfg, tokens, cache, num_new)
+        x_BTD = self.embed(tokens_BT)
+        new_cache = []
+        for i in range(cfg.num_layers):
+            x_BTD, layer_cache = getattr(self, f"layers_{i}")(
+                x_BTD, positions_BT, None if cache is None else cache[i], num_new
+            )
+            new_cache.append(layer_cache)
+        x_BTD = self.final_norm(x_BTD)
+        logits_BTV = self.embed.attend(x_BTD) if cfg.tie_embeddings else self.lm_head(x_BTD)
+        logits_BTV = logits_BTV.astype(jnp.float32)
+        return logits_BTV if cache is None else (logits_BTV, tuple(new_cache))
+
+
+def linen_decoder(model, params):
+    """``(linen Decoder, params)`` for `gqa_jax.decoding`: a linen model as given, an NNX one with its own weights.
+
+    Raises:
+      TypeError: an NNX `Decoder` with ``params`` that is not None (its
+        weights are its own), naming both.
+    """
+    if not isinstance(model, Decoder):
+        return model, params
+    if params is not None:
+        raise TypeError(
+            f"an NNX Decoder carries its own parameters: pass params=None, got model={type(model).__name__} and "
+            f"params of type {type(params).__name__}"
+        )
+    return models.Decoder(model.config), linen_params(model)

@@ -1,0 +1,214 @@
+"""`GroupedQueryAttention` in Flax NNX: Keras ``GroupQueryAttention`` with the linen layer's parameters.
+
+The same checks and body as `gqa_jax.modules.GroupedQueryAttention`
+(`gqa_jax.modules.grouped_query_attention.grouped_query_attention`), so the
+two give the same numbers from the same parameters. Decoding keeps the cache
+as ``nnx.Cache`` state: `GroupedQueryAttention.init_cache`, then
+``layer(x, decode=True)`` with any number of tokens per row.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gqa_jax.attention import dot_product_attention
+from gqa_jax.kv_cache import KVCache
+from gqa_jax.modules.decode_cache import decode_attention
+from gqa_jax.modules.grouped_query_attention import check_gqa_fields, grouped_query_attention
+from gqa_jax.modules.initializers import Initializer
+from gqa_jax.nnx.einsum_dense import EinsumDense
+from gqa_jax.nnx.keras_layer import KEY_VALUE_AXES, OUTPUT_AXES, QUERY_AXES, KerasAttentionLayer, dense_settings
+
+Array = jax.Array
+
+
+class GroupedQueryAttention(KerasAttentionLayer):
+    """Grouped-query attention after ``keras.layers.GroupQueryAttention``, as an ``nnx.Module``.
+
+    Args:
+      head_dim: ``H``.
+      num_query_heads: ``N``.
+      num_key_value_heads: ``K`` (``N % K == 0``).
+      in_features: ``Dq``, the query's feature dim (and the output's).
+      value_features: ``Dv`` (default ``Dq``).
+      key_features: ``Dk`` (default ``Dv``).
+      dropout, use_bias, sliding_window, flash_attention, kernel_init,
+        bias_init, use_gate, dtype, param_dtype, precision, implementation:
+        as in `gqa_jax.modules.GroupedQueryAttention`.
+      decode: the default of the call's ``decode``.
+      deterministic: the default of the call's ``deterministic`` (no dropout).
+      rngs: ``params`` draws the parameters; ``dropout`` (or the default
+        stream) the dropout masks.
+
+    Parameters: ``query [Dq, N, H]``, ``key [Dk, K, H]``, ``value [Dv, K, H]``,
+    ``attention_output [N, H, Dq]`` (``kernel``, ``bias``), ``gate [Dq, N, H]``
+    with ``use_gate``, as the linen layer, with the logical axis names
+    ``embed``, ``q_heads``, ``kv_heads`` and ``head_dim``.
+
+    Example::
+
+        layer = GroupedQueryAttention(16, 8, 2, in_features=64, rngs=nnx.Rngs(0))
+        y = layer(x, use_causal_mask=True)                     # x: [B, T, 64]
+        layer.init_cache(batch_size=B, max_length=128)
+        y = layer(prompt, decode=True, use_causal_mask=True)   # then one or more tokens per call
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        num_query_heads: int,
+        num_key_value_heads: int,
+        *,
+        in_features: int,
+        value_features: int | None = None,
+        key_features: int | None = None,
+        dropout: float = 0.0,
+        use_bias: bool = True,
+        sliding_window: int | None = None,
+        flash_attention: bool | None = None,
+        kernel_init: Initializer | str = "glorot_uniform",
+        bias_init: Initializer | str = "zeros",
+        use_gate: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        implementation: str | Sequence[str] | None = None,
+        decode: bool = False,
+        deterministic: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        self.head_dim, self.num_query_heads, self.num_key_value_heads = head_dim, num_query_heads, num_key_value_heads
+        self._init_settings(
+            dropout=dropout,
+            use_bias=use_bias,
+            sliding_window=sliding_window,
+            flash_attention=flash_attention,
+            use_gate=use_gate,
+            implementation=implementation,
+            deterministic=deterministic,
+        )
+        check_gqa_fields(self)
+        self._init_dropout_stream(rngs)
+        self.decode = decode
+        value_features = in_features if value_features is None else value_features
+        key_features = value_features if key_features is None else key_features
+        N, K, H = num_query_heads, num_key_value_heads, head_dim
+        dense = dense_settings(
+            use_bias=use_bias,
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            rngs=rngs,
+        )
+        self.query = EinsumDense((in_features,), (N, H), kernel_axes=QUERY_AXES, **dense)
+        self.key = EinsumDense((key_features,), (K, H), kernel_axes=KEY_VALUE_AXES, **dense)
+        self.value = EinsumDense((value_features,), (K, H), kernel_axes=KEY_VALUE_AXES, **dense)
+        self.gate = EinsumDense((in_features,), (N, H), kernel_axes=QUERY_AXES, **dense) if use_gate else nnx.data(None)
+        self.attention_output = EinsumDense((N, H), (in_features,), kernel_axes=OUTPUT_AXES, **dense)
+        self.cached_key = nnx.data(None)
+        self.cached_value = nnx.data(None)
+        self.cache_index = nnx.data(None)
+
+    def init_cache(self, *, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> None:
+        """Allocates an empty decode cache of capacity ``max_length`` (``nnx.Cache`` state).
+
+        ``cached_key`` / ``cached_value`` ``[B, S, K, H]`` in ``dtype`` and
+        ``cache_index`` int32 ``[B]``, the linen layer's ``"cache"``
+        collection. Calling it again empties the cache.
+        """
+        cache = KVCache.init(batch_size, max_length, self.num_key_value_heads, self.head_dim, dtype)
+        self.cached_key = nnx.Cache(cache.key)
+        self.cached_value = nnx.Cache(cache.value)
+        self.cache_index = nnx.Cache(cache.lengths)
+
+    def __call__(
+        self,
+        query: Array,
+        value: Array | None = None,
+        key: Array | None = None,
+        *,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores: bool = False,
+        deterministic: bool | None = None,
+        use_causal_mask: bool = False,
+        cache=None,
+        cache_update_index=None,
+        num_new=None,
+        decode: bool | None = None,
+        rngs=None,
+    ):
+        """Attends ``query`` to ``key``/``value``, as the linen layer's call.
+
+        Args:
+          query: ``[B, T, Dq]``.
+          value: ``[B, S, Dv]``; default ``query`` (self-attention), unused
+            with a ``cache`` and no index.
+          key: ``[B, S, Dk]``; defaults to ``value``.
+          query_mask, value_mask, key_mask, attention_mask,
+            return_attention_scores, use_causal_mask, cache,
+            cache_update_index: as in `gqa_jax.modules.GroupedQueryAttention`.
+          deterministic: no dropout; default the layer's.
+          num_new: decode only: int ``[B]`` valid new tokens per row (the rest
+            of the ``T`` are padding: not written, zero output before the
+            output projection); default all ``T``.
+          decode: write the new keys/values after each row's cached tokens
+            and attend over the cache (after `init_cache`); default the
+            layer's ``decode``.
+          rngs: the dropout stream or key of this call (default the layer's).
+
+        Returns:
+          ``output [B, T, Dq]``; ``(output, scores)`` with
+          ``return_attention_scores``; and the updated keras-hub cache last
+          when ``cache`` is given.
+
+        Raises:
+          ValueError: for inputs that do not fit, or ``decode`` before `init_cache`.
+        """
+        decode = self.decode if decode is None else decode
+        if value is None and not (cache is not None and cache_update_index is None):
+            value = query
+        deterministic = self.resolve_deterministic(deterministic)
+        return grouped_query_attention(
+            self,
+            query,
+            value,
+            key,
+            decode=decode,
+            cache=cache,
+            cache_update_index=cache_update_index,
+            num_new=num_new,
+            attend=functools.partial(self._decode, num_new=num_new) if decode else dot_product_attention,
+            project=self.project,
+            dropout_rng=self.dropout_key(self.dropout, deterministic, rngs),
+            query_mask=query_mask,
+            value_mask=value_mask,
+            key_mask=key_mask,
+            attention_mask=attention_mask,
+            return_attention_scores=return_attention_scores,
+            deterministic=deterministic,
+            use_causal_mask=use_causal_mask,
+        )
+
+    def _decode(self, q, k, v, *, num_new, mask, **options):
+        """Decode: append to the ``nnx.Cache`` state and attend over it (``options``: attention keywords)."""
+        if self.cached_key is None:
+            raise ValueError("decode=True needs a cache: call init_cache(batch_size=..., max_length=...) first")
+        if self.cached_key.shape[0] != q.shape[0]:
+            raise ValueError(
+                f"the cache holds batch_size={self.cached_key.shape[0]} rows, got query.shape[0]={q.shape[0]}"
+            )
+        cache = KVCache(self.cached_key[...], self.cached_value[...], self.cache_index[...])
+        out, cache = decode_attention(cache, q, k, v, num_new=num_new, mask=mask, **options)
+        self.cached_key[...], self.cached_value[...], self.cache_index[...] = cache.key, cache.value, cache.lengths
+        return out

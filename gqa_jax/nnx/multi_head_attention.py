@@ -1,0 +1,222 @@
+"""`MultiHeadAttention` in Flax NNX: Keras ``MultiHeadAttention`` with the linen layer's parameters.
+
+The same checks and body as `gqa_jax.modules.MultiHeadAttention`
+(`gqa_jax.modules.multi_head_attention.multi_head_attention`): inputs of any
+rank, Keras' ``attention_axes``, and keras-hub's ``cache`` for
+`CachedMultiHeadAttention`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gqa_jax.modules.initializers import Initializer
+from gqa_jax.modules.multi_head_attention import check_mha_fields, multi_head_attention
+from gqa_jax.nnx.einsum_dense import EinsumDense
+from gqa_jax.nnx.keras_layer import KEY_VALUE_AXES, QUERY_AXES, KerasAttentionLayer, dense_settings, output_axes
+
+Array = jax.Array
+
+
+class MultiHeadAttention(KerasAttentionLayer):
+    """Multi-head attention after ``keras.layers.MultiHeadAttention``, as an ``nnx.Module``.
+
+    Args:
+      num_heads: ``N``.
+      key_dim: ``H``, size of each query/key head.
+      value_dim: size of each value head (default ``key_dim``).
+      in_features: ``Dq``, the query's feature dim.
+      value_features: ``Dv`` (default ``Dq``).
+      key_features: ``Dk`` (default ``Dv``).
+      output_shape: int or ints: the output's trailing shape (default ``Dq``).
+      dropout, use_bias, attention_axes, sliding_window, flash_attention,
+        kernel_init, bias_init, use_gate, dtype, param_dtype, precision,
+        implementation: as in `gqa_jax.modules.MultiHeadAttention`.
+      deterministic: the default of the call's ``deterministic``.
+      rngs: ``params`` draws the parameters; ``dropout`` the dropout masks.
+
+    Parameters: ``query [Dq, N, key_dim]``, ``key [Dk, N, key_dim]``,
+    ``value [Dv, N, value_dim]``, ``attention_output [N, value_dim,
+    *output_shape]``, as the linen layer and Keras.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        key_dim: int,
+        value_dim: int | None = None,
+        *,
+        in_features: int,
+        value_features: int | None = None,
+        key_features: int | None = None,
+        dropout: float = 0.0,
+        use_bias: bool = True,
+        output_shape: int | Sequence[int] | None = None,
+        attention_axes: int | Sequence[int] | None = None,
+        sliding_window: int | None = None,
+        flash_attention: bool | None = None,
+        kernel_init: Initializer | str = "glorot_uniform",
+        bias_init: Initializer | str = "zeros",
+        use_gate: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        implementation: str | Sequence[str] | None = None,
+        deterministic: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        self.num_heads, self.key_dim, self.value_dim = num_heads, key_dim, value_dim
+        self.attention_axes = tuple(attention_axes) if isinstance(attention_axes, Sequence) else attention_axes
+        self._init_settings(
+            dropout=dropout,
+            use_bias=use_bias,
+            sliding_window=sliding_window,
+            flash_attention=flash_attention,
+            use_gate=use_gate,
+            implementation=implementation,
+            deterministic=deterministic,
+        )
+        check_mha_fields(self)
+        self._init_dropout_stream(rngs)
+        output_shape = in_features if output_shape is None else output_shape
+        self.output_shape = (output_shape,) if isinstance(output_shape, int) else tuple(output_shape)
+        value_features = in_features if value_features is None else value_features
+        key_features = value_features if key_features is None else key_features
+        N, value_dim = num_heads, value_dim or key_dim
+        dense = dense_settings(
+            use_bias=use_bias,
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            rngs=rngs,
+        )
+        self.query = EinsumDense((in_features,), (N, key_dim), kernel_axes=QUERY_AXES, **dense)
+        self.key = EinsumDense((key_features,), (N, key_dim), kernel_axes=KEY_VALUE_AXES, **dense)
+        self.value = EinsumDense((value_features,), (N, value_dim), kernel_axes=KEY_VALUE_AXES, **dense)
+        self.gate = (
+            EinsumDense((in_features,), (N, value_dim), kernel_axes=QUERY_AXES, **dense) if use_gate else nnx.data(None)
+        )
+        self.attention_output = EinsumDense(
+            (N, value_dim), self.output_shape, kernel_axes=output_axes(len(self.output_shape)), **dense
+        )
+
+    def __call__(
+        self,
+        query: Array,
+        value: Array | None = None,
+        key: Array | None = None,
+        *,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores: bool = False,
+        deterministic: bool | None = None,
+        use_causal_mask: bool = False,
+        rngs=None,
+    ):
+        """Attends ``query`` to ``key``/``value``, as the linen layer's call.
+
+        ``value`` defaults to ``query`` (self-attention); ``deterministic`` to
+        the layer's; ``rngs`` (the dropout stream or key of this call) to the
+        layer's stream. The rest as in `gqa_jax.modules.MultiHeadAttention`.
+
+        Returns:
+          ``output [B, ..., *output_shape]``, or ``(output, scores)``.
+        """
+        return self.attend(
+            query,
+            query if value is None else value,
+            key,
+            query_mask=query_mask,
+            value_mask=value_mask,
+            key_mask=key_mask,
+            attention_mask=attention_mask,
+            return_attention_scores=return_attention_scores,
+            deterministic=deterministic,
+            use_causal_mask=use_causal_mask,
+            rngs=rngs,
+        )
+
+    def attend(
+        self,
+        query,
+        value,
+        key=None,
+        *,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        deterministic=None,
+        use_causal_mask=False,
+        cache=None,
+        cache_update_index=None,
+        rngs=None,
+    ):
+        """`__call__` plus keras-hub's ``cache`` / ``cache_update_index`` (rank-3 inputs only)."""
+        deterministic = self.resolve_deterministic(deterministic)
+        return multi_head_attention(
+            self,
+            query,
+            value,
+            key,
+            cache=cache,
+            cache_update_index=cache_update_index,
+            use_causal_mask=use_causal_mask,
+            project=self.project,
+            dropout_rng=self.dropout_key(self.dropout, deterministic, rngs),
+            query_mask=query_mask,
+            value_mask=value_mask,
+            key_mask=key_mask,
+            attention_mask=attention_mask,
+            return_attention_scores=return_attention_scores,
+            deterministic=deterministic,
+        )
+
+
+class CachedMultiHeadAttention(MultiHeadAttention):
+    """`MultiHeadAttention` with keras-hub's ``[B, 2, S, N, H]`` cache, as `gqa_jax.modules.CachedMultiHeadAttention`.
+
+    ``cache=None``: the output alone; ``cache`` without an index: attend to it
+    as is; ``cache`` with ``cache_update_index`` (scalar or per row ``[B]``):
+    write the new keys/values there first. Returns ``(output, cache)`` with a
+    cache. The cache is the caller's array, not layer state, so it goes
+    through ``jax.lax.scan`` and ``nnx.jit`` like any other argument.
+    """
+
+    def __call__(
+        self,
+        query: Array,
+        value: Array | None = None,
+        key: Array | None = None,
+        attention_mask=None,
+        cache=None,
+        cache_update_index=None,
+        *,
+        deterministic: bool | None = None,
+        use_causal_mask: bool = False,
+        rngs=None,
+    ):
+        """Attends ``query`` to the new and/or cached keys and values (arguments as the linen layer's)."""
+        if value is None and not (cache is not None and cache_update_index is None):
+            value = query
+        return self.attend(
+            query,
+            value,
+            key,
+            attention_mask=attention_mask,
+            deterministic=deterministic,
+            use_causal_mask=use_causal_mask,
+            cache=cache,
+            cache_update_index=cache_update_index,
+            rngs=rngs,
+        )
