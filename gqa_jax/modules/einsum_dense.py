@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gqa_jax.modules.checks import check_bool
 from gqa_jax.modules.initializers import Initializer, keras_initializer
 from gqa_jax.projection import project_heads, project_output
 
@@ -52,6 +53,7 @@ class EinsumDense(nn.Module):
     def __call__(self, x: Array) -> Array:
         features = tuple(self.features)
         check_features(features, self.contract)
+        check_bool("use_bias", self.use_bias)
         x = jnp.asarray(x)
         contracted = x.shape[x.ndim - self.contract :]
         kernel = self.param("kernel", kernel_initializer(self.kernel_init, self.contract, features),

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from gqa_jax.attention import dot_product_attention
 from gqa_jax.kv_cache import KVCache
 from gqa_jax.modules.attention_axes import SequenceLayout
-from gqa_jax.modules.checks import check_positive_int
+from gqa_jax.modules.checks import check_bool, check_positive_int
 from gqa_jax.modules.decode_cache import decode_attention
 from gqa_jax.modules.initializers import Initializer
 from gqa_jax.modules.keras_attention import check_cache_index, check_keras_fields, keras_attention
@@ -78,6 +78,7 @@ def grouped_query_attention(
       What `GroupedQueryAttention.__call__` returns.
     """
     N, K, H = layer.num_query_heads, layer.num_key_value_heads, layer.head_dim
+    check_bool("decode", decode)
     check_cache_index(cache, cache_update_index)
     if decode and cache is not None:
         raise ValueError("decode=True keeps its own cache in the 'cache' collection; do not pass cache=")

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from gqa_jax.attention import dot_product_attention
 from gqa_jax.masks import combine_masks
 from gqa_jax.modules.attention_axes import AxesLayout, SequenceLayout
-from gqa_jax.modules.checks import check_optional_positive_int, check_rate
+from gqa_jax.modules.checks import check_bool, check_optional_positive_int, check_rate
 from gqa_jax.modules.einsum_dense import dense
 from gqa_jax.modules.implementation import check_choice, dispatch_kwargs
 from gqa_jax.modules.keras_cache import cached_key_value
@@ -38,9 +38,10 @@ Array = jax.Array
 
 
 def check_keras_fields(layer) -> None:
-    """Checks the fields every Keras-like layer has: ``dropout``, ``sliding_window``, ``flash_attention``."""
+    """Checks the fields every Keras-like layer has: ``dropout``, ``sliding_window``, ``use_gate``, ``flash_attention``."""
     check_rate("dropout", layer.dropout)
     check_optional_positive_int("sliding_window", layer.sliding_window)
+    check_bool("use_gate", layer.use_gate)
     check_choice(layer.flash_attention, layer.implementation)
 
 
@@ -207,6 +208,9 @@ def keras_attention(
       ``output [B, ..., *output_shape]``, then the scores and the updated
       cache where present (see `keras_outputs`).
     """
+    for name, flag in (("return_attention_scores", return_attention_scores), ("deterministic", deterministic),
+                       ("use_causal_mask", use_causal_mask)):
+        check_bool(name, flag)
     num_heads, num_kv_heads = heads
     key_dim, value_dim = head_dims
     project = functools.partial(dense, layer) if project is None else project

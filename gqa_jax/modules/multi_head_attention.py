@@ -202,7 +202,9 @@ def multi_head_attention(
             f"query and key/value must agree on the batch axes {layout.batch_axes}, got "
             f"query.shape={tuple(query.shape)} and key/value shape {tuple(kv_shape)} (without the feature axis)"
         )
-    output_shape = layer.output_shape or (query.shape[-1],)
+    output_shape = (query.shape[-1],) if layer.output_shape is None else layer.output_shape
+    for size in (output_shape,) if isinstance(output_shape, int) else output_shape:
+        check_positive_int("output_shape", size)
     return keras_attention(
         layer,
         query,

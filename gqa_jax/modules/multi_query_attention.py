@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from gqa_jax.attention import dot_product_attention
 from gqa_jax.kv_cache import KVCache
-from gqa_jax.modules.checks import check_positive_int, check_rate
+from gqa_jax.modules.checks import check_bool, check_optional_positive_real, check_positive_int, check_rate
 from gqa_jax.modules.implementation import ZETA_ATTN_IMPL, dispatch_kwargs
 from gqa_jax.modules.initializers import Initializer
 
@@ -39,14 +39,13 @@ def _slice_bias(bias, q_len: int, kv_len: int) -> Array:
 
 
 def check_mqa_fields(layer) -> None:
-    """Raises ``ValueError`` for a bad ``dim``, ``heads``, ``attn_pdrop`` or ``clip_qkv``."""
+    """Raises ``ValueError`` (``TypeError`` for wrong types) for a bad ``dim``, ``heads``, ``attn_pdrop`` or ``clip_qkv``."""
     check_positive_int("dim", layer.dim)
     check_positive_int("heads", layer.heads)
     if layer.dim % layer.heads:
         raise ValueError(f"dim={layer.dim} must be a multiple of heads={layer.heads}")
     check_rate("attn_pdrop", layer.attn_pdrop)
-    if layer.clip_qkv is not None and not layer.clip_qkv > 0:
-        raise ValueError(f"clip_qkv must be None or positive, got clip_qkv={layer.clip_qkv!r}")
+    check_optional_positive_real("clip_qkv", layer.clip_qkv)
 
 
 class MultiQueryAttention(nn.Module):
@@ -176,6 +175,8 @@ def zeta_attention(
     Returns:
       ``(context [B, T, dim], weights or None, past_key_value)``.
     """
+    for name, flag in (("causal", causal), ("needs_weights", needs_weights), ("deterministic", deterministic)):
+        check_bool(name, flag)
     x = jnp.asarray(x)
     if x.ndim != 3 or x.shape[-1] != layer.dim:
         raise ValueError(f"x must be [B,T,dim] with dim={layer.dim}, got x.shape={tuple(x.shape)}")
@@ -210,6 +211,11 @@ def zeta_attention(
                 raise ValueError(
                     f"past_key_value must be (), (key, value) or a KVCache, got {len(past_key_value)} items"
                 )
+            for i, past in enumerate(past_key_value):
+                past = jnp.asarray(past)
+                if past.ndim != 4 or past.shape[0] != B or past.shape[2:] != (1, H):
+                    raise ValueError(f"past_key_value[{i}] must have shape [B,S0,1,H]=({B}, S0, 1, {H}), "
+                                     f"got past_key_value[{i}].shape={tuple(past.shape)}")
             if len(past_key_value):
                 k = jnp.concatenate([jnp.asarray(past_key_value[0]).astype(k.dtype), k], axis=1)
                 v = jnp.concatenate([jnp.asarray(past_key_value[1]).astype(v.dtype), v], axis=1)
