@@ -1,4 +1,4 @@
-"""Each script in examples/ runs (at a small size) and shows what it claims."""
+"""Each script in examples/ (and the README's NNX snippet) runs at a small size and shows what it claims."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+README = EXAMPLES.parent / "README.md"
 
 
 def load(filename: str):
@@ -43,3 +44,21 @@ def test_port_keras_weights():
     pytest.importorskip("keras", reason="keras (a test extra) is not installed")
     differences = load("04_port_keras_weights.py").main([])
     assert len(differences) == 3 and max(differences.values()) < 1e-5, differences
+
+
+def test_nnx_block(capsys):
+    result = load("05_nnx_block.py").main(["--steps", "30", "--num-layers", "1", "--batch-size", "16",
+                                           "--new-tokens", "4"])
+    losses = result["losses"]
+    assert np.isfinite(losses).all() and np.mean(losses[-5:]) < 0.5 * losses[0], losses
+    assert result["cached"].shape == (3, 4)
+    np.testing.assert_array_equal(result["cached"], result["recomputed"])
+    assert result["linen_difference"] < 1e-5
+    assert "cached loop == recomputing without a cache: True" in capsys.readouterr().out
+
+
+def test_readme_nnx_snippet():
+    """The python block of the README's "Flax NNX" section runs (it asserts its own claims)."""
+    section = README.read_text().split("### Flax NNX", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, f"{README}:Flax NNX", "exec"), {})
