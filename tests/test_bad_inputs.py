@@ -135,18 +135,19 @@ def _hf_weights(**weights):
 
 Q, KV = _normal(B, T, 4, H), _normal(B, S, K, H)
 ATTENTION = {
-    "dot_product_attention": lambda **kw: gqa_jax.dot_product_attention(Q, KV, KV, implementation="xla", **kw),
-    "gpu.flash_attention": lambda **kw: gpu.flash_attention(Q, KV, KV, interpret=True, **kw),
-    "tpu.flash_attention": lambda **kw: tpu.flash_attention(Q, KV, KV, interpret=True, **kw),
-    "gpu.decode_attention": lambda **kw: gpu.decode_attention(Q, KV, KV, np.full(B, S, np.int32), interpret=True,
-                                                              **kw),
-    "tpu.decode_attention": lambda **kw: tpu.decode_attention(Q, KV, KV, np.full(B, S, np.int32), interpret=True,
-                                                              **kw),
+    "dot_product_attention": lambda q, kv, **kw: gqa_jax.dot_product_attention(q, kv, kv, implementation="xla", **kw),
+    "gpu.flash_attention": lambda q, kv, **kw: gpu.flash_attention(q, kv, kv, interpret=True, **kw),
+    "tpu.flash_attention": lambda q, kv, **kw: tpu.flash_attention(q, kv, kv, interpret=True, **kw),
+    "gpu.decode_attention": lambda q, kv, **kw: gpu.decode_attention(
+        q, kv, kv, np.full(B, kv.shape[1], np.int32), interpret=True, **kw),
+    "tpu.decode_attention": lambda q, kv, **kw: tpu.decode_attention(
+        q, kv, kv, np.full(B, kv.shape[1], np.int32), interpret=True, **kw),
 }
 
 
-def _attention(*names, **kw):
-    return {name: lambda name=name: ATTENTION[name](**kw) for name in names or ATTENTION}
+def _attention(*names, q=Q, kv=KV, **kw):
+    """The attention entry points ``names`` (default all) on ``q``, ``kv`` with the keywords ``kw``."""
+    return {name: lambda name=name: ATTENTION[name](q, kv, **kw) for name in names or ATTENTION}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,6 +379,10 @@ CLASSES = [
              r"\[8589934592, 1\]", _attention(
         "dot_product_attention", "gpu.flash_attention", "tpu.flash_attention",
         key_value_seq_lengths=np.array([2**33, 1], np.int64))),
+    BadInput("head_dim_zero", ValueError, r"head dims must be positive, got query.shape=\(2, 3, 4, 0\)",
+             _attention(q=Q[..., :0], kv=KV[..., :0])),
+    BadInput("no_keys", ValueError, r"(key|key_cache) must hold at least one key, got \1.shape=\(2, 0, 2, 4\)",
+             _attention(kv=KV[:, :0])),
     BadInput("offset_past_int32", ValueError, r"query_offset must fit in int32 .*got query_offset=1099511627776",
              _attention(is_causal=True, query_offset=2**40)),
 ]
