@@ -18,3 +18,30 @@ def test_quick_benchmark_writes_results(tmp_path, capsys):
     for family in ("Prefill", "Decode", "End-to-end"):
         assert family in printed
     assert (tmp_path / "prefill.png").stat().st_size > 0 and (tmp_path / "decode.png").stat().st_size > 0
+
+
+def test_sharded_mode_on_two_simulated_devices(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = (f"from gqa_jax.bench.__main__ import main; "
+              f"main(['--quick', '--only', 'sharded', '--reps', '1', '--out', {str(tmp_path)!r}])")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    sharded = {(r["case"].split()[0], r["mode"]): r for r in rows if r["impl"] == "2 devices"}
+    assert len(sharded) == 9, sorted(sharded)
+    for (kind, mode), r in sharded.items():
+        assert r["seconds"] > 0 and r["speedup"] > 0, r
+        if kind in ("dp", "tp", "decode"):
+            assert r["collectives"] == "none", r  # a query head lives with its KV head: nothing to exchange
+        elif kind == "ring":
+            assert "collective-permute" in r["collectives"] and "all-gather" not in r["collectives"], r
+    assert "Sharded attention on 2 devices" in result.stdout
+
+
+def test_sharded_mode_says_it_needs_devices(tmp_path, capsys):
+    assert main(["--quick", "--only", "sharded", "--reps", "1", "--out", str(tmp_path)]) == 0
+    assert "skipped: needs 2 or more devices" in capsys.readouterr().out

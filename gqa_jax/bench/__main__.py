@@ -5,6 +5,7 @@ Examples::
     python -m gqa_jax.bench                # every prefill and decode shape (GPU)
     python -m gqa_jax.bench --quick        # tiny shapes, CPU smoke run (interpret mode)
     python -m gqa_jax.bench --only decode --out bench_out
+    python -m gqa_jax.bench --only sharded       # DP, TP, decode, ring vs one device (2+ devices)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Callable
 
 import jax
 
-from gqa_jax.bench import decode, e2e, prefill
+from gqa_jax.bench import decode, e2e, prefill, sharded
 from gqa_jax.bench.report import markdown_table, write_chart, write_json
 from gqa_jax.bench.timing import environment, time_fn
 from gqa_jax.demo.progress import ProgressBar
@@ -87,7 +88,8 @@ def run_end_to_end(shapes, quick: bool, reps: int, bar: ProgressBar, done: int) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gqa_jax.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes for a CPU smoke run (interpret mode)")
-    parser.add_argument("--only", choices=("prefill", "decode", "e2e"), help="run one family of shapes")
+    parser.add_argument("--only", choices=("prefill", "decode", "e2e", "sharded"),
+                        help="run one family of shapes (sharded runs only when asked: it needs several devices)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (median); default 10, 3 with --quick")
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for results.json and charts")
     parser.add_argument("--skip", nargs="*", default=(), metavar="TEXT",
@@ -127,9 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     if run_e2e:
         e2e_rows, done = run_end_to_end(e2e_shapes, args.quick, reps, bar, done)
     bar.close()
+    sharded_rows = []
+    if args.only == "sharded":
+        # Simulated CPU devices deadlock with many collective programs in flight: one call per sync there.
+        timer = functools.partial(time_fn, reps=reps, min_rep_seconds=0.0 if args.quick else 0.05)
+        sharded_rows = sharded.run_sharded(sharded.QUICK_CASES if args.quick else sharded.FULL_CASES, timer,
+                                           quick=args.quick)
 
     env_line = " | ".join(f"{k} {v}" for k, v in env.items())
-    write_json(args.out / "results.json", dict(env, copy_gbps=copy), prefill_rows + decode_rows + e2e_rows, command)
+    write_json(args.out / "results.json", dict(env, copy_gbps=copy, device_count=jax.device_count()),
+               prefill_rows + decode_rows + e2e_rows + sharded_rows, command)
     print(f"\n{command}\n{env_line}\nresults: {args.out / 'results.json'}")
     if prefill_rows:
         write_chart(args.out / "prefill.png", prefill_rows, "tflops", "TFLOP/s", f"prefill attention, {env['device']}")
@@ -142,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     if e2e_rows:
         print("\nEnd-to-end greedy decoding with gqa_jax.decoding.generate (new tokens/s, prefill included)\n")
         print(markdown_table(e2e_rows, "pallas_triton", "tokens_per_s", "tokens/s"))
+    if sharded_rows:
+        print(f"\nSharded attention on {jax.device_count()} devices against one (default implementation)\n")
+        print(sharded.markdown(sharded_rows))
     return 0
 
 
