@@ -358,7 +358,8 @@ def generate(
         )
     return _generate_cached(
         model, params, prompt_BP, lengths_B, tuple(cache), _check_rng(rng, sampling),
-        *_token_ids(end_token, pad_token, model.config.vocab_size), max_new_tokens=int(max_new_tokens), sampling=sampling,
+        *_token_ids(end_token, pad_token, model.config.vocab_size), max_new_tokens=int(max_new_tokens),
+        sampling=sampling,
     )
 
 

@@ -44,7 +44,7 @@ def check_same_kind(*named_arrays) -> None:
 
 
 def _host_row(x, batch: int) -> np.ndarray | None:
-    """A scalar or ``[B]`` of known integers as an int64 NumPy ``[B]``; None when traced (or malformed: checked later)."""
+    """Known integers (a scalar or ``[B]``) as an int64 NumPy ``[B]``; None when traced or malformed (checked later)."""
     value = concrete_value(x)
     if value is None or value.dtype.kind not in "iu" or value.shape not in ((), (batch,)):
         return None

@@ -346,7 +346,8 @@ def _refuse_unsupported_hf_settings(fields: dict) -> None:
                 raise ValueError(f"{name}={rope!r} is not supported: only the default rotary frequencies")
     if fields.get("sliding_window") is not None and fields.get("use_sliding_window", True):
         raise ValueError(
-            f"sliding_window={fields['sliding_window']!r} is not supported: the decoder attends over every earlier token"
+            f"sliding_window={fields['sliding_window']!r} is not supported: the decoder attends over every "
+            "earlier token"
         )
     if any(kind != "full_attention" for kind in fields.get("layer_types") or ()):
         raise ValueError(f"layer_types={fields['layer_types']!r} is not supported: only full attention in every layer")

@@ -72,6 +72,11 @@ def _mha(*, fields=None, call=None, layer=MultiHeadAttention):
     return layer(**{**MHA_FIELDS, **(fields or {})}).init(jax.random.key(0), X, X, **(call or {}))
 
 
+def _gqa_keras_hub(index, cache=KERAS_HUB_CACHE):
+    """The GQA layer writing into a keras-hub cache at ``cache_update_index=index``."""
+    return _gqa(call=dict(cache=cache, cache_update_index=index))
+
+
 def _cached_mha(**call):
     return _mha(call=dict(cache=_normal(B, 2, S, 2, H), **call), layer=CachedMultiHeadAttention)
 
@@ -121,7 +126,8 @@ HF_WEIGHTS = random_hf_weights(HF_CFG, np.random.default_rng(18))
 def _hf_config(**fields):
     """The two entry points that read an HF config, for ``HF_LLAMA`` with ``fields`` changed."""
     config = {**HF_LLAMA, **fields}
-    return {"config_from_hf": lambda: config_from_hf(config), "params_from_hf": lambda: params_from_hf(HF_WEIGHTS, config)}
+    return {"config_from_hf": lambda: config_from_hf(config),
+            "params_from_hf": lambda: params_from_hf(HF_WEIGHTS, config)}
 
 
 def _hf_weights(**weights):
@@ -165,37 +171,34 @@ CLASSES = [
     BadInput("index_int32_max", ValueError, r"index=\[2147483647, 2147483647\] exceeds the cache capacity S=8", {
         "splice_cache": lambda: _splice(index=2**31 - 1),
         "splice_cache(jit)": lambda: jax.jit(lambda c, n: splice_cache(c, n, 2**31 - 1))(CACHE_ARRAY, NEW),
-        "GroupedQueryAttention(cache_update_index)": lambda: _gqa(
-            call=dict(cache=KERAS_HUB_CACHE, cache_update_index=2**31 - 1)),
+        "GroupedQueryAttention(cache_update_index)": lambda: _gqa_keras_hub(2**31 - 1),
         "CachedMultiHeadAttention": lambda: _cached_mha(cache_update_index=2**31 - 1),
     }),
     BadInput("index_past_int32", ValueError, r"index must fit in int32 .*got index=1099511627776", {
         "splice_cache": lambda: _splice(index=2**40),
-        "GroupedQueryAttention(cache_update_index)": lambda: _gqa(
-            call=dict(cache=KERAS_HUB_CACHE, cache_update_index=2**40)),
+        "GroupedQueryAttention(cache_update_index)": lambda: _gqa_keras_hub(2**40),
     }),
     BadInput("index_negative", ValueError, r"index=\[-1, -1\] exceeds the cache capacity", {
         "splice_cache": lambda: _splice(index=-1),
-        "GroupedQueryAttention(cache_update_index)": lambda: _gqa(call=dict(cache=KERAS_HUB_CACHE, cache_update_index=-1)),
+        "GroupedQueryAttention(cache_update_index)": lambda: _gqa_keras_hub(-1),
         "CachedMultiHeadAttention": lambda: _cached_mha(cache_update_index=-1),
     }),
     BadInput("write_past_capacity", ValueError, r"tokens at index=.* exceeds the cache capacity S=8", {
         "splice_cache": lambda: _splice(index=6),
         "KVCache.update": lambda: _update(cache=FULL_CACHE),
-        "GroupedQueryAttention(cache_update_index)": lambda: _gqa(call=dict(cache=KERAS_HUB_CACHE, cache_update_index=6)),
+        "GroupedQueryAttention(cache_update_index)": lambda: _gqa_keras_hub(6),
         "GroupedQueryAttention(decode)": lambda: _gqa_decode(jnp.ones((B, S + 1, D))),
     }),
     BadInput("index_float", TypeError, r"index must be an integer array, got index.dtype=float32", {
         "splice_cache": lambda: _splice(index=1.0),
-        "GroupedQueryAttention(cache_update_index)": lambda: _gqa(call=dict(cache=KERAS_HUB_CACHE, cache_update_index=1.0)),
+        "GroupedQueryAttention(cache_update_index)": lambda: _gqa_keras_hub(1.0),
     }),
     BadInput("index_bool", TypeError, r"index must be an integer array, got index.dtype=bool", {
         "splice_cache": lambda: _splice(index=True),
     }),
     BadInput("index_shape", ValueError, r"index must be a scalar or have shape \[B\]=\(2,\), got index.shape=\(3,\)", {
         "splice_cache": lambda: _splice(index=np.array([0, 1, 2])),
-        "GroupedQueryAttention(cache_update_index)": lambda: _gqa(
-            call=dict(cache=KERAS_HUB_CACHE, cache_update_index=np.array([0, 1, 2]))),
+        "GroupedQueryAttention(cache_update_index)": lambda: _gqa_keras_hub(np.array([0, 1, 2])),
     }),
     BadInput("num_new_negative", ValueError, r"num_new must be in \[0, T=3\], got num_new=\[-1, 2\]", {
         "splice_cache": lambda: _splice(num_new=np.array([-1, 2])),
@@ -219,8 +222,7 @@ CLASSES = [
     }),
     BadInput("write_floats_into_integers", TypeError, r"cache writes need floating .*cache.dtype=int32", {
         "splice_cache": lambda: _splice(cache=CACHE_ARRAY.astype(jnp.int32)),
-        "GroupedQueryAttention(cache_update_index)": lambda: _gqa(
-            call=dict(cache=KERAS_HUB_CACHE.astype(jnp.int32), cache_update_index=0)),
+        "GroupedQueryAttention(cache_update_index)": lambda: _gqa_keras_hub(0, KERAS_HUB_CACHE.astype(jnp.int32)),
     }),
     BadInput("new_kv_heads", ValueError, r"(key_new|value_new) must have shape \[B,T,K,Hv?\]=\(2, T, 2, 4\) for this "
              r"cache, got (key_new|value_new).shape=\(2, 3, 1, 4\)", {
@@ -232,7 +234,8 @@ CLASSES = [
         "splice_cache(head_dim)": lambda: _splice(new=_normal(B, T, K, H + 1)),
         "splice_cache(batch)": lambda: _splice(new=_normal(B + 1, T, K, H)),
     }),
-    BadInput("new_head_dim_or_batch", ValueError, r"key_new must have shape \[B,T,K,H\]=\(2, T, 2, 4\) for this cache", {
+    BadInput("new_head_dim_or_batch", ValueError, r"key_new must have shape \[B,T,K,H\]=\(2, T, 2, 4\) for this "
+             r"cache", {
         "KVCache.update(head_dim)": lambda: _update(_normal(B, T, K, H + 1), _normal(B, T, K, H + 1)),
         "KVCache.update(batch)": lambda: _update(_normal(B + 1, T, K, H), _normal(B + 1, T, K, H)),
         "KVCache.update(rank)": lambda: _update(_normal(B, T, K * H), _normal(B, T, K * H)),
@@ -243,7 +246,7 @@ CLASSES = [
     BadInput("attend_before_update", ValueError, r"the newest num_new=\[3, 3\] queries must already be in the cache "
              r"\(call update first\), got cache lengths=\[0, 0\]", {
         "KVCache.attend": lambda: _attend(cache=CACHE),
-        "KVCache.attend(past capacity)": lambda: _attend(_normal(B, T, 2 * K, H), cache=CACHE, num_new=np.array([3, 3])),
+        "KVCache.attend(num_new)": lambda: _attend(cache=CACHE, num_new=np.array([3, 3])),
     }),
     BadInput("attend_head_counts", ValueError, r"num_heads N=3 must be a multiple of num_kv_heads K=2", {
         "KVCache.attend": lambda: _attend(_normal(B, T, 3, H)),
@@ -270,7 +273,8 @@ CLASSES = [
     # Generation.
     BadInput("prompt_token_past_vocab", ValueError, r"prompt token ids must be in \[0, vocab_size=11\), "
              r"got prompt\[0, 1\]=11", _generation(_with(PROMPT, (0, 1), 11))),
-    BadInput("prompt_token_negative", ValueError, r"prompt token ids must be in \[0, vocab_size=11\), got prompt\[1, 0\]=-3",
+    BadInput("prompt_token_negative", ValueError,
+             r"prompt token ids must be in \[0, vocab_size=11\), got prompt\[1, 0\]=-3",
              _generation(_with(PROMPT, (1, 0), -3))),
     BadInput("prompt_rank", ValueError, r"prompt must have rank 2 \[B,P\], got prompt.shape=\(2, 4, 1\)",
              _generation(PROMPT[..., None])),
@@ -278,7 +282,8 @@ CLASSES = [
              _generation(PROMPT.astype(np.float32))),
     BadInput("prompt_lengths_range", ValueError, r"prompt_lengths must be in \[1, P=4\], got prompt_lengths=\[0, 5\]",
              _generation(prompt_lengths=np.array([0, 5], np.int32))),
-    BadInput("prompt_lengths_float", TypeError, r"prompt_lengths must be an int array, got prompt_lengths.dtype=float32",
+    BadInput("prompt_lengths_float", TypeError,
+             r"prompt_lengths must be an int array, got prompt_lengths.dtype=float32",
              _generation(prompt_lengths=np.array([1.0, 2.0], np.float32))),
     BadInput("max_new_tokens_zero", ValueError, r"max_new_tokens must be a positive int, got max_new_tokens=0",
              _generation(max_new_tokens=0)),
@@ -321,12 +326,13 @@ CLASSES = [
         "MultiQueryAttention(needs_weights)": lambda: _mqa(call=dict(needs_weights="no")),
         "MultiQueryAttention(deterministic)": lambda: _mqa(call=dict(deterministic="no")),
     }),
-    BadInput("field_not_bool", TypeError, r"(use_bias|use_gate|decode) must be True or False, got \1='no'", {
+    BadInput("field_not_bool", TypeError, r"(use_bias|use_gate|decode|qk_ln) must be True or False, got \1='no'", {
         "GroupedQueryAttention(use_bias)": lambda: _gqa(fields=dict(use_bias="no")),
         "GroupedQueryAttention(use_gate)": lambda: _gqa(fields=dict(use_gate="no")),
         "GroupedQueryAttention(decode)": lambda: _gqa(fields=dict(decode="no")),
         "MultiHeadAttention(use_bias)": lambda: _mha(fields=dict(use_bias="no")),
         "MultiHeadAttention(use_gate)": lambda: _mha(fields=dict(use_gate="no")),
+        "MultiQueryAttention(qk_ln)": lambda: MultiQueryAttention(dim=D, heads=4, qk_ln="no"),
     }),
     BadInput("output_shape_zero", ValueError, r"output_shape must be a positive int, got output_shape=0", {
         "MultiHeadAttention(int)": lambda: _mha(fields=dict(output_shape=0)),

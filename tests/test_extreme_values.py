@@ -120,7 +120,8 @@ def _masked_rows(seed: int):
         "kv_lengths_zero": dict(key_value_seq_lengths=np.array([S, 0], np.int32)),
         "minus_inf_bias": dict(bias=jnp.asarray(bias)),
         "segments": dict(q_segment_ids=q_seg, kv_segment_ids=kv_seg),
-        "window_after_the_keys": dict(is_causal=True, local_window_size=(0, 0), query_offset=np.array([0, S], np.int32)),
+        "window_after_the_keys": dict(is_causal=True, local_window_size=(0, 0),
+                                      query_offset=np.array([0, S], np.int32)),
     }
     return {**ways, "all_at_once": {key: value for rules in ways.values() for key, value in rules.items()}}
 

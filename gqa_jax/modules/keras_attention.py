@@ -38,7 +38,7 @@ Array = jax.Array
 
 
 def check_keras_fields(layer) -> None:
-    """Checks the fields every Keras-like layer has: ``dropout``, ``sliding_window``, ``use_gate``, ``flash_attention``."""
+    """Checks the Keras-like layer fields ``dropout``, ``sliding_window``, ``use_gate`` and ``flash_attention``."""
     check_rate("dropout", layer.dropout)
     check_optional_positive_int("sliding_window", layer.sliding_window)
     check_bool("use_gate", layer.use_gate)

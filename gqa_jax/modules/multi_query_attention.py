@@ -39,13 +39,14 @@ def _slice_bias(bias, q_len: int, kv_len: int) -> Array:
 
 
 def check_mqa_fields(layer) -> None:
-    """Raises ``ValueError`` (``TypeError`` for wrong types) for a bad ``dim``, ``heads``, ``attn_pdrop`` or ``clip_qkv``."""
+    """Raises ``ValueError``/``TypeError`` for a bad ``dim``, ``heads``, ``attn_pdrop``, ``clip_qkv`` or ``qk_ln``."""
     check_positive_int("dim", layer.dim)
     check_positive_int("heads", layer.heads)
     if layer.dim % layer.heads:
         raise ValueError(f"dim={layer.dim} must be a multiple of heads={layer.heads}")
     check_rate("attn_pdrop", layer.attn_pdrop)
     check_optional_positive_real("clip_qkv", layer.clip_qkv)
+    check_bool("qk_ln", layer.qk_ln)
 
 
 class MultiQueryAttention(nn.Module):
