@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_jax.kv_cache import KVCache
-from gqa_jax.models import Cache, Decoder, init_cache
+from gqa_jax.models import Cache, Decoder, check_token_ids, init_cache
 from gqa_jax.nnx.decoder import linen_decoder
 from gqa_jax.request import concrete_value
 from pallas_kernels.arguments import positive_int
@@ -156,7 +156,7 @@ def _check_prompt(model, prompt, prompt_lengths, max_new_tokens: int, sampling) 
     B, P = prompt_BP.shape
     if P < 1 or B < 1:
         raise ValueError(f"prompts need a row and at least one token, got prompt.shape={tuple(prompt_BP.shape)}")
-    max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
+    positive_int("max_new_tokens", max_new_tokens)
     if prompt_lengths is None:
         lengths_B = jnp.full((B,), P, jnp.int32)
     else:
@@ -168,16 +168,7 @@ def _check_prompt(model, prompt, prompt_lengths, max_new_tokens: int, sampling) 
         values = concrete_value(lengths_B)
         if values is not None and ((values < 1) | (values > P)).any():
             raise ValueError(f"prompt_lengths must be in [1, P={P}], got prompt_lengths={values.tolist()}")
-    tokens, lengths = concrete_value(prompt_BP), concrete_value(lengths_B)
-    if tokens is not None and lengths is not None:
-        real = np.arange(P)[None, :] < lengths[:, None]
-        V = model.config.vocab_size
-        bad = real & ((tokens < 0) | (tokens >= V))
-        if bad.any():
-            row, col = map(int, np.argwhere(bad)[0])
-            raise ValueError(
-                f"prompt token ids must be in [0, vocab_size={V}), got prompt[{row}, {col}]={int(tokens[row, col])}"
-            )
+    check_token_ids("prompt", prompt_BP, model.config.vocab_size, lengths_B)
     return prompt_BP.astype(jnp.int32), lengths_B.astype(jnp.int32)
 
 

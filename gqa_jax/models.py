@@ -70,6 +70,7 @@ import numpy as np
 from gqa_jax.attention import dot_product_attention
 from gqa_jax.kv_cache import KVCache
 from gqa_jax.projection import project_heads, project_output
+from gqa_jax.request import concrete_value
 from gqa_jax.rope import apply_rope
 
 Array = jax.Array
@@ -296,16 +297,48 @@ def token_positions(config: DecoderConfig, tokens, cache, num_new) -> tuple[Arra
         raise ValueError(f"tokens must have rank 2 [B,T], got tokens.shape={tuple(tokens_BT.shape)}")
     if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
         raise TypeError(f"tokens must be integer token ids, got tokens.dtype={tokens_BT.dtype}")
-    T = tokens_BT.shape[1]
+    B, T = tokens_BT.shape
+    if cache is None and num_new is not None:
+        raise ValueError("num_new needs a cache, got cache=None")
+    check_token_ids("tokens", tokens_BT, config.vocab_size, num_new)
     if cache is None:
-        if num_new is not None:
-            raise ValueError("num_new needs a cache, got cache=None")
         return tokens_BT, jnp.arange(T, dtype=jnp.int32)[None, :]
     if len(cache) != config.num_layers:
         raise ValueError(
             f"cache must hold one KVCache per layer: {len(cache)=} != cfg.num_layers={config.num_layers}"
         )
+    if cache[0].key.shape[0] != B:
+        raise ValueError(
+            f"the cache's batch must match the tokens': cache[0].key.shape[0]={cache[0].key.shape[0]}, "
+            f"tokens.shape[0]={B}"
+        )
     return tokens_BT, cache[0].lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+
+
+def check_token_ids(name: str, tokens_BT, vocab_size: int, num_real=None) -> None:
+    """Raises ``ValueError`` for a known token id outside ``[0, V)`` among the real tokens of each row.
+
+    Args:
+      name: the argument, for the message.
+      tokens_BT: int ``[B, T]``.
+      vocab_size: ``V``.
+      num_real: optional int ``[B]``: only the first ``num_real[b]`` tokens of
+        row ``b`` are real (the padding may hold any int); default all.
+
+    Traced values are not read (the check is skipped under ``jit``).
+    """
+    tokens, count = concrete_value(tokens_BT), None if num_real is None else concrete_value(num_real)
+    if tokens is None or (num_real is not None and count is None):
+        return
+    real = np.ones(tokens.shape, bool)
+    if count is not None:
+        real = np.arange(tokens.shape[1])[None, :] < np.broadcast_to(count, tokens.shape[:1])[:, None]
+    bad = real & ((tokens < 0) | (tokens >= vocab_size))
+    if bad.any():
+        row, col = map(int, np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name} token ids must be in [0, vocab_size={vocab_size}), got {name}[{row}, {col}]={int(tokens[row, col])}"
+        )
 
 
 def init_cache(config: DecoderConfig, batch_size: int, max_length: int) -> Cache:

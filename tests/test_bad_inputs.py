@@ -107,6 +107,11 @@ def _generation(prompt=PROMPT, prompt_lengths=None, model=MODEL, **kw):
     return {name: lambda f=f: f(model, PARAMS, prompt, prompt_lengths, **kw) for name, f in GENERATORS.items()}
 
 
+def _decoder(tokens, *args, **kw):
+    """``MODEL.apply`` on ``tokens`` (with a cache and ``num_new`` when given)."""
+    return MODEL.apply({"params": PARAMS}, tokens, *args, **kw)
+
+
 def _with(array, index, value):
     """A copy of ``array`` with ``array[index] = value``."""
     array = array.copy()
@@ -314,6 +319,15 @@ CLASSES = [
     BadInput("cache_type", TypeError, r"cache must be a tuple of KVCache", {
         "generate": lambda: generate(MODEL, PARAMS, PROMPT, max_new_tokens=2, cache=np.zeros((1, 2, 10, 1, 8))),
     }),
+    BadInput("decoder_token_past_vocab", ValueError, r"tokens token ids must be in \[0, vocab_size=11\), "
+             r"got tokens\[0, 1\]=11", {
+        "Decoder": lambda: _decoder(_with(PROMPT, (0, 1), 11)),
+        "Decoder(cache, num_new)": lambda: _decoder(_with(PROMPT, (0, 1), 11), init_cache(CFG, B, 8),
+                                                    num_new=np.array([2, 4], np.int32)),
+    }),
+    BadInput("decoder_cache_batch", ValueError, r"cache\[0\].key.shape\[0\]=3, tokens.shape\[0\]=2", {
+        "Decoder(cache)": lambda: _decoder(PROMPT, init_cache(CFG, 3, 8)),
+    }),
     # Layers: flags and fields that must be bools, sizes, shapes.
     BadInput("call_flag_not_bool", TypeError, r"(use_causal_mask|return_attention_scores|deterministic|causal|"
              r"needs_weights) must be True or False, got \1='no'", {
@@ -406,3 +420,9 @@ def test_there_are_at_least_30_classes_with_unique_names():
 def test_bad_input_is_refused_naming_it(bad, entry):
     with pytest.raises(bad.error, match=bad.match):
         bad.calls[entry]()
+
+
+def test_padding_after_the_real_tokens_may_hold_any_id():
+    prompt = _with(PROMPT, (0, 3), -1)  # row 0 has 3 real tokens: the 4th is padding
+    _decoder(prompt, init_cache(CFG, B, 8), num_new=np.array([3, 4], np.int32))
+    generate(MODEL, PARAMS, prompt, np.array([3, 4], np.int32), max_new_tokens=1)
