@@ -32,10 +32,13 @@ def _settings(max_examples: int):
 
 
 @st.composite
-def attention_calls(draw):
-    """``(arrays, rules)``: float32 query/key/value/d_out (and bias) and the keyword rules of one call."""
+def attention_calls(draw, min_groups: int = 1):
+    """``(arrays, rules)``: float32 query/key/value/d_out (and bias) and the keyword rules of one call.
+
+    ``G = N // K`` query heads per KV head is drawn from ``[min_groups, 2]``.
+    """
     B, T, S = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.integers(1, 8))
-    K, G, H = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([4, 8]))
+    K, G, H = draw(st.integers(1, 2)), draw(st.integers(min_groups, 2)), draw(st.sampled_from([4, 8]))
     N = K * G
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     rules = {}
@@ -122,7 +125,7 @@ def test_xla_matches_the_oracle(case):
 @pytest.mark.parametrize("name", ["gpu.flash_attention", "tpu.flash_attention"])
 def test_interpreted_kernels_match_the_oracle(name):
     @_settings(max_examples=4)
-    @given(attention_calls())
+    @given(attention_calls(min_groups=2))  # few examples: every one groups queries (G = 2)
     def check(case):
         _check(name, *case)
 
