@@ -79,7 +79,10 @@ def check_int32_range(name: str, x) -> None:
     """
     if not isinstance(x, (numbers.Integral, list, tuple, np.ndarray)):
         return
-    host = np.asarray(x)
+    try:
+        host = np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return  # a sequence of traced values: not known here
     if host.dtype.kind in "iu" and host.size:
         info = np.iinfo(np.int32)
         if host.min() < info.min or host.max() > info.max:
