@@ -82,9 +82,12 @@ def decode_step(model, tokens, positions):
 
 
 @nnx.jit
-def recompute_step(model, sequence):
-    """Greedy next tokens ``[B]`` from the full causal pass over ``sequence [B, L]``."""
-    return jnp.argmax(model(sequence, jnp.arange(sequence.shape[1]))[:, -1], axis=-1)
+def recompute_step(model, sequence, last):
+    """Greedy next tokens ``[B]`` after position ``last`` from the full causal pass over ``sequence [B, L]``.
+
+    Causal: the tokens after ``last`` (padding) do not change it, so one compiled step serves every length.
+    """
+    return jnp.argmax(model(sequence, jnp.arange(sequence.shape[1]))[:, last], axis=-1)
 
 
 def main(argv=None) -> dict:
@@ -100,8 +103,10 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     max_length = args.length + args.new_tokens
-    model = TinyLM(args.vocab_size, max_length, num_layers=args.num_layers, implementation=args.implementation,
-                   rngs=nnx.Rngs(0))
+    model = nnx.jit(  # one compiled initialization instead of many small eager ones
+        lambda: TinyLM(args.vocab_size, max_length, num_layers=args.num_layers, implementation=args.implementation,
+                       rngs=nnx.Rngs(0))
+    )()
     optimizer = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
     rng = jax.random.key(1)
     losses = []
@@ -116,10 +121,10 @@ def main(argv=None) -> dict:
     P = prompt.shape[1]
     model.init_cache(batch_size=3, max_length=P + args.new_tokens)
     token = decode_step(model, prompt, jnp.arange(P))  # prefill: the whole prompt in one write
-    cached, sequence, recomputed = [token], prompt, []
+    cached, sequence, recomputed = [token], jnp.pad(prompt, ((0, 0), (0, args.new_tokens))), []
     for i in range(args.new_tokens):
-        recomputed.append(recompute_step(model, sequence))
-        sequence = jnp.concatenate([sequence, recomputed[-1][:, None]], axis=1)
+        recomputed.append(recompute_step(model, sequence, P - 1 + i))
+        sequence = sequence.at[:, P + i].set(recomputed[-1])
         if i + 1 < args.new_tokens:
             token = decode_step(model, token[:, None], jnp.array([P + i]))
             cached.append(token)
@@ -130,8 +135,11 @@ def main(argv=None) -> dict:
     attention = model.blocks[0].attention
     x = jax.random.normal(jax.random.key(3), (2, 5, 64))
     linen = gqa_jax.GroupedQueryAttention(head_dim=16, num_query_heads=4, num_key_value_heads=2)
-    linen_out = linen.apply({"params": gqa_jax.nnx.linen_params(attention)}, x, x, use_causal_mask=True)
-    difference = float(jnp.abs(linen_out - attention(x, use_causal_mask=True)).max())
+    linen_out = jax.jit(lambda p, x: linen.apply({"params": p}, x, x, use_causal_mask=True))(
+        gqa_jax.nnx.linen_params(attention), x
+    )
+    nnx_out = nnx.jit(lambda attention, x: attention(x, use_causal_mask=True))(attention, x)
+    difference = float(jnp.abs(linen_out - nnx_out).max())
     print(f"linen layer with the trained NNX weights, max |difference|: {difference:.1e}")
     return {"losses": losses, "cached": cached, "recomputed": recomputed, "linen_difference": difference}
 

@@ -65,7 +65,7 @@ LAYERS = {
 def test_linen_to_nnx_to_linen_round_trip_gives_identical_outputs(name, random_params):
     linen_layer, make_nnx, inputs, kwargs = LAYERS[name]
     params = random_params(linen_layer, *inputs)
-    layer = gqa_jax.nnx.load_linen_params(make_nnx(nnx.Rngs(7)), params)
+    layer = gqa_jax.nnx.load_linen_params(nnx.jit(lambda: make_nnx(nnx.Rngs(7)))(), params)  # overwrites its init
     back = gqa_jax.nnx.linen_params(layer)
     jax.tree.map(np.testing.assert_array_equal, back, params)
 
@@ -92,10 +92,12 @@ def test_nnx_jit_decode_loop_traces_once_and_equals_the_causal_pass(random_param
     """Ragged prefill (5 and 3 tokens), then one token per row per step in one compiled step; overflow is flagged."""
     x = _x(B, S + 1, D, seed=3)
     params = random_params(gqa_jax.GroupedQueryAttention(**GQA), x, x, seed=4)
-    full = gqa_jax.GroupedQueryAttention(**GQA).apply({"params": params}, x, x, use_causal_mask=True)
-    layer = gqa_jax.nnx.load_linen_params(
-        gqa_jax.nnx.GroupedQueryAttention(**GQA, in_features=D, decode=True, rngs=nnx.Rngs(0)), params
+    full = jax.jit(lambda p: gqa_jax.GroupedQueryAttention(**GQA).apply({"params": p}, x, x, use_causal_mask=True))(
+        params
     )
+    layer = nnx.eval_shape(lambda: gqa_jax.nnx.GroupedQueryAttention(**GQA, in_features=D, decode=True,
+                                                                      rngs=nnx.Rngs(0)))
+    layer = gqa_jax.nnx.load_linen_params(layer, params)
     layer.init_cache(batch_size=B, max_length=S)
     traces = []
 
@@ -119,15 +121,19 @@ def test_nnx_jit_decode_loop_traces_once_and_equals_the_causal_pass(random_param
     step(layer, x[:, :1], None)  # row 0 is full: its token is dropped and the overflow flagged
     np.testing.assert_array_equal(layer.cache_index[...] > S, [True, False])
     assert len(traces) == 2
+    layer.init_cache(batch_size=B, max_length=S)  # empties it
+    assert not layer.cache_index[...].any()
     with pytest.raises(ValueError, match="decode=True needs a cache: call init_cache"):
-        gqa_jax.nnx.GroupedQueryAttention(**GQA, in_features=D, rngs=nnx.Rngs(0))(x, decode=True)
+        jax.eval_shape(lambda: gqa_jax.nnx.GroupedQueryAttention(**GQA, in_features=D, rngs=nnx.Rngs(0))(
+            x, decode=True
+        ))
 
 
 def test_dropout_streams_and_deterministic():
     """The layer's stream advances per call; rngs= at a call overrides it; deterministic=True and eval() turn it off."""
     x = _x(1, 4, D)
-    layer = gqa_jax.nnx.GroupedQueryAttention(**GQA, in_features=D, dropout=0.5, deterministic=False,
-                                              rngs=nnx.Rngs(params=0, dropout=1))
+    layer = nnx.jit(lambda: gqa_jax.nnx.GroupedQueryAttention(**GQA, in_features=D, dropout=0.5, deterministic=False,
+                                                              rngs=nnx.Rngs(params=0, dropout=1)))()
     call = nnx.jit(lambda layer, x, key: (layer(x), layer(x), layer(x, rngs=key), layer(x, deterministic=True)))
     first, second, keyed, plain = call(layer, x, jax.random.key(3))
     assert not np.allclose(first, second) and not np.allclose(first, plain)
@@ -137,7 +143,7 @@ def test_dropout_streams_and_deterministic():
 
 
 def test_parameters_carry_logical_axis_names_that_map_onto_a_mesh():
-    layer = gqa_jax.nnx.GroupedQueryAttention(**GQA, in_features=D, use_gate=True, rngs=nnx.Rngs(0))
+    layer = nnx.jit(lambda: gqa_jax.nnx.GroupedQueryAttention(**GQA, in_features=D, use_gate=True, rngs=nnx.Rngs(0)))()
     specs = nnx.get_partition_spec(nnx.state(layer, nnx.Param))
     names = {name: specs[name]["kernel"].get_value() for name in ("query", "key", "value", "gate", "attention_output")}
     assert names == {

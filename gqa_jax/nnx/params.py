@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import flax
+import flax.linen as nn
 from flax import nnx, traverse_util
 
 Array = jax.Array
@@ -35,7 +37,7 @@ def load_linen_params(module: nnx.Module, params: Mapping) -> nnx.Module:
         ``nnx.eval_shape`` to skip the initializers).
       params: ``{"query": {"kernel": ...}, ...}`` as from ``linen.init(...)["params"]``,
         `gqa_jax.keras_params` or `gqa_jax.models.params_from_hf` (a
-        ``FrozenDict`` too).
+        ``FrozenDict``, or with linen's partitioning boxes, too).
 
     Returns:
       ``module``.
@@ -46,7 +48,7 @@ def load_linen_params(module: nnx.Module, params: Mapping) -> nnx.Module:
     """
     state = nnx.state(module, nnx.Param)
     expected = traverse_util.flatten_dict(nnx.to_pure_dict(state), sep="/")
-    given = traverse_util.flatten_dict(dict(params), sep="/")
+    given = traverse_util.flatten_dict(flax.core.unfreeze(nn.meta.unbox(params)), sep="/")
     missing, unknown = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
     if missing or unknown:
         raise ValueError(
