@@ -60,6 +60,8 @@ or MLP biases (Qwen2), sliding windows (Mistral v0.1).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -72,6 +74,7 @@ from gqa_jax.kv_cache import KVCache
 from gqa_jax.projection import project_heads, project_output
 from gqa_jax.request import concrete_value
 from gqa_jax.rope import apply_rope
+from pallas_kernels.arguments import positive_int
 
 Array = jax.Array
 Cache = tuple[KVCache, ...]
@@ -115,6 +118,10 @@ class DecoderConfig:
     implementation: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
+        sizes = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")
+        for name in sizes:
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, positive_int(name, getattr(self, name)))
         if self.head_dim is None:
             if self.model_dim % self.num_heads:
                 raise ValueError(
@@ -124,10 +131,12 @@ class DecoderConfig:
             object.__setattr__(self, "head_dim", self.model_dim // self.num_heads)
         if self.mlp_dim is None:
             object.__setattr__(self, "mlp_dim", 4 * self.model_dim)
-        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+        for name in ("rope_theta", "norm_eps"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive finite float, got {name}={value!r}")
+        if not isinstance(self.tie_embeddings, (bool, np.bool_)):
+            raise TypeError(f"tie_embeddings must be True or False, got tie_embeddings={self.tie_embeddings!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:

@@ -325,6 +325,15 @@ CLASSES = [
         "Decoder(cache, num_new)": lambda: _decoder(_with(PROMPT, (0, 1), 11), init_cache(CFG, B, 8),
                                                     num_new=np.array([2, 4], np.int32)),
     }),
+    BadInput("decoder_config", (TypeError, ValueError), r"(num_heads|num_layers|rope_theta|norm_eps|tie_embeddings) "
+             r"must be .*got \1=(0|True|nan|-1.0|'no')", {
+        "DecoderConfig(num_heads=0)": lambda: DecoderConfig(vocab_size=11, num_heads=0),
+        "DecoderConfig(num_layers=True)": lambda: DecoderConfig(vocab_size=11, num_layers=True),
+        "DecoderConfig(rope_theta=nan)": lambda: DecoderConfig(vocab_size=11, rope_theta=float("nan")),
+        "DecoderConfig(norm_eps=-1)": lambda: DecoderConfig(vocab_size=11, norm_eps=-1.0),
+        "DecoderConfig(tie_embeddings='no')": lambda: DecoderConfig(vocab_size=11, tie_embeddings="no"),
+        "config_from_hf(num_hidden_layers=True)": lambda: config_from_hf({**HF_LLAMA, "num_hidden_layers": True}),
+    }),
     BadInput("decoder_cache_batch", ValueError, r"cache\[0\].key.shape\[0\]=3, tokens.shape\[0\]=2", {
         "Decoder(cache)": lambda: _decoder(PROMPT, init_cache(CFG, 3, 8)),
     }),
@@ -426,3 +435,10 @@ def test_padding_after_the_real_tokens_may_hold_any_id():
     prompt = _with(PROMPT, (0, 3), -1)  # row 0 has 3 real tokens: the 4th is padding
     _decoder(prompt, init_cache(CFG, B, 8), num_new=np.array([3, 4], np.int32))
     generate(MODEL, PARAMS, prompt, np.array([3, 4], np.int32), max_new_tokens=1)
+
+
+def test_a_sequence_of_traced_indices_passes_the_int32_check():
+    write = jax.jit(lambda a, b: splice_cache(CACHE_ARRAY, NEW[:, :1], (a, b)))
+    out = write(jnp.int32(1), jnp.int32(2))
+    np.testing.assert_array_equal(out[0, 1], NEW[0, 0])
+    np.testing.assert_array_equal(out[1, 2], NEW[1, 0])
