@@ -48,10 +48,8 @@ def _features_of_params(cls, params) -> dict:
     """``in_features`` ... from the kernels' first dims."""
     if cls is gqa_jax.nnx.MultiQueryAttention:
         return {}
-    return {
-        f"{name}_features" if name != "query" else "in_features": params[name]["kernel"].shape[0]
-        for name in ("query", "value", "key")
-    }
+    first_dim = {name: params[name]["kernel"].shape[0] for name in ("query", "value", "key")}
+    return dict(in_features=first_dim["query"], value_features=first_dim["value"], key_features=first_dim["key"])
 
 
 class NNXLayer:

@@ -81,7 +81,9 @@ def grouped_query_attention(
     check_bool("decode", decode)
     check_cache_index(cache, cache_update_index)
     if decode and cache is not None:
-        raise ValueError("decode=True keeps its own cache in the 'cache' collection; do not pass cache=")
+        raise ValueError(
+            "decode=True keeps its own cache (linen: the 'cache' collection, NNX: nnx.Cache state); do not pass cache="
+        )
     if num_new is not None and not decode:
         raise ValueError(f"num_new is for decode=True, got decode=False and {num_new=}")
     key = value if key is None else key

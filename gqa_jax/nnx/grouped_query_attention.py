@@ -22,8 +22,15 @@ from gqa_jax.kv_cache import KVCache
 from gqa_jax.modules.decode_cache import decode_attention
 from gqa_jax.modules.grouped_query_attention import check_gqa_fields, grouped_query_attention
 from gqa_jax.modules.initializers import Initializer
+from gqa_jax.nnx.dropout import dropout_key, dropout_stream
 from gqa_jax.nnx.einsum_dense import EinsumDense
-from gqa_jax.nnx.keras_layer import KEY_VALUE_AXES, OUTPUT_AXES, QUERY_AXES, KerasAttentionLayer, dense_settings
+from gqa_jax.nnx.keras_layer import (
+    KEY_VALUE_AXES,
+    OUTPUT_AXES,
+    QUERY_AXES,
+    KerasAttentionLayer,
+    dense_settings,
+)
 
 Array = jax.Array
 
@@ -94,7 +101,7 @@ class GroupedQueryAttention(KerasAttentionLayer):
             deterministic=deterministic,
         )
         check_gqa_fields(self)
-        self._init_dropout_stream(rngs)
+        self.rngs = dropout_stream(rngs, dropout)
         self.decode = decode
         value_features = in_features if value_features is None else value_features
         key_features = value_features if key_features is None else key_features
@@ -178,7 +185,7 @@ class GroupedQueryAttention(KerasAttentionLayer):
         decode = self.decode if decode is None else decode
         if value is None and not (cache is not None and cache_update_index is None):
             value = query
-        deterministic = self.resolve_deterministic(deterministic)
+        deterministic = self.deterministic if deterministic is None else deterministic
         return grouped_query_attention(
             self,
             query,
@@ -190,7 +197,7 @@ class GroupedQueryAttention(KerasAttentionLayer):
             num_new=num_new,
             attend=functools.partial(self._decode, num_new=num_new) if decode else dot_product_attention,
             project=self.project,
-            dropout_rng=self.dropout_key(self.dropout, deterministic, rngs),
+            dropout_rng=dropout_key(self.rngs, self.dropout, deterministic, rngs),
             query_mask=query_mask,
             value_mask=value_mask,
             key_mask=key_mask,

@@ -1,10 +1,8 @@
-"""What the NNX Keras attention layers share: settings, projections and the dropout stream.
+"""What the NNX Keras attention layers share: settings, projections and their logical axis names.
 
 The linen layers declare their projections inside their call; the NNX layers
-build them eagerly (`gqa_jax.nnx.EinsumDense`) and hand them to
-the same body, `gqa_jax.modules.keras_attention.keras_attention`, through
-``project``. Dropout keys come from the layer's ``dropout`` rng stream (given
-at construction) or from ``rngs=`` at the call, as in ``nnx.Dropout``.
+build them eagerly (`gqa_jax.nnx.EinsumDense`) and hand them to the same body,
+`gqa_jax.modules.keras_attention.keras_attention`, through ``project``.
 """
 
 from __future__ import annotations
@@ -45,12 +43,12 @@ def output_axes(num_features: int) -> tuple[str | None, ...]:
 
 
 class KerasAttentionLayer(nnx.Module):
-    """Base of the NNX Keras layers: Keras settings, projection sublayers and dropout keys.
+    """Base of the NNX Keras layers: the settings the shared body reads, and its ``project``.
 
     A subclass stores its sizes, calls `_init_settings`, checks itself with
-    the linen layer's check, builds its projections (`gqa_jax.nnx.EinsumDense`, with
-    `dense_settings`), and calls the shared body with ``project=self.project``
-    and ``dropout_rng=self.dropout_key(...)``.
+    the linen layer's check, builds its projections (`gqa_jax.nnx.EinsumDense`,
+    with `dense_settings`), and calls the shared body with
+    ``project=self.project`` and a key from `gqa_jax.nnx.dropout.dropout_key`.
     """
 
     def _init_settings(
@@ -70,34 +68,9 @@ class KerasAttentionLayer(nnx.Module):
         self.use_gate, self.deterministic = use_gate, deterministic
         self.implementation = tuple(implementation) if isinstance(implementation, list) else implementation
 
-    def _init_dropout_stream(self, rngs: nnx.Rngs) -> None:
-        """Forks the ``dropout`` stream of ``rngs`` when the layer has dropout (checked first)."""
-        self.rngs = rngs.dropout.fork() if self.dropout > 0 else nnx.data(None)
-
     def project(self, name: str, features: Sequence[int], x: Array, contract: int = 1) -> Array:
         """The projection sublayer ``name`` applied to ``x`` (the ``project`` of `keras_attention`)."""
         layer = getattr(self, name)
         if layer.features != tuple(features):
             raise ValueError(f"{name} projects to features={layer.features}, the call needs {tuple(features)}")
         return layer(x)
-
-    def resolve_deterministic(self, deterministic: bool | None) -> bool:
-        """The call's ``deterministic``, else the layer's (set by the constructor or ``nnx.Module.train``/``eval``)."""
-        return self.deterministic if deterministic is None else bool(deterministic)
-
-    def dropout_key(self, rate: float, deterministic: bool, rngs=None):
-        """The dropout key of a call, or None without dropout.
-
-        Args:
-          rate: the layer's dropout rate.
-          deterministic: no dropout.
-          rngs: None (the layer's stream, forked at construction), an
-            ``nnx.Rngs`` (its ``dropout`` stream), an ``nnx.RngStream``, or a key.
-        """
-        if deterministic or rate == 0:
-            return None
-        if isinstance(rngs, nnx.Rngs):
-            return rngs.dropout()
-        if isinstance(rngs, nnx.RngStream):
-            return rngs()
-        return self.rngs() if rngs is None else rngs

@@ -17,8 +17,15 @@ from flax import nnx
 
 from gqa_jax.modules.initializers import Initializer
 from gqa_jax.modules.multi_head_attention import check_mha_fields, multi_head_attention
+from gqa_jax.nnx.dropout import dropout_key, dropout_stream
 from gqa_jax.nnx.einsum_dense import EinsumDense
-from gqa_jax.nnx.keras_layer import KEY_VALUE_AXES, QUERY_AXES, KerasAttentionLayer, dense_settings, output_axes
+from gqa_jax.nnx.keras_layer import (
+    KEY_VALUE_AXES,
+    QUERY_AXES,
+    KerasAttentionLayer,
+    dense_settings,
+    output_axes,
+)
 
 Array = jax.Array
 
@@ -82,7 +89,7 @@ class MultiHeadAttention(KerasAttentionLayer):
             deterministic=deterministic,
         )
         check_mha_fields(self)
-        self._init_dropout_stream(rngs)
+        self.rngs = dropout_stream(rngs, dropout)
         output_shape = in_features if output_shape is None else output_shape
         self.output_shape = (output_shape,) if isinstance(output_shape, int) else tuple(output_shape)
         value_features = in_features if value_features is None else value_features
@@ -163,7 +170,7 @@ class MultiHeadAttention(KerasAttentionLayer):
         rngs=None,
     ):
         """`__call__` plus keras-hub's ``cache`` / ``cache_update_index`` (rank-3 inputs only)."""
-        deterministic = self.resolve_deterministic(deterministic)
+        deterministic = self.deterministic if deterministic is None else deterministic
         return multi_head_attention(
             self,
             query,
@@ -173,7 +180,7 @@ class MultiHeadAttention(KerasAttentionLayer):
             cache_update_index=cache_update_index,
             use_causal_mask=use_causal_mask,
             project=self.project,
-            dropout_rng=self.dropout_key(self.dropout, deterministic, rngs),
+            dropout_rng=dropout_key(self.rngs, self.dropout, deterministic, rngs),
             query_mask=query_mask,
             value_mask=value_mask,
             key_mask=key_mask,

@@ -16,13 +16,13 @@ from flax import nnx
 
 from gqa_jax.modules.initializers import Initializer
 from gqa_jax.modules.multi_query_attention import TORCH_LINEAR_INIT, check_mqa_fields, zeta_attention
+from gqa_jax.nnx.dropout import dropout_key, dropout_stream
 from gqa_jax.nnx.einsum_dense import partitioned
-from gqa_jax.nnx.keras_layer import KerasAttentionLayer
 
 Array = jax.Array
 
 
-class MultiQueryAttention(KerasAttentionLayer):
+class MultiQueryAttention(nnx.Module):
     """Multi-query self-attention after zeta's ``MultiQueryAttention``, as an ``nnx.Module``.
 
     Args:
@@ -58,8 +58,7 @@ class MultiQueryAttention(KerasAttentionLayer):
         self.attn_pdrop, self.qk_ln, self.deterministic = attn_pdrop, qk_ln, deterministic
         self.attn_impl = tuple(attn_impl) if isinstance(attn_impl, list) else attn_impl
         check_mqa_fields(self)
-        self.dropout = attn_pdrop
-        self._init_dropout_stream(rngs)
+        self.rngs = dropout_stream(rngs, attn_pdrop)
         H = dim // heads
 
         def linear(features: int, axes):
@@ -101,7 +100,7 @@ class MultiQueryAttention(KerasAttentionLayer):
         Returns:
           ``(context [B, T, dim], weights or None, past_key_value)``.
         """
-        deterministic = self.resolve_deterministic(deterministic)
+        deterministic = self.deterministic if deterministic is None else deterministic
         return zeta_attention(
             self,
             x,
@@ -114,5 +113,5 @@ class MultiQueryAttention(KerasAttentionLayer):
             causal=causal,
             needs_weights=needs_weights,
             deterministic=deterministic,
-            dropout_rng=self.dropout_key(self.attn_pdrop, deterministic, rngs),
+            dropout_rng=dropout_key(self.rngs, self.attn_pdrop, deterministic, rngs),
         )
