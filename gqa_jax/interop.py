@@ -1,5 +1,8 @@
 """Weights from Keras layers into the parameters of the `gqa_jax.modules` layers.
 
+The `gqa_jax.nnx` layers have the same parameter tree: load the same dict
+with `gqa_jax.nnx.load_linen_params(nnx_layer, keras_params(keras_layer))`.
+
 Example::
 
     keras_layer = keras.layers.GroupQueryAttention(head_dim=16, num_query_heads=8, num_key_value_heads=2)

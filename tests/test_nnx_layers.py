@@ -10,6 +10,7 @@ axis names that map onto a mesh.
 
 from __future__ import annotations
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,9 @@ def test_load_linen_params_refuses_trees_that_do_not_fit(random_params):
         gqa_jax.nnx.load_linen_params(layer, wrong)
     with pytest.raises(ValueError, match="the input's trailing dims must be in_shape=\\(8,\\)"):
         gqa_jax.nnx.load_linen_params(layer, params)(_x(B, S, 6))
+    boxed = flax.core.freeze(jax.tree.map(lambda w: nn.LogicallyPartitioned(w, (None,) * w.ndim), params))
+    jax.tree.map(np.testing.assert_array_equal, gqa_jax.nnx.linen_params(gqa_jax.nnx.load_linen_params(layer, boxed)),
+                 params)  # a FrozenDict of linen's partitioning boxes loads too
 
 
 def test_nnx_jit_decode_loop_traces_once_and_equals_the_causal_pass(random_params):
