@@ -97,8 +97,9 @@ def splice_cache(cache, new, index, *, num_new=None) -> Array:
     t = jnp.arange(T, dtype=jnp.int32)[None, :]
     pos = index[:, None] + t
     pos = jnp.where((t < count[:, None]) & (pos >= 0), pos, S)  # S is out of range: dropped
-    rows = jnp.arange(B)[:, None]
-    return cache.at[rows, pos].set(new.astype(cache.dtype), mode="drop")
+    # One write per row (a scatter batched over B): a batch-sharded cache is written where it lives, with no
+    # collective; indexing rows and positions together would make XLA gather the cache over the batch axis.
+    return jax.vmap(lambda c, n, p: c.at[p].set(n, mode="drop"))(cache, new.astype(cache.dtype), pos)
 
 
 @jax.tree_util.register_dataclass
