@@ -40,7 +40,7 @@ class CachedMultiHeadAttention(MultiHeadAttention):
     def __call__(
         self,
         query: Array,
-        value: Array | None,
+        value: Array | None = None,
         key: Array | None = None,
         attention_mask=None,
         cache=None,

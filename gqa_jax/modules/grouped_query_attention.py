@@ -86,6 +86,8 @@ def grouped_query_attention(
         )
     if num_new is not None and not decode:
         raise ValueError(f"num_new is for decode=True, got decode=False and {num_new=}")
+    if value is None and not (cache is not None and cache_update_index is None):
+        value = query  # one-argument self-attention, as flax's layers take it
     key = value if key is None else key
     query = jnp.asarray(query)
     if cache is not None and cache_update_index is None:
@@ -174,7 +176,7 @@ class GroupedQueryAttention(nn.Module):
     def __call__(
         self,
         query: Array,
-        value: Array | None,
+        value: Array | None = None,
         key: Array | None = None,
         *,
         query_mask=None,
@@ -192,7 +194,8 @@ class GroupedQueryAttention(nn.Module):
 
         Args:
           query: ``[B, T, Dq]``.
-          value: ``[B, S, Dv]`` (may be None with a ``cache`` and no index).
+          value: ``[B, S, Dv]``; default ``query`` (self-attention: ``layer(x)``),
+            unused with a ``cache`` and no index.
           key: ``[B, S, Dk]``; defaults to ``value``.
           query_mask: bool ``[B, T]``: False queries see nothing (output 0
             before the output projection).

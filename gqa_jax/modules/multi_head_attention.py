@@ -80,7 +80,7 @@ class MultiHeadAttention(nn.Module):
     def __call__(
         self,
         query: Array,
-        value: Array,
+        value: Array | None = None,
         key: Array | None = None,
         *,
         query_mask=None,
@@ -95,7 +95,8 @@ class MultiHeadAttention(nn.Module):
 
         Args:
           query: ``[B, ..., Dq]``.
-          value: ``[B, ..., Dv]``, the same rank and batch axes as ``query``.
+          value: ``[B, ..., Dv]``, the same rank and batch axes as ``query``;
+            default ``query`` (self-attention: ``layer(x)``).
           key: ``[B, ..., Dk]``; defaults to ``value``.
           query_mask: bool ``query.shape[:-1]``: False queries see nothing.
             (Keras reads it from the query's Keras mask only.)
@@ -127,7 +128,7 @@ class MultiHeadAttention(nn.Module):
     def attend(
         self,
         query,
-        value,
+        value=None,
         key=None,
         *,
         query_mask=None,
@@ -184,6 +185,8 @@ def multi_head_attention(
       What `MultiHeadAttention.attend` returns.
     """
     check_cache_index(cache, cache_update_index)
+    if value is None and not (cache is not None and cache_update_index is None):
+        value = query  # one-argument self-attention, as flax's layers take it
     value_dim = layer.value_dim or layer.key_dim
     static_cache = cache is not None and cache_update_index is None
     key = value if key is None else key

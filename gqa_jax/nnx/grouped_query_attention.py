@@ -183,8 +183,6 @@ class GroupedQueryAttention(KerasAttentionLayer):
           ValueError: for inputs that do not fit, or ``decode`` before `init_cache`.
         """
         decode = self.decode if decode is None else decode
-        if value is None and not (cache is not None and cache_update_index is None):
-            value = query
         deterministic = self.deterministic if deterministic is None else deterministic
         return grouped_query_attention(
             self,

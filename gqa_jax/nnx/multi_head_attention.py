@@ -140,7 +140,7 @@ class MultiHeadAttention(KerasAttentionLayer):
         """
         return self.attend(
             query,
-            query if value is None else value,
+            value,
             key,
             query_mask=query_mask,
             value_mask=value_mask,
@@ -214,8 +214,6 @@ class CachedMultiHeadAttention(MultiHeadAttention):
         rngs=None,
     ):
         """Attends ``query`` to the new and/or cached keys and values (arguments as the linen layer's)."""
-        if value is None and not (cache is not None and cache_update_index is None):
-            value = query
         return self.attend(
             query,
             value,
