@@ -13,8 +13,12 @@ def test_quick_benchmark_writes_results(tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["environment"]["jax"]
     by_impl = {(r["case"], r["mode"], r["impl"]): r for r in results["results"]}
-    ours = [r for key, r in by_impl.items() if key[2] in ("gqa_jax pallas_triton", "xla") and r["seconds"]]
+    ours = [r for key, r in by_impl.items() if key[2] in ("gqa_jax pallas_triton (interpret mode)", "xla")
+            and r["seconds"]]
     assert len(ours) >= 4 and all(r["seconds"] > 0 for r in ours)
+    # Interpret-mode rows are labelled as such and get no speed ratio against the peers.
+    interpreted = [line for line in printed.splitlines() if "(interpret mode)" in line]
+    assert interpreted and all(line.rstrip().endswith("|  |") for line in interpreted), interpreted
     for family in ("Prefill", "Decode", "End-to-end"):
         assert family in printed
     assert (tmp_path / "prefill.png").stat().st_size > 0 and (tmp_path / "decode.png").stat().st_size > 0

@@ -54,6 +54,8 @@ FULL_SHAPES = [
 QUICK_SHAPES = [DecodeShape(2, 256, 4, 2, H=64, ragged=True)]
 
 OURS = "gqa_jax pallas_triton"
+# --quick runs our kernel in interpret mode: a correctness smoke run, not a speed; no ratio is printed for it.
+INTERPRETED = "gqa_jax pallas_triton (interpret mode)"
 CUDNN_CAPACITY = "jax.nn cudnn (capacity lengths)"
 
 
@@ -92,7 +94,7 @@ def _tokamax(shape: DecodeShape, interpret: bool) -> Callable:
 
 def implementations(quick: bool) -> dict[str, Callable]:
     """Name -> builder(shape, interpret) of every implementation to time."""
-    impls = {OURS: _ours, "jax.nn xla": _jax_nn("xla")}
+    impls = {INTERPRETED if quick else OURS: _ours, "jax.nn xla": _jax_nn("xla")}
     if not quick:
         impls["jax.nn cudnn"] = _jax_nn("cudnn")
         impls[CUDNN_CAPACITY] = _jax_nn("cudnn", capacity=True)

@@ -50,6 +50,8 @@ QUICK_SHAPES = [PrefillShape(1, 128, 4, 2, 64, causal) for causal in (True, Fals
 MOSAIC = "gqa_jax pallas_mosaic_gpu"
 TRITON = "gqa_jax pallas_triton"
 OURS = (MOSAIC, TRITON)
+# --quick runs our kernel in interpret mode: a correctness smoke run, not a speed; no ratio is printed for it.
+INTERPRETED = "gqa_jax pallas_triton (interpret mode)"
 
 
 def _triton(shape: PrefillShape, interpret: bool) -> Callable:
@@ -108,7 +110,7 @@ def _tokamax(implementation: str):
 
 def implementations(quick: bool) -> dict[str, Callable]:
     """Name -> builder(shape, interpret) of every implementation to time."""
-    impls = {TRITON: _triton, "jax.nn xla": _jax_nn("xla")}
+    impls = {INTERPRETED if quick else TRITON: _triton, "jax.nn xla": _jax_nn("xla")}
     if not quick:
         impls = {MOSAIC: _mosaic, **impls}
         impls["jax.nn cudnn"] = _jax_nn("cudnn")

@@ -55,7 +55,10 @@ def write_json(path: Path, environment: dict, results: list[dict], command: str)
 
 
 def write_chart(path: Path, results: list[dict], metric: str, unit: str, title: str) -> bool:
-    """Grouped bar chart of ``metric`` per case and mode; False when matplotlib is missing."""
+    """Grouped bar chart of ``metric`` per case and mode; False when matplotlib is missing.
+
+    Implementations without a figure for a case (skipped, out of memory, failed) are marked "n/a" there.
+    """
     try:
         import matplotlib
 
@@ -70,7 +73,11 @@ def write_chart(path: Path, results: list[dict], metric: str, unit: str, title: 
     fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(cases)), 5))
     for i, impl in enumerate(impls):
         xs = [c + i * width for c in range(len(cases))]
-        ax.bar(xs, [values.get((case, mode, impl), 0.0) for case, mode in cases], width, label=impl)
+        heights = [values.get((case, mode, impl), 0.0) for case, mode in cases]
+        ax.bar(xs, heights, width, label=impl)
+        for x, height in zip(xs, heights):  # a peer that was skipped, ran out of memory or failed
+            if not height:
+                ax.text(x, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=6)
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
     ax.set_xticklabels([f"{case}\n{mode}" for case, mode in cases], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel(unit)
