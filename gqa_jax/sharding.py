@@ -208,39 +208,47 @@ def ring_attention(
       ``[B, L, N, Hv]`` in the query dtype, equal to the matching rows of the
       unsharded call; rows that see no key give zeros. Differentiable.
     """
-    num_shards = lax.axis_size(axis_name)
-    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    _check(query, key, value, load_balance, num_shards)
+    num_shards, (query, key, value), kv_len, segments = _prepare(
+        query, key, value, axis_name, load_balance, key_value_seq_lengths, q_segment_ids, kv_segment_ids)
     statics = _static_rules(query, key, scale=scale, is_causal=is_causal, local_window_size=local_window_size,
                             logits_soft_cap=logits_soft_cap)
-    B, L = query.shape[:2]
-    kv_len = row_vector("key_value_seq_lengths", key_value_seq_lengths, B, num_shards * L)
-    segments = _segments(q_segment_ids, kv_segment_ids, B, L)
     return _ring(statics, axis_name, num_shards, load_balance, query, key, value, kv_len, *segments)
 
 
-def _segments(q_segment_ids, kv_segment_ids, B: int, L: int):
+def _prepare(query, key, value, axis_name: str, load_balance, key_value_seq_lengths, q_segment_ids, kv_segment_ids):
+    """The checked shards, ``kv_len [B]`` of the global sequence and the segment ids, for both strategies."""
+    num_shards = lax.axis_size(axis_name)
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    _check(query, key, value, load_balance, num_shards)
+    B, L = query.shape[:2]
+    kv_len = row_vector("key_value_seq_lengths", key_value_seq_lengths, B, num_shards * L)
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("q_segment_ids and kv_segment_ids go together")
-    if q_segment_ids is None:
-        return None, None
-    rules = Rules.create(jax.ShapeDtypeStruct((B, L, 1, 1), jnp.float32), jax.ShapeDtypeStruct((B, L, 1, 1),
-                         jnp.float32), q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
-    return rules.q_segment_ids, rules.kv_segment_ids
+    segments = None, None
+    if q_segment_ids is not None:
+        shard = jax.ShapeDtypeStruct((B, L, 1, 1), jnp.float32)  # Rules.create reads only the shapes
+        rules = Rules.create(shard, shard, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+        segments = rules.q_segment_ids, rules.kv_segment_ids
+    return num_shards, (query, key, value), kv_len, segments
 
 
-def _ring_steps(statics: Rules, axis_name: str, num_shards: int, load_balance, L: int, kv_len, q_seg, kv_seg):
-    """For each ring step: the blocks ``(query slice, key slice, block rules, visible)`` of this device."""
+def _ring_steps(axis_name: str, num_shards: int, load_balance, L: int):
+    """For each ring step, this device's ``(query chunk, key chunk)`` pairs, chunks as `_chunks` gives them."""
     me = lax.axis_index(axis_name)
     q_chunks = _chunks(me, num_shards, L, load_balance)
     for step in range(num_shards):
         source = lax.rem(me - step + num_shards, num_shards)
-        blocks = []
-        for q_first, q_start, q_n in q_chunks:
-            for k_first, k_start, k_n in _chunks(source, num_shards, L, load_balance):
-                qs = None if q_seg is None else lax.dynamic_slice_in_dim(q_seg, q_start, q_n, 1)
-                blocks.append((q_start, q_n, k_start, k_n, q_first, k_first, qs))
-        yield step, blocks
+        yield step, [(qc, kc) for qc in q_chunks for kc in _chunks(source, num_shards, L, load_balance)]
+
+
+def _block(statics: Rules, q_chunk, k_chunk, q, k_blk, v_blk, kv_len, q_seg, kv_seg_blk):
+    """One block's ``(q, k, v, rules, visible)``: the slices of the query and key chunks and their rules."""
+    (q_first, q_start, q_n), (k_first, k_start, k_n) = q_chunk, k_chunk
+    slice_ = lambda x, start, n: None if x is None else lax.dynamic_slice_in_dim(x, start, n, 1)
+    rules = _block_rules(statics, q_first, k_first, k_n, kv_len, slice_(q_seg, q_start, q_n),
+                         slice_(kv_seg_blk, k_start, k_n))
+    visible = _block_visible(statics, q_first, q_n, k_first, k_n)
+    return slice_(q, q_start, q_n), slice_(k_blk, k_start, k_n), slice_(v_blk, k_start, k_n), rules, visible
 
 
 def _full(shape, value, like):
@@ -266,17 +274,14 @@ def _ring_forward(statics, axis_name, num_shards, load_balance, q, k, v, kv_len,
     out = jnp.zeros((B, L, N, v.shape[-1]), jnp.float32)
     lse = jnp.full((B, N, L), -jnp.inf, jnp.float32)
     k_blk, v_blk, seg_blk = k, v, kv_seg
-    for step, blocks in _ring_steps(statics, axis_name, num_shards, load_balance, L, kv_len, q_seg, kv_seg):
+    for step, blocks in _ring_steps(axis_name, num_shards, load_balance, L):
         if step:
             k_blk, v_blk, seg_blk = _permute(axis_name, num_shards, k_blk, v_blk, seg_blk)
-        for q_start, q_n, k_start, k_n, q_first, k_first, qs in blocks:
-            ks = None if seg_blk is None else lax.dynamic_slice_in_dim(seg_blk, k_start, k_n, 1)
-            rules = _block_rules(statics, q_first, k_first, k_n, kv_len, qs, ks)
-            qb = lax.dynamic_slice_in_dim(q, q_start, q_n, 1)
-            kb = lax.dynamic_slice_in_dim(k_blk, k_start, k_n, 1)
-            vb = lax.dynamic_slice_in_dim(v_blk, k_start, k_n, 1)
+        for q_chunk, k_chunk in blocks:
+            (_, q_start, q_n) = q_chunk
+            qb, kb, vb, rules, visible = _block(statics, q_chunk, k_chunk, q, k_blk, v_blk, kv_len, q_seg, seg_blk)
             o_b, l_b = lax.cond(
-                _block_visible(statics, q_first, q_n, k_first, k_n),
+                visible,
                 lambda qb, kb, vb, rules: _block_forward(qb, kb, vb, rules),
                 lambda qb, kb, vb, rules: (_full(qb.shape[:3] + vb.shape[-1:], 0.0, qb),
                                            _full((B, N, q_n), -jnp.inf, qb)),
@@ -302,21 +307,18 @@ def _ring_bwd(statics, axis_name, num_shards, load_balance, residuals, d_out):
     dq = jnp.zeros(q.shape, jnp.float32)
     dk_acc, dv_acc = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     k_blk, v_blk, seg_blk = k, v, kv_seg
-    for step, blocks in _ring_steps(statics, axis_name, num_shards, load_balance, L, kv_len, q_seg, kv_seg):
+    for step, blocks in _ring_steps(axis_name, num_shards, load_balance, L):
         if step:
             k_blk, v_blk, seg_blk, dk_acc, dv_acc = _permute(axis_name, num_shards, k_blk, v_blk, seg_blk,
                                                              dk_acc, dv_acc)
-        for q_start, q_n, k_start, k_n, q_first, k_first, qs in blocks:
-            ks = None if seg_blk is None else lax.dynamic_slice_in_dim(seg_blk, k_start, k_n, 1)
-            rules = _block_rules(statics, q_first, k_first, k_n, kv_len, qs, ks)
-            qb = lax.dynamic_slice_in_dim(q, q_start, q_n, 1)
-            kb = lax.dynamic_slice_in_dim(k_blk, k_start, k_n, 1)
-            vb = lax.dynamic_slice_in_dim(v_blk, k_start, k_n, 1)
+        for q_chunk, k_chunk in blocks:
+            (_, q_start, q_n), (_, k_start, k_n) = q_chunk, k_chunk
+            qb, kb, vb, rules, visible = _block(statics, q_chunk, k_chunk, q, k_blk, v_blk, kv_len, q_seg, seg_blk)
             dob = lax.dynamic_slice_in_dim(d_out, q_start, q_n, 1)
             lse_b = lax.dynamic_slice_in_dim(lse, q_start, q_n, 2)
             delta_b = lax.dynamic_slice_in_dim(delta, q_start, q_n, 2)
             dq_b, dk_b, dv_b = lax.cond(
-                _block_visible(statics, q_first, q_n, k_first, k_n),
+                visible,
                 lambda *a: _block_backward(*a),
                 lambda qb, kb, vb, *_: (_full(qb.shape, 0.0, qb), _full(kb.shape, 0.0, kb), _full(vb.shape, 0.0, vb)),
                 qb, kb, vb, rules, dob, lse_b, delta_b,
@@ -356,13 +358,10 @@ def all_gather_attention(
     queries against the gathered sequence with `gqa_jax.dot_product_attention`
     (``implementation`` picks its backend). Its backward reduce-scatters dK/dV.
     """
-    num_shards = lax.axis_size(axis_name)
-    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    _check(query, key, value, load_balance, num_shards)
+    num_shards, (query, key, value), kv_len, (q_seg, kv_seg) = _prepare(
+        query, key, value, axis_name, load_balance, key_value_seq_lengths, q_segment_ids, kv_segment_ids)
     B, L = query.shape[:2]
     S = num_shards * L
-    kv_len = row_vector("key_value_seq_lengths", key_value_seq_lengths, B, S)
-    q_seg, kv_seg = _segments(q_segment_ids, kv_segment_ids, B, L)
     gather = lambda x: lax.all_gather(x, axis_name, axis=1, tiled=True)
     k_all, v_all = gather(key), gather(value)
     kv_seg_all = None if kv_seg is None else gather(kv_seg)
