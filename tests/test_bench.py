@@ -25,15 +25,11 @@ def test_quick_benchmark_writes_results(tmp_path, capsys):
 
 
 def test_sharded_mode_on_two_simulated_devices(tmp_path):
-    import os
-    import subprocess
-    import sys
+    from tests.multidevice import run_on_cpu_devices
 
     script = (f"from gqa_jax.bench.__main__ import main; "
               f"main(['--quick', '--only', 'sharded', '--reps', '1', '--out', {str(tmp_path)!r}])")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_on_cpu_devices(script, 2, timeout=600)
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
     sharded = {(r["case"].split()[0], r["mode"]): r for r in rows if r["impl"] == "2 devices"}
     assert len(sharded) == 9, sorted(sharded)

@@ -8,10 +8,9 @@ all-gather or all-to-all (the write is one scatter per row).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
+
+from tests.multidevice import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent("""
     import re
@@ -65,8 +64,5 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_cache_writes_and_reads_in_place():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    result = run_on_cpu_devices(SCRIPT, 4)
     assert result.stdout.strip().endswith("ok"), result.stdout

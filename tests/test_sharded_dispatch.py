@@ -13,10 +13,9 @@ einsums would need output shardings.)
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
+
+from tests.multidevice import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
@@ -83,8 +82,5 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_kernels_run_per_device_on_a_mesh():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900, env=env,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    result = run_on_cpu_devices(SCRIPT, 4)
     assert result.stdout.count("ok ") == 8, result.stdout

@@ -10,15 +10,14 @@ the all-gather variant at a long sequence.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
 from gqa_jax.sharding import zigzag_order
+
+from tests.multidevice import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent("""
     import re
@@ -79,10 +78,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_context_parallel_equals_unsharded_on_4_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900, env=env,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    result = run_on_cpu_devices(SCRIPT, 4)
     assert result.stdout.count("ok ") == 17, result.stdout
 
 
