@@ -19,7 +19,7 @@ from gqa_jax.modules import (
 )
 from gqa_jax.projection import project_heads, project_output
 from gqa_jax.request import AttentionRequest, make_request
-from gqa_jax.rope import apply_rope, rope_frequencies
+from gqa_jax.rope import LinearRopeScaling, Llama3RopeScaling, RotaryEmbedding, apply_rope, rope_frequencies
 
 __version__ = "0.1.0"
 
@@ -29,8 +29,11 @@ __all__ = [
     "GroupQueryAttention",
     "GroupedQueryAttention",
     "KVCache",
+    "LinearRopeScaling",
+    "Llama3RopeScaling",
     "MultiHeadAttention",
     "MultiQueryAttention",
+    "RotaryEmbedding",
     "__version__",
     "apply_rope",
     "causal_mask",
