@@ -1,6 +1,6 @@
 """A Flax NNX block built from `gqa_jax.nnx.GroupedQueryAttention`: trained with nnx.Optimizer, then decoded.
 
-Run: ``python examples/05_nnx_block.py [--steps 200] [--implementation xla]``
+Run: ``python examples/06_nnx_block.py [--steps 200] [--implementation xla]``
 
 The task of ``02_train_block.py``: each sequence repeats a random pattern of
 ``--period`` tokens. After training, the model continues prompts greedily
