@@ -1,10 +1,13 @@
-"""The Hopper (Mosaic GPU) flash-attention forward, with the Triton backward behind it.
+"""The Hopper (Mosaic GPU) flash attention: its forward and its backward (Triton backward as fallback).
 
 On any machine: every case the kernel serves lowers to Mosaic GPU for CUDA
 (`jax.export`, which also runs Mosaic GPU's own checks, such as shared-memory
-fit), gradients lower to Mosaic GPU plus the Triton backward kernels, and what
-it does not serve is refused by name. On a Hopper GPU: the shared kernel cases
-run compiled (float32 cases in bfloat16: the kernel has no float32 path).
+fit); gradients lower to the Mosaic forward plus the two Mosaic backward
+kernels (dQ, dK/dV), or to the Triton backward kernels where the Mosaic
+backward refuses (head dim 256) or is asked not to run; what it does not serve
+is refused by name. On a Hopper GPU: the shared kernel cases run compiled,
+forward and gradients (float32 cases in bfloat16: the kernel has no float32
+path).
 Pallas has no Mosaic-GPU interpreter that runs these kernels on a CPU, so the
 compiled class skips without a Hopper GPU and says so.
 """
@@ -21,6 +24,7 @@ import pytest
 import gqa_jax
 from gqa_jax import dispatch
 from pallas_kernels.gpu import flash_attention_mgpu as mgpu
+from pallas_kernels.gpu import flash_attention_mgpu_backward as mgpu_bwd
 from tests.kernel_cases import FLASH_CASES, GRAD_CASES, FlashKernelCases, make_inputs
 
 # Cases the kernel refuses: a bias, segment ids, a head dim outside 64/128/256, Hv != H.
@@ -54,17 +58,70 @@ def test_forward_lowers_to_mosaic_gpu(case):
     assert calls == {"mosaic_gpu_v2"}, calls
 
 
-@pytest.mark.parametrize("case", [c for c in GRAD_CASES if c.name not in REFUSED], ids=str)
-def test_gradients_lower_to_mosaic_forward_and_triton_backward(case):
-    q, k, v, _, rules = _as_bf16(case)
+def _gradient_calls(q, k, v, rules, **core):
+    """Custom calls of the compiled gradient of ``sum(out)`` through the kernel, lowered for CUDA."""
 
     def loss(q, k, v):
-        return jnp.sum(mgpu.flash_attention(q, k, v, **rules).astype(jnp.float32))
+        r = gqa_jax.make_request(q, k, v, **rules).rules
+        return jnp.sum(mgpu.flash_attention_core(q, k, v, r, **core).astype(jnp.float32))
 
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu_v2" in text
-    for kernel in ("gqa_flash_dkdv", "gqa_flash_dq"):
-        assert kernel in text, f"{kernel} missing: the backward must be the Triton kernels"
+    return re.findall(r"custom_call @([\w$.]+)", text), text
+
+
+# Gradient cases: the shared gradient cases plus forward cases that carry other rules (window, soft-cap, offsets).
+GRAD_LOWERING = [c for c in GRAD_CASES if c.name not in REFUSED] + [
+    c for c in SERVED if c.name in {"window_causal", "window_left_right", "soft_cap_causal", "causal_explicit_offsets",
+                                    "h128_causal_bf16"}
+]
+
+
+@pytest.mark.parametrize("case", GRAD_LOWERING, ids=str)
+def test_gradients_lower_to_mosaic_forward_and_backward(case):
+    q, k, v, _, rules = _as_bf16(case)
+    calls, _ = _gradient_calls(q, k, v, rules)
+    # One forward kernel, then the dQ and dK/dV kernels, all Mosaic GPU; no Triton kernel.
+    assert calls.count("mosaic_gpu_v2") == 3, calls
+    assert set(calls) == {"mosaic_gpu_v2"}, calls
+
+
+def test_gradients_fall_back_to_triton_backward():
+    q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 64, 4, 256)), jnp.bfloat16)
+    k = q[:, :, :2]
+    assert "head dim H=256" in mgpu_bwd.unsupported_reason(q, k, k, gqa_jax.make_request(q, k, k).rules)
+    for head_dim, core in ((256, {}), (128, dict(backward="triton"))):
+        x = q[..., :head_dim]
+        calls, text = _gradient_calls(x, x[:, :, :2], x[:, :, :2], dict(is_causal=True), **core)
+        assert calls.count("mosaic_gpu_v2") == 1, calls  # the forward only
+        for kernel in ("gqa_flash_dkdv", "gqa_flash_dq"):
+            assert kernel in text, f"{kernel} missing at head dim {head_dim}: the backward must be the Triton kernels"
+
+
+def test_backward_choice_is_validated():
+    q = jnp.zeros((1, 64, 4, 256), jnp.bfloat16)
+    rules = gqa_jax.make_request(q, q, q).rules
+    with pytest.raises(NotImplementedError, match="Mosaic-GPU flash backward cannot serve.*H=256"):
+        mgpu.flash_attention_core(q, q, q, rules, backward="mosaic")
+    with pytest.raises(ValueError, match="backward must be one of.*backward='cudnn'"):
+        mgpu.flash_attention_core(q, q, q, rules, backward="cudnn")
+    assert mgpu.choose_backward(q, q, q, rules) == "triton"
+    assert mgpu.choose_backward(q[..., :128], q[..., :128], q[..., :128], rules) == "mosaic"
+
+
+def test_backward_block_sizes_validate_and_fit_shared_memory():
+    for name in ("block_kv_dkv", "block_q_dq"):
+        with pytest.raises(ValueError, match=f"{name}=128 must be 64"):
+            mgpu_bwd.MosaicBackwardBlockSizes(**{name: 128})
+    with pytest.raises(ValueError, match="block_kv_dq=96 must be 64 or 128"):
+        mgpu_bwd.MosaicBackwardBlockSizes(block_kv_dq=96)
+    with pytest.raises(TypeError, match="block_q_dkv=True must be an int"):
+        mgpu_bwd.MosaicBackwardBlockSizes(block_q_dkv=True)
+    with pytest.raises(ValueError, match="max_concurrent_steps=1"):
+        mgpu_bwd.MosaicBackwardBlockSizes(max_concurrent_steps=1)
+    mgpu_bwd.MosaicBackwardBlockSizes.for_call(is_causal=True).check(128, 2)
+    mgpu_bwd.MosaicBackwardBlockSizes.for_call(is_causal=False).check(128, 2)
+    with pytest.raises(ValueError, match="shared memory at head_dim=128"):
+        mgpu_bwd.MosaicBackwardBlockSizes(block_kv_dq=128, max_concurrent_steps=3).check(128, 2)
 
 
 @pytest.mark.parametrize("case", sorted(c.name for c in FLASH_CASES if c.name in REFUSED and not c.bias))
@@ -120,4 +177,8 @@ class TestMosaicFlashCompiled(FlashKernelCases):
 
     @pytest.mark.parametrize("case", [c for c in GRAD_CASES if c.name not in REFUSED], ids=str)
     def test_gradients(self, case):
+        self.check_gradients(case)
+
+    @pytest.mark.parametrize("case", SERVED, ids=str)
+    def test_gradients_of_forward_cases(self, case):
         self.check_gradients(case)

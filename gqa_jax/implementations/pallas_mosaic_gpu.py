@@ -6,8 +6,10 @@ says what it does not: a bias or dense mask, segment ids, float32, head dims
 other than 64/128/256); decode-shaped calls, causal calls with head dim 64
 (where the Triton forward measured faster on the H200: 299 against 281 TFLOP/s
 at B4 S2048 N16 K2, BENCHMARKS.md), and everything else fall back to
-``"pallas_triton"`` per request. The forward runs on Mosaic GPU, the backward
-on the Triton backward kernels from its residuals.
+``"pallas_triton"`` per request. The forward runs on Mosaic GPU; the backward
+on the Mosaic-GPU backward kernels from its residuals (head dims 64 and 128),
+on the Triton backward kernels otherwise
+(`pallas_kernels.gpu.flash_attention_mgpu.choose_backward`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ def supports(request: AttentionRequest) -> str | None:
     reason = kernel_refusal(request)
     if reason is not None:
         return reason
+    if request.is_quantized:
+        return "a quantized cache goes to the Triton decode kernel (decode-shaped) or XLA"
     if request.has_dense_masks:
         return "a bias or dense mask is not supported"
     if is_decode_shaped(request):

@@ -11,8 +11,10 @@ and key lengths, a sliding window and a logit soft-cap; bf16 and fp16; head
 dims 64, 128 and 256. No bias. `unsupported_reason` says what it refuses, so
 dispatch can fall back to the Triton kernel. The output contract is the
 Triton forward's (`pallas_kernels.numerics`): ``lse = m + log2(l)`` of the
-base-2 logits, and rows that see no key give zeros and `DEAD_LSE`, so the
-Triton backward kernels (`flash_backward`) take this forward's residuals.
+base-2 logits, and rows that see no key give zeros and `DEAD_LSE`, so both
+the Mosaic-GPU backward (`pallas_kernels.gpu.flash_attention_mgpu_backward`,
+head dims 64 and 128) and the Triton backward kernels (`flash_backward`, the
+fallback) take this forward's residuals.
 
 Design (after FlashAttention-3 and jax's ``attention_mgpu`` example). One CTA
 per ``(query head, 2 * block_q query rows, batch row)``, three warpgroups:
@@ -51,7 +53,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.arguments import check_qkv, pad_axis, round_up
+from pallas_kernels.gpu import flash_attention_mgpu_backward as mgpu_backward
 from pallas_kernels.gpu.flash_attention import flash_backward
+from pallas_kernels.gpu.mgpu_tiles import cta_kv_blocks, full_kv_blocks
 from pallas_kernels.numerics import DEAD_LSE, LOG2E
 from pallas_kernels.residuals import forward_only, from_base2
 from pallas_kernels.rules import Rules
@@ -66,6 +70,7 @@ PRODUCER_REGISTERS = 40
 # Floor of the running row max: finite, so exp2(m_old - m_new) is never inf - inf.
 M_FLOOR = -1e30
 RCP_LN2 = 1.0 / math.log(2.0)
+BACKWARDS = ("mosaic", "triton")  # the backward kernels behind the custom_vjp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +149,7 @@ def flash_attention(
 
     Semantics are those of `gqa_jax.dot_product_attention`; the rules are
     validated by `pallas_kernels.rules.Rules.create`. Differentiable: the
-    gradients come from the Triton backward kernels fed this forward's residuals.
+    gradients come from the backward `choose_backward` picks, fed this forward's residuals.
 
     Args:
       query: ``[B, T, N, H]`` bf16 or fp16, ``H`` in 64, 128, 256.
@@ -189,12 +194,14 @@ def flash_attention(
     return flash_attention_core(query, key, value, rules, block_sizes=block_sizes)
 
 
-def flash_attention_core(query, key, value, rules: Rules, *, block_sizes: MosaicBlockSizes | None = None):
+def flash_attention_core(query, key, value, rules: Rules, *, block_sizes: MosaicBlockSizes | None = None,
+                         backward: str = "auto"):
     """`flash_attention` on checked inputs (``rules`` from `Rules.create`), differentiable.
 
-    The forward is this file's kernel; the gradients come from the Triton
-    backward kernels (`pallas_kernels.gpu.flash_attention.flash_backward`, with
-    its default tiles) fed this forward's output and log-sum-exp.
+    The forward is this file's kernel; the gradients come from the Mosaic-GPU
+    backward (`pallas_kernels.gpu.flash_attention_mgpu_backward`) or the Triton
+    backward kernels (`pallas_kernels.gpu.flash_attention.flash_backward`),
+    both fed this forward's output and log-sum-exp.
 
     Args:
       query: ``[B, T, N, H]``.
@@ -202,11 +209,31 @@ def flash_attention_core(query, key, value, rules: Rules, *, block_sizes: Mosaic
       value: ``[B, S, K, H]``.
       rules: the validated rules of the call (no segment ids).
       block_sizes: forward tiles; default `MosaicBlockSizes.for_head_dim`.
+      backward: ``"mosaic"``, ``"triton"`` or ``"auto"`` (`choose_backward`).
 
     Returns:
       ``[B, T, N, H]`` in the query dtype.
+
+    Raises:
+      ValueError: for an unknown ``backward``.
+      NotImplementedError: for ``backward="mosaic"`` on a call the Mosaic backward refuses.
     """
-    return _attention(block_sizes, query, key, value, rules)
+    if backward == "auto":
+        backward = choose_backward(query, key, value, rules)
+    elif backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {('auto',) + BACKWARDS}, got {backward=}")
+    elif backward == "mosaic":
+        reason = mgpu_backward.unsupported_reason(query, key, value, rules)
+        if reason is not None:
+            raise NotImplementedError(f"the Mosaic-GPU flash backward cannot serve this call: {reason}")
+    return _attention(block_sizes, backward, query, key, value, rules)
+
+
+def choose_backward(query, key, value, rules: Rules) -> str:
+    """The backward that `flash_attention_core` runs by default: ``"mosaic"`` where it serves, else ``"triton"``."""
+    if mgpu_backward.unsupported_reason(query, key, value, rules) is not None:
+        return "triton"
+    return "mosaic"
 
 
 def unsupported_reason(query, key, value, rules: Rules, bias) -> str | None:
@@ -250,23 +277,26 @@ def _unsupported_inputs(query, key, value, rules: Rules, bias) -> str | None:
 
 
 # ---------------------------------------------------------------------------
-# Differentiable core: this forward, the Triton backward.
+# Differentiable core: this forward, the Mosaic-GPU or Triton backward.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(block_sizes, query, key, value, rules):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attention(block_sizes, backward, query, key, value, rules):
     out, _ = forward(query, key, value, rules, block_sizes)
     return out
 
 
-def _attention_fwd(block_sizes, query, key, value, rules):
+def _attention_fwd(block_sizes, backward, query, key, value, rules):
     out, lse = forward(query, key, value, rules, block_sizes)
     return out, (query, key, value, rules, out, lse)
 
 
-def _attention_bwd(block_sizes, residuals, d_out):
+def _attention_bwd(block_sizes, backward, residuals, d_out):
     query, key, value, rules, out, lse = residuals
-    dq, dk, dv, _ = flash_backward(query, key, value, out, lse, d_out, rules)
+    if backward == "mosaic":
+        dq, dk, dv = mgpu_backward.backward(query, key, value, out, lse, d_out, rules)
+    else:
+        dq, dk, dv, _ = flash_backward(query, key, value, out, lse, d_out, rules)
     return dq, dk, dv, None
 
 
@@ -360,7 +390,7 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_
     wg = lax.axis_index("wg")
     offset, q_len, kv_len = offset_ref[batch], q_len_ref[batch], kv_len_ref[batch]
     cta_start = tile * (NUM_CONSUMERS * bq)
-    blk_lo, blk_hi = _cta_kv_blocks(rules, cta_start, NUM_CONSUMERS * bq, bkv, offset, q_len, kv_len)
+    blk_lo, blk_hi = cta_kv_blocks(rules, cta_start, NUM_CONSUMERS * bq, bkv, offset, q_len, kv_len)
     num_steps = blk_hi - blk_lo
 
     def slot_of(j):
@@ -376,7 +406,7 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_
         qo = qo_smem.at[wg]
         wg_start = cta_start + wg * bq
         plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(wg_start, bq), head], qo, q_ready.at[wg])
-        f_lo, f_hi = _full_kv_blocks(rules, wg_start, bq, bkv, offset, q_len, kv_len, blk_lo, blk_hi)
+        f_lo, f_hi = full_kv_blocks(rules, wg_start, bq, bkv, offset, q_len, kv_len, blk_lo, blk_hi)
         if rules.soft_cap is None:
             pre_scale, scale2 = None, rules.scale * LOG2E
         else:
@@ -485,38 +515,3 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
             plgpu.barrier_wait(v_consumed.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
-
-
-# ---------------------------------------------------------------------------
-# Tile helpers.
-
-
-def _cdiv(a, b: int):
-    return lax.div(a + (b - 1), b)
-
-
-def _cta_kv_blocks(rules: Rules, cta_start, rows: int, block_kv: int, offset, q_len, kv_len):
-    """Key tiles ``[blk_lo, blk_hi)`` any valid row of the CTA's ``rows`` queries can see."""
-    q_first = offset + cta_start
-    q_last = offset + jnp.minimum(cta_start + rows, q_len) - 1
-    lo, hi = rules.kv_range(q_first, q_last, kv_len)
-    live = (cta_start < q_len) & (hi > lo)
-    blk_lo = jnp.where(live, lax.div(lo, block_kv), 0)
-    blk_hi = jnp.where(live, _cdiv(hi, block_kv), 0)
-    return blk_lo, blk_hi
-
-
-def _full_kv_blocks(rules: Rules, wg_start, block_q: int, block_kv: int, offset, q_len, kv_len, blk_lo, blk_hi):
-    """Sub-range ``[f_lo, f_hi)`` of the CTA's key tiles that every row of a consumer sees.
-
-    Empty when the consumer holds rows past ``q_len`` (those rows must stay
-    masked so that they come out dead).
-    """
-    q_first = offset + wg_start
-    q_last = q_first + block_q - 1
-    full_lo, full_hi = rules.kv_full_range(q_first, q_last, kv_len)
-    full_lo, full_hi = jnp.maximum(full_lo, 0), jnp.maximum(full_hi, 0)
-    full_hi = jnp.where(wg_start + block_q <= q_len, full_hi, 0)
-    f_lo = jnp.minimum(jnp.maximum(_cdiv(full_lo, block_kv), blk_lo), blk_hi)
-    f_hi = jnp.minimum(jnp.maximum(lax.div(full_hi, block_kv), f_lo), blk_hi)
-    return f_lo, f_hi
