@@ -2,7 +2,8 @@
 
 Trains the reference decoder (`gqa_jax.models.Decoder`) from scratch to sort
 or reverse strings of digits (`gqa_jax.demo.task`; nothing is downloaded), with
-a progress bar showing the loss; then generates answers for new, ragged
+a progress bar showing the loss (``--save PATH`` keeps the trained model,
+``--load PATH`` uses it instead of training); then generates answers for new, ragged
 prompts with the jitted cached loop (`gqa_jax.decoding.generate`), prints
 samples and the exact-match accuracy, and compares decoding speed with the
 KV cache against recomputing the whole sequence at every step.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
 
@@ -25,6 +27,7 @@ import numpy as np
 import optax
 
 from gqa_jax.decoding import generate, generate_without_cache
+from gqa_jax.demo import checkpoint
 from gqa_jax.demo.progress import ProgressBar
 from gqa_jax.demo.task import END, OPERATIONS, VOCAB, Examples, decode
 from gqa_jax.dispatch import implementations
@@ -60,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-examples", type=int, default=256, help="new problems to measure accuracy on")
     parser.add_argument("--decode-tokens", type=int, default=64,
                         help="new tokens per row in the decoding-speed comparison")
+    parser.add_argument("--save", metavar="PATH", help="write the trained model to this file")
+    parser.add_argument("--load", metavar="PATH",
+                        help="use the model saved in this file instead of training (its size and --max-digits "
+                        "replace the flags')")
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "max_digits", "eval_examples", "decode_tokens"):
         if getattr(args, name) < 1:
@@ -67,10 +74,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+@functools.partial(jax.jit, static_argnames=("model", "max_digits"))  # compiled once per model in a process
+def init_params(model: Decoder, seed: int, max_digits: int):
+    """Fresh params of ``model`` for the task with up to ``max_digits`` digits."""
+    return model.init(jax.random.key(seed), jnp.zeros((1, 2 * max_digits + 3), jnp.int32))["params"]
+
+
 def train(model: Decoder, args: argparse.Namespace, rng: np.random.Generator):
     """AdamW on the answer tokens' cross-entropy; returns the params."""
-    width = 2 * args.max_digits + 3
-    params = jax.jit(model.init)(jax.random.key(args.seed), jnp.zeros((1, width), jnp.int32))["params"]
+    params = init_params(model, args.seed, args.max_digits)
     # Warm up over a tenth of the run (at most 100 steps), so the cosine part is never empty.
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.learning_rate, min(100, args.steps // 10), args.steps,
                                                   args.learning_rate / 10)
@@ -90,7 +102,7 @@ def train(model: Decoder, args: argparse.Namespace, rng: np.random.Generator):
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     print(f"train: {args.steps} steps of {args.batch_size} examples, {n_params:,} parameters")
     opt_state = optimizer.init(params)
-    bar = ProgressBar(args.steps, label="train")
+    bar = ProgressBar(args.steps, label="train", unit="step")
     redraw = max(1, args.steps // 100)
     for i in range(args.steps):
         tokens, weights = Examples.random(rng, args.batch_size, args.max_digits).training_batch()
@@ -151,7 +163,14 @@ def decode_speed(model: Decoder, params, examples: Examples, new_tokens: int) ->
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rng = np.random.default_rng(args.seed)
+    # Separate streams, so the evaluation problems are the same whether the model was trained or loaded.
+    train_rng, eval_rng = np.random.default_rng(args.seed).spawn(2)
+    if args.load:
+        try:
+            args.size, args.max_digits, saved = checkpoint.read(args.load)
+        except (OSError, ValueError) as e:
+            print(f"error: --load: {e}", file=sys.stderr)
+            return 2
     try:
         shown = Examples.from_strings([(op, p) for p in args.prompt for op in OPERATIONS], args.max_digits)
     except ValueError as e:
@@ -166,9 +185,21 @@ def main(argv=None) -> int:
     layers = f"{config.num_layers} layer" + ("s" if config.num_layers > 1 else "")
     print(f"model: {layers}, dim {config.model_dim}, {config.num_heads} query heads sharing "
           f"{config.num_kv_heads} key/value heads (head dim {config.head_dim})")
-    params = train(model, args, rng)
-    evaluate(model, params, shown, Examples.random(rng, args.eval_examples, args.max_digits))
-    decode_speed(model, params, Examples.random(rng, args.batch_size, args.max_digits), args.decode_tokens)
+    if args.load:
+        template = jax.eval_shape(lambda: init_params(model, args.seed, args.max_digits))
+        try:
+            params = checkpoint.restore(args.load, saved, template)
+        except ValueError as e:
+            print(f"error: --load: {e}", file=sys.stderr)
+            return 2
+        print(f"loaded the trained model from {args.load} (size {args.size}, up to {args.max_digits} digits)")
+    else:
+        params = train(model, args, train_rng)
+    if args.save:
+        checkpoint.save(args.save, args.size, args.max_digits, params)
+        print(f"saved the trained model to {args.save}; reuse it with --load {args.save}")
+    evaluate(model, params, shown, Examples.random(eval_rng, args.eval_examples, args.max_digits))
+    decode_speed(model, params, Examples.random(eval_rng, args.batch_size, args.max_digits), args.decode_tokens)
     return 0
 
 
