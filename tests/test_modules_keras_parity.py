@@ -248,7 +248,8 @@ def test_keras_initializer_names_match_keras_distributions(name, contract):
     in_shape, equation, out_shape = (
         ((1, D), "bd,dnh->bnh", (N, H)) if contract == 1 else ((1, N, H), "bnh,nhd->bd", (D,))
     )
-    keras_dense = keras.layers.EinsumDense(equation, output_shape=out_shape, kernel_initializer=name)
+    keras_init = type(keras.initializers.get(name))(seed=0)
+    keras_dense = keras.layers.EinsumDense(equation, output_shape=out_shape, kernel_initializer=keras_init)
     keras_dense.build(in_shape)
     keras_kernel = np.asarray(keras_dense.kernel.value)
     ours = gqa_jax.modules.EinsumDense(features=out_shape, contract=contract, kernel_init=name)
