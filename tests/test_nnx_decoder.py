@@ -19,17 +19,35 @@ from tests.test_models import random_hf_weights
 CONFIG = dict(vocab_size=16, num_layers=2, model_dim=16, num_heads=4, num_kv_heads=2, mlp_dim=24)
 
 
-def _models(tie_embeddings: bool, seed: int):
-    """The linen decoder with HF-ported params, and the NNX decoder holding the same params."""
-    config = models.DecoderConfig(**CONFIG, tie_embeddings=tie_embeddings)
-    params = models.params_from_hf(random_hf_weights(config, np.random.default_rng(seed)), config)
+# Every option of the other families at once: biases, a sliding layer, soft-caps, Gemma's norms, GeGLU.
+OPTIONS = dict(attention_bias=True, output_bias=True, sliding_window=3, layer_types=("sliding_attention",
+               "full_attention"), query_scale=0.3, attn_logit_soft_cap=2.0, final_logit_soft_cap=3.0,
+               activation="gelu_tanh", norm_offset=1.0, sandwich_norms=True, scale_embeddings=True)
+
+
+def _perturbed(params, seed: int):
+    """``params`` plus seeded noise: zero biases and norm scales become nonzero."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [w + 0.3 * jax.random.normal(k, w.shape, w.dtype) for w, k in zip(leaves, keys)])
+
+
+def _models(tie_embeddings: bool, seed: int, options: bool = False):
+    """The linen decoder with HF-ported params (or, with every option, perturbed init params), and the NNX one."""
+    config = models.DecoderConfig(**CONFIG, tie_embeddings=tie_embeddings, **(OPTIONS if options else {}))
+    if options:
+        params = _perturbed(models.Decoder(config).init(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))["params"],
+                            seed)
+    else:
+        params = models.params_from_hf(random_hf_weights(config, np.random.default_rng(seed)), config)
     nnx_model = nnx.eval_shape(lambda: gqa_jax.nnx.Decoder(config, rngs=nnx.Rngs(0)))
     return models.Decoder(config), params, gqa_jax.nnx.load_linen_params(nnx_model, params)
 
 
-@pytest.mark.parametrize("tie_embeddings", [False, True], ids=["lm_head", "tied"])
-def test_nnx_decoder_equals_linen_full_pass_and_cached_ragged_prefill(tie_embeddings):
-    linen_model, params, nnx_model = _models(tie_embeddings, seed=1)
+@pytest.mark.parametrize("tie_embeddings, options", [(False, False), (True, False), (True, True)],
+                         ids=["lm_head", "tied", "every_option"])
+def test_nnx_decoder_equals_linen_full_pass_and_cached_ragged_prefill(tie_embeddings, options):
+    linen_model, params, nnx_model = _models(tie_embeddings, seed=1, options=options)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, CONFIG["vocab_size"], (2, 6)), jnp.int32)
     num_new = jnp.array([6, 4])
 

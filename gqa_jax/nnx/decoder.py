@@ -1,4 +1,4 @@
-"""The Llama-style reference decoder (`gqa_jax.models`) in Flax NNX, with the linen parameter tree.
+"""The decoder of `gqa_jax.models` in Flax NNX, with the linen parameter tree.
 
 Same `gqa_jax.models.DecoderConfig`, same calls (``model(tokens)`` for the
 causal pass; ``model(tokens, cache, num_new=n)`` continuing a tuple of
@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from gqa_jax import models
@@ -28,10 +27,16 @@ Array = jax.Array
 
 
 class Attention(nnx.Module):
-    """Rotary grouped-query self-attention: ``query [D, N, H]``, ``key``/``value [D, K, H]``, ``output [N, H, D]``."""
+    """Rotary grouped-query self-attention: the parameters of `gqa_jax.models.Attention` (biases by the config).
 
-    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
-        self.config = config
+    Args:
+      config: the decoder's config.
+      window: this layer's sliding window (`gqa_jax.models.DecoderConfig.window`), or None.
+      rngs: ``params`` draws the projections.
+    """
+
+    def __init__(self, config: DecoderConfig, window: int | None = None, *, rngs: nnx.Rngs):
+        self.config, self.window = config, window
         D, N, K, H = config.model_dim, config.num_heads, config.num_kv_heads, config.head_dim
         in_init, out_init = models.projection_init(0, (1, 2)), models.projection_init((0, 1), 2)
 
@@ -42,11 +47,16 @@ class Attention(nnx.Module):
         self.key = param(in_init, (D, K, H), KEY_VALUE_AXES)
         self.value = param(in_init, (D, K, H), KEY_VALUE_AXES)
         self.output = param(out_init, (N, H, D), OUTPUT_AXES)
+        bias_axes = {"query_bias": QUERY_AXES[1:], "key_bias": KEY_VALUE_AXES[1:], "value_bias": KEY_VALUE_AXES[1:],
+                     "output_bias": OUTPUT_AXES[2:]}
+        for name, shape in models.attention_bias_shapes(config).items():
+            setattr(self, name, param(nnx.initializers.zeros, shape, bias_axes[name]))
 
     def __call__(self, x, positions, cache: KVCache | None = None, num_new=None):
         """As `gqa_jax.models.Attention`: ``(out [B, T, D], cache)``."""
-        weights = (self.query[...], self.key[...], self.value[...], self.output[...])
-        return models.rotary_attention(self.config, x, positions, weights, cache, num_new)
+        names = ("query", "key", "value", "output", *models.attention_bias_shapes(self.config))
+        weights = {name: getattr(self, name)[...] for name in names}
+        return models.rotary_attention(self.config, x, positions, weights, cache, num_new, window=self.window)
 
 
 def _linear(config: DecoderConfig, in_features: int, out_features: int, axes, rngs: nnx.Rngs) -> nnx.Linear:
@@ -61,45 +71,52 @@ def _linear(config: DecoderConfig, in_features: int, out_features: int, axes, rn
     )
 
 
-def _rms_norm(config: DecoderConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
-    return nnx.RMSNorm(
-        config.model_dim,
-        epsilon=config.norm_eps,
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        scale_init=partitioned(nnx.initializers.ones, ("embed",)),
-        rngs=rngs,
-    )
+class RMSNorm(nnx.Module):
+    """`gqa_jax.models.RMSNorm` in NNX: parameter ``scale [D]``."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        init = partitioned(models.decoder.norm_init(config), ("embed",))
+        self.scale = nnx.Param(init(rngs.params(), (config.model_dim,), config.param_dtype))
+
+    def __call__(self, x):
+        """``x [B, T, D] -> [B, T, D]``."""
+        return models.decoder.rms_norm(self.config, x, self.scale[...])
 
 
 class MLP(nnx.Module):
-    """SwiGLU ``down(silu(gate(x)) * up(x))``: ``gate``/``up`` ``[D, F]``, ``down [F, D]``, no biases."""
+    """Gated MLP ``down(act(gate(x)) * up(x))``: ``gate``/``up`` ``[D, F]``, ``down [F, D]``, no biases."""
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
         D, F = config.model_dim, config.mlp_dim
+        self.config = config
         self.gate = _linear(config, D, F, ("embed", "mlp"), rngs)
         self.up = _linear(config, D, F, ("embed", "mlp"), rngs)
         self.down = _linear(config, F, D, ("mlp", "embed"), rngs)
 
     def __call__(self, x):
         """``x [B, T, D] -> [B, T, D]``."""
-        return self.down(nnx.silu(self.gate(x)) * self.up(x))
+        return self.down(models.decoder.activation(self.config)(self.gate(x)) * self.up(x))
 
 
 class Block(nnx.Module):
-    """Pre-norm block: ``x + attention(attention_norm(x))``, then ``x + mlp(mlp_norm(x))``."""
+    """`gqa_jax.models.Block` in NNX: pre-norm attention and MLP branches (and Gemma 2's sandwich norms)."""
 
-    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
-        self.attention_norm = _rms_norm(config, rngs)
-        self.attention = Attention(config, rngs=rngs)
-        self.mlp_norm = _rms_norm(config, rngs)
+    def __init__(self, config: DecoderConfig, window: int | None = None, *, rngs: nnx.Rngs):
+        self.attention_norm = RMSNorm(config, rngs=rngs)
+        self.attention = Attention(config, window, rngs=rngs)
+        self.mlp_norm = RMSNorm(config, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
+        sandwich = config.sandwich_norms
+        self.post_attention_norm = RMSNorm(config, rngs=rngs) if sandwich else nnx.data(None)
+        self.post_mlp_norm = RMSNorm(config, rngs=rngs) if sandwich else nnx.data(None)
 
     def __call__(self, x, positions, cache: KVCache | None = None, num_new=None):
         """``x [B, T, D] -> ([B, T, D], cache)``."""
+        post = lambda norm, y: y if norm is None else norm(y)  # noqa: E731
         attended_BTD, cache = self.attention(self.attention_norm(x), positions, cache, num_new)
-        x_BTD = x + attended_BTD
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
+        x_BTD = x + post(self.post_attention_norm, attended_BTD)
+        return x_BTD + post(self.post_mlp_norm, self.mlp(self.mlp_norm(x_BTD))), cache
 
 
 class Decoder(nnx.Module):
@@ -128,8 +145,8 @@ class Decoder(nnx.Module):
             rngs=rngs,
         )
         for i in range(config.num_layers):
-            setattr(self, f"layers_{i}", Block(config, rngs=rngs))
-        self.final_norm = _rms_norm(config, rngs)
+            setattr(self, f"layers_{i}", Block(config, config.window(i), rngs=rngs))
+        self.final_norm = RMSNorm(config, rngs=rngs)
         self.lm_head = (
             nnx.data(None) if config.tie_embeddings else _linear(config, config.model_dim, config.vocab_size,
                                                                  ("embed", "vocab"), rngs)
@@ -148,7 +165,7 @@ class Decoder(nnx.Module):
         """
         cfg = self.config
         tokens_BT, positions_BT = models.token_positions(cfg, tokens, cache, num_new)
-        x_BTD = self.embed(tokens_BT)
+        x_BTD = models.decoder.embed_tokens(cfg, self.embed.embedding[...], tokens_BT)
         new_cache = []
         for i in range(cfg.num_layers):
             x_BTD, layer_cache = getattr(self, f"layers_{i}")(
@@ -157,7 +174,7 @@ class Decoder(nnx.Module):
             new_cache.append(layer_cache)
         x_BTD = self.final_norm(x_BTD)
         logits_BTV = self.embed.attend(x_BTD) if cfg.tie_embeddings else self.lm_head(x_BTD)
-        logits_BTV = logits_BTV.astype(jnp.float32)
+        logits_BTV = models.decoder.final_logits(cfg, logits_BTV)
         return logits_BTV if cache is None else (logits_BTV, tuple(new_cache))
 
 

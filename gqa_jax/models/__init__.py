@@ -1,0 +1,57 @@
+"""Whole models built from this library's parts, and their Hugging Face import.
+
+- `DecoderConfig` (`gqa_jax.models.config`): sizes and the options of the
+  Llama, Mistral, Qwen2 and Gemma 2 families.
+- `Decoder` (`gqa_jax.models.decoder`): the linen decoder (embedding, rotary
+  grouped-query attention blocks with gated MLPs, final norm, LM head);
+  `init_cache` makes its per-layer `gqa_jax.KVCache` tuple. The same model in
+  NNX is `gqa_jax.nnx.Decoder`.
+- `config_from_hf`, `params_from_hf` (`gqa_jax.models.hf`): a ``transformers``
+  config and state dict onto the decoder (field and weight tables there).
+
+Two ways to call `Decoder`:
+
+* ``logits = model.apply({"params": params}, tokens)``: causal forward pass
+  over whole sequences (training, scoring). Right padding is harmless: a valid
+  token never sees a later one.
+* ``logits, cache = model.apply({"params": params}, tokens, cache, num_new=n)``:
+  the tokens continue each row after the ``cache.lengths`` tokens already in
+  ``cache``; only the first ``n[b]`` tokens of row ``b`` are real (ragged
+  prefill). `gqa_jax.decoding` drives this.
+"""
+
+from gqa_jax.models.config import DecoderConfig
+from gqa_jax.models.decoder import (
+    Attention,
+    Block,
+    Cache,
+    Decoder,
+    MLP,
+    RMSNorm,
+    attention_bias_shapes,
+    check_token_ids,
+    init_cache,
+    projection_init,
+    rotary_attention,
+    token_positions,
+)
+from gqa_jax.models.hf import HF_MODEL_TYPES, config_from_hf, params_from_hf
+
+__all__ = [
+    "Attention",
+    "Block",
+    "Cache",
+    "Decoder",
+    "DecoderConfig",
+    "HF_MODEL_TYPES",
+    "MLP",
+    "RMSNorm",
+    "attention_bias_shapes",
+    "check_token_ids",
+    "config_from_hf",
+    "init_cache",
+    "params_from_hf",
+    "projection_init",
+    "rotary_attention",
+    "token_positions",
+]
