@@ -34,6 +34,8 @@ def dot_product_attention(
     implementation: str | Sequence[str] | None = None,
     q_sharding=None,
     kv_sharding=None,
+    key_scale=None,
+    value_scale=None,
 ):
     """Scaled dot-product attention with grouped key/value heads.
 
@@ -51,8 +53,9 @@ def dot_product_attention(
 
     Args:
       query: ``[B, T, N, H]``.
-      key: ``[B, S, K, H]`` with ``N % K == 0``.
-      value: ``[B, S, K, Hv]``; ``Hv`` may differ from ``H``.
+      key: ``[B, S, K, H]`` with ``N % K == 0``; the query's dtype, or int8 /
+        float8_e4m3fn with ``key_scale`` (a quantized cache).
+      value: ``[B, S, K, Hv]``; ``Hv`` may differ from ``H``; the key's dtype.
       bias: optional float bias added to the logits, ``[T,S]``, ``[B,T,S]`` or
         ``[B,N,T,S]``, each axis either full or 1.
       mask: optional boolean mask (True = attend) of the same shapes as bias;
@@ -83,6 +86,13 @@ def dot_product_attention(
         batch and head axes; a sharded sequence goes to XLA (or see
         `gqa_jax.sharding` for context parallelism).
       kv_sharding: optional ``NamedSharding`` of key and value.
+      key_scale: float ``[B, S, K]``, required with a quantized key: key ``s``
+        of head ``k`` is ``key[b, s, k] * key_scale[b, s, k]`` (see
+        `gqa_jax.quantization`). Applied to the logits after ``q . k``, so
+        the dequantized cache is never made. Served by ``"xla"`` and, for
+        decode-shaped calls, ``"pallas_triton"``; the others refuse it.
+      value_scale: float ``[B, S, K]``, required with a quantized value:
+        applied to the weights before ``p . v``.
 
     Returns:
       ``[B, T, N, Hv]`` in the query dtype, or ``(output, weights)`` with
@@ -119,5 +129,7 @@ def dot_product_attention(
         return_weights=return_weights,
         q_sharding=q_sharding,
         kv_sharding=kv_sharding,
+        key_scale=key_scale,
+        value_scale=value_scale,
     )
     return run(request, implementation)

@@ -12,17 +12,27 @@ write past capacity raises ``ValueError``. Under ``jit`` the tokens that do not
 fit are dropped and ``KVCache.lengths`` still counts them, so
 ``KVCache.overflowed`` reports the rows that lost tokens; attention reads at
 most ``capacity`` keys.
+
+Quantized caches: ``KVCache.init(..., dtype=jnp.int8)`` (or
+``jnp.float8_e4m3fn``) stores keys and values in that dtype with float32
+scales ``[B, S, K]``, one per token per KV head (symmetric absmax,
+`gqa_jax.quantization.quantize`); `KVCache.update` quantizes the new tokens and
+`KVCache.attend` hands values and scales to `gqa_jax.dot_product_attention`,
+which never dequantizes the whole cache (the Triton decode kernel dequantizes
+tiles in registers; XLA in its products).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gqa_jax.attention import dot_product_attention
+from gqa_jax.quantization import is_quantized_dtype, quantize
 from gqa_jax.request import concrete_value
 from pallas_kernels.arguments import positive_int, row_vector
 
@@ -112,17 +122,23 @@ class KVCache:
       value: ``[B, S, K, Hv]``.
       lengths: int32 ``[B]`` tokens written per row (may exceed ``S`` after an
         overflow under jit; see the module docstring).
+      key_scale: float32 ``[B, S, K]`` for a quantized cache (int8 or
+        float8_e4m3fn ``key``), else None.
+      value_scale: float32 ``[B, S, K]`` for a quantized cache, else None.
 
     Example::
 
         cache = KVCache.init(batch_size=2, max_length=64, num_kv_heads=2, head_dim=16)
         cache = cache.update(k_prompt, v_prompt, num_new=prompt_lengths)  # ragged prefill
         out = cache.attend(q_prompt, num_new=prompt_lengths)              # causal over the cache
+        int8 = KVCache.init(2, 64, 2, 16, dtype=jnp.int8)                 # quantized on update
     """
 
     key: Array
     value: Array
     lengths: Array
+    key_scale: Array | None = None
+    value_scale: Array | None = None
 
     @classmethod
     def init(
@@ -137,27 +153,41 @@ class KVCache:
     ) -> "KVCache":
         """An empty cache of capacity ``max_length``.
 
+        Args:
+          batch_size, max_length, num_kv_heads, head_dim: ``B, S, K, H``.
+          dtype: a floating dtype, or ``jnp.int8`` / ``jnp.float8_e4m3fn`` for
+            a quantized cache (float32 scales per token per KV head).
+          value_head_dim: ``Hv``; default ``H``.
+
         Raises:
           TypeError: for sizes that are not ints (bools included) or a dtype
-            that is not floating.
+            that is neither floating nor int8.
           ValueError: for sizes below 1.
         """
         B, S, K, H = (positive_int(name, v) for name, v in (
             ("batch_size", batch_size), ("max_length", max_length), ("num_kv_heads", num_kv_heads),
             ("head_dim", head_dim)))
         Hv = H if value_head_dim is None else positive_int("value_head_dim", value_head_dim)
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(f"dtype must be a floating dtype, got dtype={jnp.dtype(dtype)}")
+        quantized = is_quantized_dtype(dtype)
+        if not (quantized or jnp.issubdtype(dtype, jnp.floating)):
+            raise TypeError(f"dtype must be a floating dtype or int8 (quantized), got dtype={jnp.dtype(dtype)}")
         return cls(
             key=jnp.zeros((B, S, K, H), dtype),
             value=jnp.zeros((B, S, K, Hv), dtype),
             lengths=jnp.zeros((B,), jnp.int32),
+            key_scale=jnp.zeros((B, S, K), jnp.float32) if quantized else None,
+            value_scale=jnp.zeros((B, S, K), jnp.float32) if quantized else None,
         )
 
     @property
     def capacity(self) -> int:
         """``S``, the most tokens a row can hold."""
         return self.key.shape[1]
+
+    @property
+    def is_quantized(self) -> bool:
+        """Keys and values stored in int8 or float8_e4m3fn with per-token scales."""
+        return self.key_scale is not None
 
     @property
     def overflowed(self) -> Array:
@@ -174,15 +204,22 @@ class KVCache:
             not written); default ``T``.
 
         Returns:
-          The new cache; ``lengths`` advanced by ``num_new``.
+          The new cache; ``lengths`` advanced by ``num_new``. A quantized
+          cache stores the new tokens quantized (`gqa_jax.quantization.quantize`).
 
         Raises:
           ValueError: for shapes that do not match the cache's, ``num_new``
             outside ``[0, T]``, or (when concrete) a write past capacity.
-          TypeError: for dtypes of another kind than the cache's.
+          TypeError: for dtypes of another kind than the cache's (floating
+            for a quantized cache).
         """
         key_new, value_new = jnp.asarray(key_new), jnp.asarray(value_new)
-        check_same_kind(("cache.key", self.key), ("key_new", key_new), ("value_new", value_new))
+        if self.is_quantized:
+            check_same_kind(("key_new", key_new), ("value_new", value_new))
+            if not jnp.issubdtype(key_new.dtype, jnp.floating):
+                raise TypeError(f"a quantized cache takes floating key_new and value_new, got {key_new.dtype=}")
+        else:
+            check_same_kind(("cache.key", self.key), ("key_new", key_new), ("value_new", value_new))
         for name, new, cached, letters in (("key_new", key_new, self.key, "B,T,K,H"),
                                            ("value_new", value_new, self.value, "B,T,K,Hv")):
             if new.ndim != 4 or new.shape[0] != cached.shape[0] or new.shape[2:] != cached.shape[2:]:
@@ -194,10 +231,17 @@ class KVCache:
             raise ValueError(f"key_new and value_new [B,T,...] differ: {key_new.shape=}, {value_new.shape=}")
         B, T = key_new.shape[:2]
         count = jnp.full((B,), T, jnp.int32) if num_new is None else row_vector("num_new", num_new, B)
+        write = functools.partial(splice_cache, index=self.lengths, num_new=count)
+        if not self.is_quantized:
+            return KVCache(key=write(self.key, key_new), value=write(self.value, value_new),
+                           lengths=self.lengths + count)
+        (key_q, key_scale), (value_q, value_scale) = (quantize(x, self.key.dtype) for x in (key_new, value_new))
         return KVCache(
-            key=splice_cache(self.key, key_new, self.lengths, num_new=count),
-            value=splice_cache(self.value, value_new, self.lengths, num_new=count),
+            key=write(self.key, key_q),
+            value=write(self.value, value_q),
             lengths=self.lengths + count,
+            key_scale=write(self.key_scale, key_scale),
+            value_scale=write(self.value_scale, value_scale),
         )
 
     def attend(self, query, *, num_new=None, is_causal: bool = True, **kwargs):
@@ -243,5 +287,7 @@ class KVCache:
             query_offset=self.lengths - count if positional else None,
             query_seq_lengths=None if num_new is None else count,
             key_value_seq_lengths=jnp.minimum(self.lengths, self.capacity),
+            key_scale=self.key_scale,
+            value_scale=self.value_scale,
             **kwargs,
         )

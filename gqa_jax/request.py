@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_jax.placement import Placement, placement_of
-from pallas_kernels.arguments import check_bias, check_qkv
+from pallas_kernels.arguments import check_bias
+from pallas_kernels.quantized import check_tensors
 from pallas_kernels.rules import Rules, concrete_value
 
 Array = jax.Array
@@ -41,6 +42,9 @@ class AttentionRequest:
       dropout_rng: PRNG key, or None when ``dropout_rate == 0``.
       return_weights: also return the ``[B, N, T, S]`` attention weights.
       placement: the mesh axes splitting batch and heads, or None on one device.
+      key_scale: float32 ``[B, S, K]`` per-key scales of a quantized ``key``
+        (int8 or float8_e4m3fn), or None for a float key.
+      value_scale: float32 ``[B, S, K]`` scales of a quantized ``value``, or None.
     """
 
     query: Array
@@ -53,6 +57,8 @@ class AttentionRequest:
     dropout_rng: Array | None = None
     return_weights: bool = False
     placement: Placement | None = None
+    key_scale: Array | None = None
+    value_scale: Array | None = None
 
     @property
     def batch_size(self) -> int:
@@ -129,6 +135,11 @@ class AttentionRequest:
     def has_window(self) -> bool:
         return self.rules.window is not None
 
+    @property
+    def is_quantized(self) -> bool:
+        """A quantized key/value cache (int8 or float8_e4m3fn values with per-key scales)."""
+        return self.key_scale is not None
+
 
 def _check_rate(dropout_rate, dropout_rng) -> float:
     if isinstance(dropout_rate, (bool, np.bool_)) or not isinstance(dropout_rate, (int, float, np.floating)):
@@ -161,6 +172,8 @@ def make_request(
     return_weights: bool = False,
     q_sharding=None,
     kv_sharding=None,
+    key_scale=None,
+    value_scale=None,
 ) -> AttentionRequest:
     """Validates the arguments of `gqa_jax.dot_product_attention` (see it for their meaning).
 
@@ -172,7 +185,7 @@ def make_request(
       TypeError: for wrong types or dtypes.
     """
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    check_qkv(query, key, value, dtypes=None)
+    key_scale, value_scale = check_tensors(query, key, value, key_scale, value_scale)
     rules = Rules.create(
         query, key, scale=scale, is_causal=is_causal, query_offset=query_offset,
         query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
@@ -197,4 +210,6 @@ def make_request(
         dropout_rng=dropout_rng if dropout_rate > 0.0 else None,
         return_weights=bool(return_weights),
         placement=placement_of(query, key, q_sharding, kv_sharding),
+        key_scale=key_scale,
+        value_scale=value_scale,
     )

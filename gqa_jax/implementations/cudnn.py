@@ -25,6 +25,8 @@ def _single_query(request: AttentionRequest) -> bool:
 
 
 def supports(request: AttentionRequest) -> str | None:
+    if request.is_quantized:
+        return f"does not serve a quantized cache (key.dtype={request.key.dtype})"
     if request.has_dropout:
         return "does not support dropout"
     if request.return_weights:

@@ -23,6 +23,8 @@ interpret: bool = False
 
 
 def supports(request: AttentionRequest) -> str | None:
+    if request.is_quantized:
+        return f"does not serve a quantized cache (key.dtype={request.key.dtype}) yet"
     return kernel_refusal(request)
 
 

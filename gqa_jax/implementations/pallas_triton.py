@@ -3,7 +3,8 @@
 Decode-shaped requests (a few queries against a longer cache, no dense masks
 or segments) go to the split-K decode kernel, the rest to flash attention; a
 dense boolean mask becomes an additive ``-inf`` bias. The rules reach the
-kernel cores unchanged.
+kernel cores unchanged. A quantized cache is served by the decode kernel
+only (decode-shaped calls on one device); XLA serves the rest.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ interpret: bool = False
 
 
 def supports(request: AttentionRequest) -> str | None:
+    if request.is_quantized and not is_decode_shaped(request):
+        return "serves a quantized cache in decode-shaped calls only (T <= 16 queries, no dense mask or segments)"
+    if request.is_quantized and request.placement is not None:
+        return "serves a quantized cache on one device only"
     return kernel_refusal(request)
 
 
@@ -37,7 +42,8 @@ def _local(request: AttentionRequest):
     q, k, v, rules = request.query, request.key, request.value, request.rules
     if is_decode_shaped(request):
         # Padded queries are computed and then zeroed; their offsets already count them.
-        out = gpu.decode_attention_core(q, k, v, dataclasses.replace(rules, q_len=None), interpret=interpret)
+        out = gpu.decode_attention_core(q, k, v, dataclasses.replace(rules, q_len=None), key_scale=request.key_scale,
+                                        value_scale=request.value_scale, interpret=interpret)
         return zero_invalid_rows(request, out) if rules.q_len is not None else out
     return gpu.flash_attention_core(q, k, v, rules, bias=mask_as_bias(request), interpret=interpret)
 

@@ -1,9 +1,12 @@
 """The ``"xla"`` implementation: grouped einsums, float32 softmax, every feature.
 
 It is the reference path of the library: it serves every request (masks,
-bias, dropout, returned weights), never repeats K/V to N heads (queries are
-grouped to ``[B, T, K, G, H]`` instead), and is the fallback of every other
-implementation.
+bias, dropout, returned weights, a quantized cache), never repeats K/V to N
+heads (queries are grouped to ``[B, T, K, G, H]`` instead), and is the
+fallback of every other implementation. A quantized cache is dequantized in
+the products: int8 / float8_e4m3fn keys are cast (exactly) to the query dtype
+and the logits scaled per key; the weights are scaled per key and multiply the
+values in float32.
 """
 
 from __future__ import annotations
@@ -52,13 +55,21 @@ def masked_softmax(logits: Array, mask: Array | None) -> Array:
     return unnormalized / jnp.where(total == 0.0, 1.0, total)
 
 
+def _per_key(scale_BSK: Array) -> Array:
+    """``[B, S, K] -> [B, K, 1, 1, S]``, broadcasting against ``[B, K, G, T, S]``."""
+    return scale_BSK.transpose(0, 2, 1)[:, :, None, None, :]
+
+
 def attention_weights(request: AttentionRequest) -> Array:
     """Softmax weights ``[B, K, G, T, S]`` in float32 (before dropout)."""
     B, T, N, H = request.query.shape
     K = request.num_kv_heads
     rules = request.rules
     q_BTKGH = request.query.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, request.key, preferred_element_type=jnp.float32)
+    key = request.key.astype(request.dtype) if request.is_quantized else request.key
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, key, preferred_element_type=jnp.float32)
+    if request.is_quantized:
+        logits = logits * _per_key(request.key_scale)
     logits = logits * rules.scale
     if rules.soft_cap is not None:
         logits = rules.soft_cap * jnp.tanh(logits / rules.soft_cap)
@@ -76,9 +87,11 @@ def xla_attention(request: AttentionRequest):
     if request.dropout_rate > 0.0:
         keep = jax.random.bernoulli(request.dropout_rng, 1.0 - request.dropout_rate, weights.shape)
         probs = jnp.where(keep, weights / (1.0 - request.dropout_rate), 0.0)
-    out = jnp.einsum(
-        "BKGTS,BSKH->BTKGH", probs.astype(request.value.dtype), request.value, preferred_element_type=jnp.float32
-    )
+    if request.is_quantized:
+        probs, value = probs * _per_key(request.value_scale), request.value.astype(jnp.float32)
+    else:
+        probs, value = probs.astype(request.value.dtype), request.value
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value, preferred_element_type=jnp.float32)
     out = out.reshape(B, T, N, request.value_head_dim).astype(dtype)
     if request.return_weights:
         return out, weights.reshape(B, N, T, request.kv_len).astype(dtype)

@@ -18,9 +18,17 @@ kernel is built to read every needed cache byte once and no other:
   split count is chosen from B, K, S and the SM count so that one row fills
   the GPU as well as 32 rows do.
 
+* Quantized caches: int8 or float8_e4m3fn K/V tiles (half the bytes of
+  bf16) are loaded as they are and converted in registers; the logits are
+  scaled per key after ``q . k`` and the probabilities per key before
+  ``p . v`` (`pallas_kernels.quantized`: float32 scales ``[B, S, K]``).
+
 Grid ``(B, K, row_blocks, num_splits)``. Softmax statistics are float32 and
-in base 2 (``exp2``); outputs are in the input dtype; rows that see no key
-give zeros. The backward pass is the flash-attention backward under the same
+in base 2 (``exp2``); the unnormalized probabilities are ``2**(s - m - c)``
+with a static shift ``c`` (`OVERFLOW_SHIFT` when ``p . v`` runs in bfloat16 or
+float32), so that the float32 accumulator of ``p . v`` stays finite for
+values up to the dtype's maximum; outputs are in the input dtype; rows that
+see no key give zeros. The backward pass is the flash-attention backward under the same
 rules (decoding rarely differentiates; gradients are correct, not tuned).
 """
 
@@ -36,9 +44,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.arguments import check_qkv, is_power_of_two, next_power_of_two, row_vector
+from pallas_kernels.arguments import KERNEL_DTYPES, is_power_of_two, next_power_of_two, row_vector
 from pallas_kernels.gpu.flash_attention import flash_attention_core
 from pallas_kernels.numerics import LOG2E, MASK_VALUE
+from pallas_kernels.quantized import check_tensors
 from pallas_kernels.rules import Rules
 
 # SMs of an H100 SXM, used when no GPU reports its own count.
@@ -54,6 +63,10 @@ MAX_SPLITS = 64
 # Triton dots need M >= 16; query rows beyond MAX_BLOCK_ROWS go to more programs.
 MIN_BLOCK_ROWS = 16
 MAX_BLOCK_ROWS = 64
+# Base-2 shift of the unnormalized probabilities (p <= 2**-c): the float32 sum of p * v over up to 2**31
+# keys stays below 2**(128 - c + 31) * max|v| / 2**128, finite for bfloat16 and float32 values up to their
+# maximum. Not used when p . v runs in float16, whose exponent would flush such small p to zero.
+OVERFLOW_SHIFT = 32.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +219,8 @@ def decode_attention(
     query_offset=None,
     local_window_size: int | tuple[int, int] | None = None,
     logits_soft_cap: float | None = None,
+    key_scale=None,
+    value_scale=None,
     block_sizes: DecodeBlockSizes | None = None,
     interpret: bool = False,
 ):
@@ -223,8 +238,9 @@ def decode_attention(
       query: ``[B, T, N, H]``; T is small (1 to 16), larger T works but packs
         ``G*T`` rows per KV head into more programs.
       key_cache: ``[B, S, K, H]`` with ``N % K == 0``, same dtype as query
-        (bfloat16, float16 or float32).
-      value_cache: ``[B, S, K, Hv]``.
+        (bfloat16, float16 or float32), or int8 / float8_e4m3fn with
+        ``key_scale`` (a quantized cache).
+      value_cache: ``[B, S, K, Hv]``, the key cache's dtype.
       lengths: int scalar or ``[B]`` valid keys per row, in ``[0, S]``.
       scale: logit scale; default ``1 / sqrt(H)``.
       is_causal: queries see keys at positions ``<=`` their own.
@@ -233,12 +249,16 @@ def decode_attention(
       local_window_size: int or ``(left, right)``: a query at position ``p``
         sees keys in ``[p - left, p + right]``.
       logits_soft_cap: ``cap * tanh(logits / cap)`` on the scaled logits.
+      key_scale: float ``[B, S, K]`` scales of a quantized key cache: key
+        ``s`` is ``key_cache[b, s, k] * key_scale[b, s, k]``.
+      value_scale: float ``[B, S, K]`` scales of a quantized value cache.
       block_sizes: tuning overrides; fields left None are picked by
         `default_block_sizes`.
       interpret: run the kernel in the Pallas interpreter (CPU).
 
     Returns:
-      ``[B, T, N, Hv]`` in the query dtype. Differentiable (flash backward).
+      ``[B, T, N, Hv]`` in the query dtype. Differentiable (flash backward;
+      a quantized cache gets gradients for its scales only).
 
     Raises:
       ValueError, TypeError: for inconsistent shapes, dtypes or rules.
@@ -248,16 +268,18 @@ def decode_attention(
         out = decode_attention(q_BTNH, cache.key, cache.value, cache.lengths)
     """
     query, key_cache, value_cache = jnp.asarray(query), jnp.asarray(key_cache), jnp.asarray(value_cache)
-    check_qkv(query, key_cache, value_cache, names=("query", "key_cache", "value_cache"))
+    key_scale, value_scale = check_tensors(query, key_cache, value_cache, key_scale, value_scale,
+                                           names=("query", "key_cache", "value_cache"), dtypes=KERNEL_DTYPES)
     rules = Rules.create(
         query, key_cache, scale=scale, is_causal=is_causal, query_offset=query_offset,
         key_value_seq_lengths=row_vector("lengths", lengths, query.shape[0]), local_window_size=local_window_size,
         logits_soft_cap=logits_soft_cap,
     )
-    return decode_attention_core(query, key_cache, value_cache, rules, block_sizes=block_sizes, interpret=interpret)
+    return decode_attention_core(query, key_cache, value_cache, rules, key_scale=key_scale, value_scale=value_scale,
+                                 block_sizes=block_sizes, interpret=interpret)
 
 
-def decode_attention_core(query, key_cache, value_cache, rules: Rules, *,
+def decode_attention_core(query, key_cache, value_cache, rules: Rules, *, key_scale=None, value_scale=None,
                           block_sizes: DecodeBlockSizes | None = None, interpret: bool = False):
     """`decode_attention` on checked inputs: ``rules`` from `Rules.create` (no query lengths or segments).
 
@@ -266,6 +288,7 @@ def decode_attention_core(query, key_cache, value_cache, rules: Rules, *,
       key_cache: ``[B, S, K, H]``.
       value_cache: ``[B, S, K, Hv]``.
       rules: the validated rules; ``kv_len`` None means every row holds ``S`` keys.
+      key_scale, value_scale: float32 ``[B, S, K]`` for a quantized cache, else None.
       block_sizes: tuning overrides, as in `decode_attention`.
       interpret: run the kernel in the Pallas interpreter (CPU).
 
@@ -278,7 +301,7 @@ def decode_attention_core(query, key_cache, value_cache, rules: Rules, *,
     _, S, K, Hv = value_cache.shape
     overrides = block_sizes or DecodeBlockSizes()
     blocks = default_block_sizes(
-        B, S, K, T * (N // K), max(H, Hv), query.dtype, num_splits=overrides.num_splits,
+        B, S, K, T * (N // K), max(H, Hv), key_cache.dtype, num_splits=overrides.num_splits,
         block_k=overrides.block_k, num_warps=overrides.num_warps, num_stages=overrides.num_stages,
     )
     if overrides.block_rows is not None:
@@ -290,31 +313,45 @@ def decode_attention_core(query, key_cache, value_cache, rules: Rules, *,
             f"num_splits={blocks.num_splits}, {query.shape=}, {value_cache.shape=}"
         )
     lengths = jnp.clip(rules.lengths(T, S)[1], 0, S)
-    return _decode(query, key_cache, value_cache, dataclasses.replace(rules, kv_len=lengths), rules.statics(),
-                   blocks, bool(interpret))
+    return _decode(query, key_cache, value_cache, dataclasses.replace(rules, kv_len=lengths), key_scale, value_scale,
+                   rules.statics(), blocks, bool(interpret))
 
 
 # ---------------------------------------------------------------------------
 # Differentiable core.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _decode(query, key_cache, value_cache, rules: Rules, statics: Rules, blocks: DecodeBlockSizes, interpret: bool):
-    return _decode_forward(query, key_cache, value_cache, rules, statics, blocks, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _decode(query, key_cache, value_cache, rules: Rules, key_scale, value_scale, statics: Rules,
+            blocks: DecodeBlockSizes, interpret: bool):
+    return _decode_forward(query, key_cache, value_cache, rules, key_scale, value_scale, statics, blocks, interpret)
 
 
-def _decode_fwd(query, key_cache, value_cache, rules, statics, blocks, interpret):
-    out = _decode_forward(query, key_cache, value_cache, rules, statics, blocks, interpret)
-    return out, (query, key_cache, value_cache, rules)
+def _decode_fwd(query, key_cache, value_cache, rules, key_scale, value_scale, statics, blocks, interpret):
+    out = _decode_forward(query, key_cache, value_cache, rules, key_scale, value_scale, statics, blocks, interpret)
+    return out, (query, key_cache, value_cache, rules, key_scale, value_scale)
 
 
 def _decode_bwd(statics, blocks, interpret, residuals, d_out):
-    """The flash-attention backward under the same rules (lengths, offsets, window, soft-cap)."""
-    query, key_cache, value_cache, rules = residuals
+    """The flash-attention backward under the same rules (lengths, offsets, window, soft-cap).
+
+    A quantized cache is dequantized (float32) for it; its integer or float8
+    values get no gradient, its scales get ``sum_h d(dequantized) * values``.
+    """
+    query, key_cache, value_cache, rules, key_scale, value_scale = residuals
+    if key_scale is None:
+        _, pullback = jax.vjp(
+            lambda q, k, v: flash_attention_core(q, k, v, rules, interpret=interpret), query, key_cache, value_cache
+        )
+        return (*pullback(d_out), None, None, None)
+    k, v = (x.astype(jnp.float32) for x in (key_cache, value_cache))
     _, pullback = jax.vjp(
-        lambda q, k, v: flash_attention_core(q, k, v, rules, interpret=interpret), query, key_cache, value_cache
+        lambda q, k_scale, v_scale: flash_attention_core(
+            q.astype(jnp.float32), k * k_scale[..., None], v * v_scale[..., None], rules, interpret=interpret),
+        query, key_scale, value_scale,
     )
-    return (*pullback(d_out), None)
+    d_query, d_key_scale, d_value_scale = pullback(d_out.astype(jnp.float32))
+    return d_query, None, None, None, d_key_scale, d_value_scale
 
 
 _decode.defvjp(_decode_fwd, _decode_bwd)
@@ -324,9 +361,20 @@ _decode.defvjp(_decode_fwd, _decode_bwd)
 # pallas_call builder and the split-K merge.
 
 
+def _products_dtype(query_dtype, cache_dtype) -> jnp.dtype:
+    """The dtype of the tile products: the cache's, or for a quantized cache float32 (float32 queries) or bfloat16.
+
+    Quantized tiles convert exactly to both; bfloat16 rather than float16
+    because scaled values may exceed float16's range.
+    """
+    if jnp.dtype(cache_dtype) in KERNEL_DTYPES:
+        return jnp.dtype(cache_dtype)
+    return jnp.dtype(jnp.float32) if query_dtype == jnp.float32 else jnp.dtype(jnp.bfloat16)
+
+
 @functools.partial(jax.jit, static_argnames=("statics", "blocks", "interpret"))
-def _decode_forward(query, key_cache, value_cache, rules: Rules, statics: Rules, blocks: DecodeBlockSizes,
-                    interpret: bool):
+def _decode_forward(query, key_cache, value_cache, rules: Rules, key_scale, value_scale, statics: Rules,
+                    blocks: DecodeBlockSizes, interpret: bool):
     B, T, N, H = query.shape
     _, S, K, Hv = value_cache.shape
     splits = blocks.num_splits
@@ -346,6 +394,9 @@ def _decode_forward(query, key_cache, value_cache, rules: Rules, statics: Rules,
         pl.BlockSpec((None, S, None, head_padded), lambda b, k, r, s: (b, 0, k, 0)),
         pl.BlockSpec((None, S, None, value_padded), lambda b, k, r, s: (b, 0, k, 0)),
     ]
+    quantized = key_scale is not None
+    if quantized:
+        in_specs += [pl.BlockSpec((None, S, None), lambda b, k, r, s: (b, 0, k))] * 2
     if splits == 1:
         out_shape = [jax.ShapeDtypeStruct((tokens * Hv,), query.dtype)]
     else:
@@ -363,6 +414,8 @@ def _decode_forward(query, key_cache, value_cache, rules: Rules, statics: Rules,
         head_dim=H,
         value_head_dim=Hv,
         blocks=blocks,
+        quantized=quantized,
+        products_dtype=_products_dtype(query.dtype, key_cache.dtype),
     )
     results = pl.pallas_call(
         kernel,
@@ -373,7 +426,8 @@ def _decode_forward(query, key_cache, value_cache, rules: Rules, statics: Rules,
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
         name="gqa_decode_attention",
-    )(rules.kv_len, rules.q_offset, query.reshape(-1), key_cache, value_cache)
+    )(rules.kv_len, rules.q_offset, query.reshape(-1), key_cache, value_cache,
+      *((key_scale, value_scale) if quantized else ()))
     if splits == 1:
         return results[0].reshape(B, T, N, Hv)
     acc, m, l = results
@@ -404,7 +458,8 @@ def _decode_kernel(
     q_ref,  # [B*T*N*H] the whole query, flat
     k_ref,  # [S, Hp] this row's key cache of one KV head
     v_ref,  # [S, Hvp]
-    *out_refs,  # (out [B*T*N*Hv],) or (acc [splits*B*T*N*Hv], m [splits*B*T*N], l [splits*B*T*N]), flat
+    *refs,  # quantized: key and value scales [S]; then the outputs:
+    # (out [B*T*N*Hv],) or (acc [splits*B*T*N*Hv], m [splits*B*T*N], l [splits*B*T*N]), flat
     rules: Rules,
     q_len: int,
     num_heads: int,
@@ -412,7 +467,11 @@ def _decode_kernel(
     head_dim: int,
     value_head_dim: int,
     blocks: DecodeBlockSizes,
+    quantized: bool,
+    products_dtype: jnp.dtype,
 ):
+    (k_scale_ref, v_scale_ref), out_refs = (refs[:2], refs[2:]) if quantized else ((None, None), refs)
+    shift = 0.0 if products_dtype == jnp.float16 else OVERFLOW_SHIFT
     block_rows, block_k, num_splits = blocks.block_rows, blocks.block_k, blocks.num_splits
     batch_row, kv_head, row_block, split = (pl.program_id(axis) for axis in range(4))
     length, offset = lengths_ref[()], offsets_ref[()]
@@ -435,15 +494,17 @@ def _decode_kernel(
     stop = jnp.minimum(start + per_split, first_tile + num_tiles)
 
     q_offsets, q_mask = _row_offsets(0, token, head_dim, real)
-    q = plgpu.load(q_ref.at[q_offsets], mask=q_mask, other=0.0)
+    q = plgpu.load(q_ref.at[q_offsets], mask=q_mask, other=0.0).astype(products_dtype)
 
     def body(tile, carry):
         acc, m_prev, l_prev = carry
         k_start = tile * block_k
         k_pos = k_start + jnp.arange(block_k, dtype=jnp.int32)
         in_range = k_pos < hi
-        k = _load_tile(k_ref, k_start, block_k, in_range, head_dim)
+        k = _convert(_load_tile(k_ref, k_start, block_k, in_range, head_dim), products_dtype)
         qk = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if quantized:  # dequantized keys: q . (k * scale) = (q . k) * scale
+            qk = qk * plgpu.load(k_scale_ref.at[pl.ds(k_start, block_k)], mask=in_range, other=0.0)[None, :]
         s = _base2_logits(qk, rules.scale, rules.soft_cap)
         mask = in_range[None, :]
         rule = rules.visible(q_pos[:, None], k_pos[None, :])
@@ -452,9 +513,13 @@ def _decode_kernel(
         s = jnp.where(mask, s, MASK_VALUE)
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
         correction = jnp.exp2(m_prev - m_next)
-        p = jnp.where(mask, jnp.exp2(s - m_next[:, None]), 0.0)
-        v = _load_tile(v_ref, k_start, block_k, in_range, value_head_dim)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        p = jnp.where(mask, jnp.exp2(s - (m_next[:, None] + shift)), 0.0)
+        v = _convert(_load_tile(v_ref, k_start, block_k, in_range, value_head_dim), products_dtype)
+        p_v = p
+        if quantized:  # dequantized values: p . (v * scale) = (p * scale) . v
+            p_v = p * plgpu.load(v_scale_ref.at[pl.ds(k_start, block_k)], mask=in_range, other=0.0)[None, :]
+        pv = lax.dot_general(p_v.astype(products_dtype), v, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
         return acc * correction[:, None] + pv, m_next, l_prev * correction + jnp.sum(p, axis=1)
 
     init = (
@@ -485,6 +550,15 @@ def _base2_logits(qk, scale: float, soft_cap: float | None):
     if soft_cap is None:
         return qk * (scale * LOG2E)
     return jnp.tanh(qk * (scale / soft_cap)) * (soft_cap * LOG2E)
+
+
+def _convert(tile, dtype):
+    """A loaded tile in ``dtype``; float8 goes through float16 (exact; the conversion the hardware has)."""
+    if tile.dtype == dtype:
+        return tile
+    if jnp.issubdtype(tile.dtype, jnp.floating) and tile.dtype.itemsize == 1:
+        tile = tile.astype(jnp.float16)
+    return tile.astype(dtype)
 
 
 def _load_tile(ref, start, block_k: int, in_range, width: int):
