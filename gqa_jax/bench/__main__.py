@@ -33,7 +33,9 @@ def _prefill_modes(build: Callable, shape, quick: bool) -> dict:
 
 
 def _decode_modes(build: Callable, shape, quick: bool) -> dict:
-    return {"decode": (jax.jit(build(shape, interpret=quick)), lambda *inputs: inputs)}
+    built = build(shape, interpret=quick)  # fn, or (fn, prepare): prepare(*inputs) gives fn's arguments, untimed
+    fn, prepare = built if isinstance(built, tuple) else (built, lambda *inputs: inputs)
+    return {"decode": (jax.jit(fn), prepare)}
 
 
 def run_family(shapes, impls: dict, make_inputs: Callable, modes: Callable, mode_names: tuple[str, ...],
@@ -146,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(prefill_rows, prefill.OURS, "tflops", "TFLOP/s"))
     if decode_rows:
         write_chart(args.out / "decode.png", decode_rows, "gbps", "GB/s of K/V read", f"decode attention, {env['device']}")
-        print(f"\nDecode, T=1, bf16 cache (GB/s of K/V up to each row's length; copy bandwidth {copy:.0f} GB/s)\n")
+        print(f"\nDecode, T=1, bf16 cache (GB/s of K/V up to each row's length; copy bandwidth {copy:.0f} GB/s; "
+              "int8/fp8 cache rows: bf16-equivalent GB/s, so ratios are ratios of time)\n")
         print(markdown_table(decode_rows, decode.OURS, "gbps", "GB/s", extra="of_copy"))
     if e2e_rows:
         print("\nEnd-to-end greedy decoding with gqa_jax.decoding.generate (new tokens/s, prefill included)\n")

@@ -2,7 +2,10 @@
 
 Decoding is memory-bound, so the figure is GB/s of K/V actually read (K and V
 up to each row's length) and its fraction of the copy bandwidth measured in
-the same run.
+the same run. Our kernel also runs on the same cache quantized to int8 and
+float8_e4m3fn (`gqa_jax.quantization`, quantized once before timing); those
+rows count the same bf16 bytes, so their GB/s is a bf16-equivalent rate and
+their ratio to a peer is the ratio of times per step.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gqa_jax
+from gqa_jax.quantization import quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +57,10 @@ FULL_SHAPES = [
 ]
 QUICK_SHAPES = [DecodeShape(2, 256, 4, 2, H=64, ragged=True)]
 
-OURS = "gqa_jax pallas_triton"
+TRITON = "gqa_jax pallas_triton"
+# Our kernel on the cache quantized to these dtypes.
+QUANTIZED = {"gqa_jax pallas_triton int8 cache": jnp.int8, "gqa_jax pallas_triton fp8 cache": jnp.float8_e4m3fn}
+OURS = (TRITON, *QUANTIZED)
 # --quick runs our kernel in interpret mode: a correctness smoke run, not a speed; no ratio is printed for it.
 INTERPRETED = "gqa_jax pallas_triton (interpret mode)"
 CUDNN_CAPACITY = "jax.nn cudnn (capacity lengths)"
@@ -66,6 +73,25 @@ def _ours(shape: DecodeShape, interpret: bool) -> Callable:
         return lambda q, k, v, n: decode_attention(q, k, v, n, interpret=True)
     return lambda q, k, v, n: gqa_jax.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=n,
                                                             implementation="pallas_triton")
+
+
+def _quantized(dtype):
+    """Our kernel on a quantized cache: ``(fn, prepare)``; ``prepare`` quantizes the inputs once, untimed."""
+    def build(shape: DecodeShape, interpret: bool):
+        if interpret:
+            raise ValueError("compiled GPU kernels only")
+
+        def fn(q, k, v, k_scale, v_scale, n):
+            return gqa_jax.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=n, key_scale=k_scale,
+                                                 value_scale=v_scale, implementation="pallas_triton")
+
+        @jax.jit
+        def prepare(q, k, v, n):
+            (k, k_scale), (v, v_scale) = quantize(k, dtype), quantize(v, dtype)
+            return q, k, v, k_scale, v_scale, n
+
+        return fn, prepare
+    return build
 
 
 def _jax_nn(implementation: str, capacity: bool = False):
@@ -94,8 +120,9 @@ def _tokamax(shape: DecodeShape, interpret: bool) -> Callable:
 
 def implementations(quick: bool) -> dict[str, Callable]:
     """Name -> builder(shape, interpret) of every implementation to time."""
-    impls = {INTERPRETED if quick else OURS: _ours, "jax.nn xla": _jax_nn("xla")}
+    impls = {INTERPRETED if quick else TRITON: _ours, "jax.nn xla": _jax_nn("xla")}
     if not quick:
+        impls.update({name: _quantized(dtype) for name, dtype in QUANTIZED.items()})
         impls["jax.nn cudnn"] = _jax_nn("cudnn")
         impls[CUDNN_CAPACITY] = _jax_nn("cudnn", capacity=True)
         impls["jax pallas decode op"] = _jax_pallas_decode_op
