@@ -46,8 +46,10 @@ class CachedMultiHeadAttention(MultiHeadAttention):
         cache=None,
         cache_update_index=None,
         *,
-        deterministic: bool = True,
+        deterministic: bool | None = None,
         use_causal_mask: bool = False,
+        return_attention_scores: bool = False,
+        **options,
     ):
         """Attends ``query`` to the new and/or cached keys and values.
 
@@ -59,13 +61,18 @@ class CachedMultiHeadAttention(MultiHeadAttention):
             when there is a cache.
           cache: ``[B, 2, S, N, H]`` or None.
           cache_update_index: int or int ``[B]``, or None.
-          deterministic: no dropout.
+          deterministic: no dropout (default the layer's, else True).
           use_causal_mask: query ``t`` sees keys up to position
             ``cache_update_index + t`` (``t`` without a cache). Not in keras-hub,
             where callers build that ``attention_mask`` themselves.
+          return_attention_scores: also return the weights ``[B, N, T, S]``
+            (not in keras-hub).
+          **options: the other keywords of `MultiHeadAttention.__call__`
+            (``mask``, ``positions``, ``dropout_rng`` ...).
 
         Returns:
-          ``output [B, T, Dq]`` without a cache, else ``(output, cache)``.
+          ``output [B, T, Dq]`` without a cache, else ``(output, cache)``;
+          with ``return_attention_scores`` the scores come second.
         """
         return self.attend(
             query,
@@ -74,6 +81,8 @@ class CachedMultiHeadAttention(MultiHeadAttention):
             attention_mask=attention_mask,
             deterministic=deterministic,
             use_causal_mask=use_causal_mask,
+            return_attention_scores=return_attention_scores,
             cache=cache,
             cache_update_index=cache_update_index,
+            **options,
         )

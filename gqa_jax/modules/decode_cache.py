@@ -3,14 +3,18 @@
 The linen layers keep the cache in the ``"cache"`` collection, the NNX layers
 as ``nnx.Cache`` state; both hold the same three arrays, ``cached_key [B, S,
 K, H]``, ``cached_value [B, S, K, Hv]`` and ``cache_index`` int32 ``[B]``, and
-call `decode_attention` between reading and writing them.
+call `decode_attention` between reading and writing them (`linen_decode`,
+`nnx_decode`).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
+from gqa_jax.attention import dot_product_attention
 from gqa_jax.kv_cache import KVCache
+from gqa_jax.modules.checks import check_bool
 
 Array = jax.Array
 
@@ -34,3 +38,59 @@ def decode_attention(cache: KVCache, q, k, v, *, num_new, mask, **options) -> tu
     cache = cache.update(k, v, num_new=num_new)
     options = {name: value for name, value in options.items() if name != "query_offset"}
     return cache.attend(q, num_new=num_new, mask=mask, **options), cache
+
+
+def check_decode_arguments(decode: bool, cache, num_new) -> None:
+    """Raises for a keras-hub ``cache=`` in decode mode or ``num_new`` without it (``TypeError``: a non-bool ``decode``)."""
+    check_bool("decode", decode)
+    if decode and cache is not None:
+        raise ValueError(
+            "decode=True keeps its own cache (linen: the 'cache' collection, NNX: nnx.Cache state); do not pass cache="
+        )
+    if num_new is not None and not decode:
+        raise ValueError(f"num_new is for decode=True, got decode=False and {num_new=}")
+
+
+def linen_cache_index(module) -> Array | int:
+    """Tokens already in a linen layer's ``"cache"`` collection (int32 ``[B]``), or 0 before it exists."""
+    if module.has_variable("cache", "cache_index"):
+        return module.get_variable("cache", "cache_index")
+    return 0
+
+
+def linen_decode(module, q, k, v, *, num_new, mask, **options) -> Array:
+    """Decode mode of a linen layer: append to its ``"cache"`` collection, attend over it.
+
+    ``init`` (no cache yet) allocates the cache with the inputs' length as
+    capacity and attends without it. ``options``: keywords of
+    `gqa_jax.dot_product_attention`.
+    """
+    initialized = module.has_variable("cache", "cached_key")
+    cached_key = module.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cached_value = module.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    cache_index = module.variable("cache", "cache_index", jnp.zeros, k.shape[:1], jnp.int32)
+    if not initialized:
+        return dot_product_attention(q, k, v, mask=mask, **options)
+    cache = KVCache(cached_key.value, cached_value.value, cache_index.value)
+    result, cache = decode_attention(cache, q, k, v, num_new=num_new, mask=mask, **options)
+    cached_key.value, cached_value.value, cache_index.value = cache.key, cache.value, cache.lengths
+    return result
+
+
+def nnx_decode(layer, q, k, v, *, num_new, mask, **options) -> Array:
+    """Decode mode of an NNX layer: append to its ``nnx.Cache`` state (after ``init_cache``), attend over it."""
+    if layer.cached_key is None:
+        raise ValueError("decode=True needs a cache: call init_cache(batch_size=..., max_length=...) first")
+    if layer.cached_key.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"the cache holds batch_size={layer.cached_key.shape[0]} rows, got query.shape[0]={q.shape[0]}"
+        )
+    cache = KVCache(layer.cached_key[...], layer.cached_value[...], layer.cache_index[...])
+    result, cache = decode_attention(cache, q, k, v, num_new=num_new, mask=mask, **options)
+    layer.cached_key[...], layer.cached_value[...], layer.cache_index[...] = cache.key, cache.value, cache.lengths
+    return result
+
+
+def nnx_cache_index(layer) -> Array | int:
+    """Tokens already in an NNX layer's cache (int32 ``[B]``), or 0 without one."""
+    return 0 if layer.cache_index is None else layer.cache_index[...]

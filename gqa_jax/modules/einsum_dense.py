@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, PartitionSpec as P
 
 from gqa_jax.modules.checks import check_bool
 from gqa_jax.modules.initializers import Initializer, keras_initializer
@@ -96,31 +97,59 @@ def einsum_dense(x: Array, kernel: Array, bias: Array | None, *, contract: int, 
     x, kernel, bias = nn.dtypes.promote_dtype(jnp.asarray(x), kernel, bias, dtype=dtype)
     lead, contracted = x.shape[: x.ndim - contract], x.shape[x.ndim - contract :]
     features = kernel.shape[contract:]
+    x_BT = _two_leading_axes(x, lead, contracted)
     if contract == 1:
-        y = project_heads(x.reshape(1, -1, contracted[0]), kernel, bias, precision=precision)
+        y = project_heads(x_BT, kernel, bias, precision=precision)
     else:
         size = math.prod(features)
-        y = project_output(
-            x.reshape(1, -1, *contracted),
-            kernel.reshape(*contracted, size),
-            None if bias is None else bias.reshape(size),
-            precision=precision,
-        )
-    return y.reshape(lead + features)
+        kernel = kernel.reshape(*contracted, size)
+        y = project_output(x_BT, kernel, None if bias is None else bias.reshape(size), precision=precision,
+                           out_sharding=_explicit_output_sharding(x_BT, kernel))
+    return y if y.shape == lead + features else y.reshape(lead + features)
 
 
-def dense(layer: nn.Module, name: str, features: Sequence[int], x: Array, *, contract: int = 1) -> Array:
+def _explicit_output_sharding(x_BTNH: Array, kernel_NHF: Array) -> P | None:
+    """In explicit-sharding mode, the output projection's ``[B, T, F]`` spec: ``x``'s ``B, T`` and the kernel's ``F``.
+
+    None otherwise (the compiler places it). Explicit mode needs it when the
+    contracted heads are sharded: the sum over them is reduced across devices.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or AxisType.Explicit not in mesh.axis_types:
+        return None
+    spec = lambda a: tuple(jax.typeof(a).sharding.spec) + (None,) * a.ndim
+    return P(*spec(x_BTNH)[:2], spec(kernel_NHF)[2])
+
+
+def _two_leading_axes(x: Array, lead: tuple[int, ...], contracted: tuple[int, ...]) -> Array:
+    """``x [*lead, *contracted]`` as ``[B, T, *contracted]``: the leading axes merged into ``B``, or ones added.
+
+    ``[B, T, ...]`` inputs (the usual case) pass unchanged, and only major axes
+    are ever merged, so a batch-sharded input keeps its sharding in
+    explicit-sharding mode (where flattening ``B`` and ``T`` together is a
+    ``ShardingTypeError``).
+    """
+    if len(lead) == 2:
+        return x
+    if len(lead) < 2:
+        return x.reshape((1,) * (2 - len(lead)) + x.shape)
+    return x.reshape(math.prod(lead[:-1]), lead[-1], *contracted)
+
+
+def dense(
+    layer: nn.Module, name: str, features: Sequence[int], x: Array, *, contract: int = 1, kernel_init=None
+) -> Array:
     """Applies an `EinsumDense` named ``name`` that takes its settings from ``layer``.
 
     ``layer`` has the fields ``use_bias``, ``kernel_init``, ``bias_init``,
     ``dtype``, ``param_dtype`` and ``precision``; call it from ``layer``'s
-    compact method.
+    compact method. ``kernel_init`` (not None) replaces ``layer.kernel_init``.
     """
     return EinsumDense(
         features=tuple(features),
         contract=contract,
         use_bias=layer.use_bias,
-        kernel_init=layer.kernel_init,
+        kernel_init=layer.kernel_init if kernel_init is None else kernel_init,
         bias_init=layer.bias_init,
         dtype=layer.dtype,
         param_dtype=layer.param_dtype,

@@ -11,7 +11,7 @@ multi-token, per-row cache writes.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -19,13 +19,14 @@ import jax
 import jax.numpy as jnp
 
 from gqa_jax.attention import dot_product_attention
-from gqa_jax.kv_cache import KVCache
 from gqa_jax.modules.attention_axes import SequenceLayout
-from gqa_jax.modules.checks import check_bool, check_positive_int
-from gqa_jax.modules.decode_cache import decode_attention
+from gqa_jax.modules.attention_options import merge_deterministic
+from gqa_jax.modules.checks import check_positive_int
+from gqa_jax.modules.decode_cache import check_decode_arguments, linen_cache_index, linen_decode
 from gqa_jax.modules.initializers import Initializer
 from gqa_jax.modules.keras_attention import check_cache_index, check_keras_fields, keras_attention
 from gqa_jax.modules.keras_cache import check_cache
+from gqa_jax.rope import RotaryEmbedding
 
 Array = jax.Array
 
@@ -58,8 +59,8 @@ def check_gqa_fields(layer) -> None:
 
 
 def grouped_query_attention(
-    layer, query, value, key, *, decode: bool, cache, cache_update_index, num_new, attend, project=None,
-    dropout_rng=None, **flags
+    layer, query, value, key, *, decode: bool, cache, cache_update_index, num_new, attend, decode_offset=0,
+    **flags
 ):
     """The checks and body of `GroupedQueryAttention.__call__`, shared by the linen and NNX layers.
 
@@ -70,22 +71,17 @@ def grouped_query_attention(
       decode: the layer keeps its own cache (``attend`` writes to it).
       cache, cache_update_index, num_new: as in `GroupedQueryAttention.__call__`.
       attend: `gqa_jax.dot_product_attention`, or the layer's decode step.
-      project, dropout_rng: passed to `keras_attention`.
-      **flags: the masks, ``return_attention_scores``, ``deterministic`` and
-        ``use_causal_mask``.
+      decode_offset: decode mode: int ``[B]`` tokens already cached (the
+        first new token's position).
+      **flags: the other keywords of `keras_attention` (masks, positions,
+        ``project``, ``dropout_rng`` ...).
 
     Returns:
       What `GroupedQueryAttention.__call__` returns.
     """
     N, K, H = layer.num_query_heads, layer.num_key_value_heads, layer.head_dim
-    check_bool("decode", decode)
+    check_decode_arguments(decode, cache, num_new)
     check_cache_index(cache, cache_update_index)
-    if decode and cache is not None:
-        raise ValueError(
-            "decode=True keeps its own cache (linen: the 'cache' collection, NNX: nnx.Cache state); do not pass cache="
-        )
-    if num_new is not None and not decode:
-        raise ValueError(f"num_new is for decode=True, got decode=False and {num_new=}")
     if value is None and not (cache is not None and cache_update_index is None):
         value = query  # one-argument self-attention, as flax's layers take it
     key = value if key is None else key
@@ -107,9 +103,9 @@ def grouped_query_attention(
         layout=SequenceLayout(),
         cache=cache,
         cache_update_index=cache_update_index,
+        decode=decode,
+        position_offset=decode_offset if decode else (0 if cache_update_index is None else cache_update_index),
         attend=attend,
-        project=project,
-        dropout_rng=dropout_rng,
         **flags,
     )
 
@@ -137,13 +133,38 @@ class GroupedQueryAttention(nn.Module):
       use_gate: Keras' gated attention: the output heads are multiplied by
         ``sigmoid(gate(query))`` (parameters ``gate [Dq,N,H]``).
       dtype: computation dtype; param_dtype: parameter dtype; precision: for
-        the projections.
+        the projections and the attention's matrix products.
       implementation: an ``implementation=`` of `gqa_jax.dot_product_attention`
         (exclusive with ``flash_attention``).
       decode: keep a key/value cache in the ``"cache"`` collection: ``init``
         with inputs of the maximum length allocates it, each
         ``apply(..., mutable=["cache"])`` appends any number of tokens per row
         (``num_new``) and attends over everything written so far.
+      rope: a `gqa_jax.RotaryEmbedding` for the queries and keys (at the
+        call's ``positions``), or None.
+      qk_transform: None, or ``qk_transform(q [B,T,N,H], k [B,S,K,H] | None,
+        positions [B|1,T], kv_positions [B|1,S] | None) -> (q, k)``, applied
+        after the norms and ``rope`` (``k`` is None for a cache read as is).
+      scale: logit scale (default ``1/sqrt(H)``).
+      logits_soft_cap: ``cap * tanh(logits / cap)`` (Gemma 2), or None.
+      local_window_size: None, int or ``(left, right)``: a query at ``p`` sees
+        keys in ``[p - left, p + right]`` (with ``use_causal_mask``, Mistral's
+        window is ``(W - 1, 0)``); exclusive with ``sliding_window``.
+      normalize_qk: None, ``"rms"`` or ``"layer"``: normalize each query and
+        key head over ``H`` before ``rope`` (Gemma 3, OLMo 2, Qwen3), with a
+        learnable scale (parameters ``query_norm``, ``key_norm``, each
+        ``{"scale": [H]}``); norm_epsilon: its epsilon.
+      deterministic: the default of the call's ``deterministic`` (None: True).
+      broadcast_dropout: flax's: one dropout mask for every batch row and
+        head (not with a cache).
+      sow_weights: sow the weights ``[B, N, T, S]`` into ``"intermediates"``
+        as ``"attention_weights"`` (as flax does).
+      attention_fn: None, or a function with the signature of
+        `flax.linen.dot_product_attention` replacing the attention (keys and
+        values repeated to ``N`` heads; the causal and window rules arrive in
+        its ``mask``; no cache).
+      out_kernel_init: initializer of ``attention_output``'s kernel (default
+        ``kernel_init``).
 
     Example::
 
@@ -167,6 +188,18 @@ class GroupedQueryAttention(nn.Module):
     precision: Any = None
     implementation: str | Sequence[str] | None = None
     decode: bool = False
+    rope: RotaryEmbedding | None = None
+    qk_transform: Callable | None = None
+    scale: float | None = None
+    logits_soft_cap: float | None = None
+    local_window_size: int | tuple[int, int] | None = None
+    normalize_qk: str | None = None
+    norm_epsilon: float = 1e-6
+    deterministic: bool | None = None
+    broadcast_dropout: bool = False
+    sow_weights: bool = False
+    attention_fn: Callable | None = None
+    out_kernel_init: Initializer | str | None = None
 
     def __post_init__(self):
         check_gqa_fields(self)
@@ -183,12 +216,19 @@ class GroupedQueryAttention(nn.Module):
         value_mask=None,
         key_mask=None,
         attention_mask=None,
+        mask=None,
         return_attention_scores: bool = False,
-        deterministic: bool = True,
+        deterministic: bool | None = None,
         use_causal_mask: bool = False,
+        positions=None,
+        kv_positions=None,
+        query_offset=None,
+        q_segment_ids=None,
+        kv_segment_ids=None,
         cache=None,
         cache_update_index=None,
         num_new=None,
+        dropout_rng=None,
     ):
         """Attends ``query`` to ``key``/``value``.
 
@@ -202,8 +242,11 @@ class GroupedQueryAttention(nn.Module):
           value_mask, key_mask: bool ``[B, S]``: False keys are hidden.
           attention_mask: bool ``[B, T, S]`` (True = attend). With a cache or
             in decode mode, ``S`` (here and in the masks above) is the cache's.
+          mask: flax's bool ``[B|1, N|1, T, S]`` (True = attend), ANDed with
+            the masks above.
           return_attention_scores: also return the weights ``[B, N, T, S]``.
-          deterministic: no dropout (Keras ``training=False``).
+          deterministic: no dropout (Keras ``training=False``); default the
+            layer's ``deterministic``, else True.
           use_causal_mask: query ``t`` sees keys ``s <= t`` (top-left, as in
             Keras); with a cache the queries sit at ``cache_update_index + t``,
             in decode mode after the tokens already cached.
@@ -213,6 +256,18 @@ class GroupedQueryAttention(nn.Module):
           cache_update_index: int or int ``[B]``: where the new keys/values go.
           num_new: decode mode only: int ``[B]`` valid new tokens per row (the
             rest of the ``T`` are padding, not written); default all ``T``.
+          positions: int ``[B, T]`` or ``[T]``: the queries' positions for
+            ``rope`` / ``qk_transform``; default ``arange(T)`` after the
+            cached tokens (decode mode), after ``cache_update_index``, or
+            after ``query_offset``.
+          kv_positions: int ``[B, S]`` or ``[S]``: the new keys' positions;
+            default ``positions`` when given and ``S == T``, else
+            ``arange(S)`` (after the cached tokens / the index).
+          query_offset: int or int ``[B]``: the first query's position for the
+            causal and window rules (no cache; keys sit at ``0 .. S-1``).
+          q_segment_ids, kv_segment_ids: int ``[B, T]``, ``[B, S]``: a query
+            sees only keys of its own packed sequence.
+          dropout_rng: the dropout key (default: the ``"dropout"`` rng).
 
         Returns:
           ``output [B, T, Dq]``; ``(output, scores)`` with
@@ -228,28 +283,23 @@ class GroupedQueryAttention(nn.Module):
             cache=cache,
             cache_update_index=cache_update_index,
             num_new=num_new,
-            attend=functools.partial(self._decode, num_new=num_new) if self.decode else dot_product_attention,
+            attend=functools.partial(linen_decode, self, num_new=num_new) if self.decode else dot_product_attention,
+            decode_offset=linen_cache_index(self),
             query_mask=query_mask,
             value_mask=value_mask,
             key_mask=key_mask,
             attention_mask=attention_mask,
+            mask=mask,
             return_attention_scores=return_attention_scores,
-            deterministic=deterministic,
+            deterministic=merge_deterministic(deterministic, self.deterministic),
             use_causal_mask=use_causal_mask,
+            positions=positions,
+            kv_positions=kv_positions,
+            query_offset=query_offset,
+            q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            dropout_rng=dropout_rng,
         )
-
-    def _decode(self, q, k, v, *, num_new, mask, **options):
-        """Decode mode: append to the ``"cache"`` collection, attend over it (``options``: attention keywords)."""
-        initialized = self.has_variable("cache", "cached_key")
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-        cache_index = self.variable("cache", "cache_index", jnp.zeros, k.shape[:1], jnp.int32)
-        if not initialized:  # init: the inputs set the capacity; attend without the cache
-            return dot_product_attention(q, k, v, mask=mask, **options)
-        cache = KVCache(cached_key.value, cached_value.value, cache_index.value)
-        out, cache = decode_attention(cache, q, k, v, num_new=num_new, mask=mask, **options)
-        cached_key.value, cached_value.value, cache_index.value = cache.key, cache.value, cache.lengths
-        return out
 
 
 GroupQueryAttention = GroupedQueryAttention

@@ -10,18 +10,23 @@ every rank.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gqa_jax.attention import dot_product_attention
 from gqa_jax.modules.attention_axes import AxesLayout
+from gqa_jax.modules.attention_options import merge_deterministic
 from gqa_jax.modules.checks import check_optional_positive_int, check_positive_int
+from gqa_jax.modules.decode_cache import check_decode_arguments, linen_cache_index, linen_decode
 from gqa_jax.modules.initializers import Initializer
 from gqa_jax.modules.keras_attention import check_cache_index, check_keras_fields, keras_attention
 from gqa_jax.modules.keras_cache import check_cache
+from gqa_jax.rope import RotaryEmbedding
 
 Array = jax.Array
 
@@ -47,9 +52,20 @@ class MultiHeadAttention(nn.Module):
         False (the XLA path).
       kernel_init, bias_init: Flax initializers or Keras names.
       use_gate: output heads multiplied by ``sigmoid(gate(query))``.
-      dtype, param_dtype, precision: as in Flax layers.
+      dtype, param_dtype: as in Flax layers; precision: for the projections
+        and the attention's matrix products.
       implementation: an ``implementation=`` of `gqa_jax.dot_product_attention`
         (exclusive with ``flash_attention``).
+      decode: Flax's decode mode (rank-3 inputs), as in
+        `gqa_jax.modules.GroupedQueryAttention`: a ``"cache"`` collection
+        (``cached_key [B, S, N, key_dim]``, ``cached_value [B, S, N,
+        value_dim]``, ``cache_index [B]``) that ``init`` allocates with the
+        inputs' length and each ``apply(..., mutable=["cache"])`` appends to.
+      rope, qk_transform, scale, logits_soft_cap, local_window_size,
+        normalize_qk, norm_epsilon, deterministic, broadcast_dropout,
+        sow_weights, attention_fn, out_kernel_init: as in
+        `gqa_jax.modules.GroupedQueryAttention` (``rope``, ``qk_transform`` and
+        ``mask`` need rank-3 inputs).
 
     Parameters: ``query [D, N, key_dim]``, ``key [Dk, N, key_dim]``,
     ``value [Dv, N, value_dim]``, ``attention_output [N, value_dim,
@@ -72,6 +88,19 @@ class MultiHeadAttention(nn.Module):
     param_dtype: Any = jnp.float32
     precision: Any = None
     implementation: str | Sequence[str] | None = None
+    decode: bool = False
+    rope: RotaryEmbedding | None = None
+    qk_transform: Callable | None = None
+    scale: float | None = None
+    logits_soft_cap: float | None = None
+    local_window_size: int | tuple[int, int] | None = None
+    normalize_qk: str | None = None
+    norm_epsilon: float = 1e-6
+    deterministic: bool | None = None
+    broadcast_dropout: bool = False
+    sow_weights: bool = False
+    attention_fn: Callable | None = None
+    out_kernel_init: Initializer | str | None = None
 
     def __post_init__(self):
         check_mha_fields(self)
@@ -87,9 +116,17 @@ class MultiHeadAttention(nn.Module):
         value_mask=None,
         key_mask=None,
         attention_mask=None,
+        mask=None,
         return_attention_scores: bool = False,
-        deterministic: bool = True,
+        deterministic: bool | None = None,
         use_causal_mask: bool = False,
+        positions=None,
+        kv_positions=None,
+        query_offset=None,
+        q_segment_ids=None,
+        kv_segment_ids=None,
+        num_new=None,
+        dropout_rng=None,
     ):
         """Attends ``query`` to ``key``/``value``.
 
@@ -105,8 +142,12 @@ class MultiHeadAttention(nn.Module):
             broadcasting from the right (Keras' ``[B, T, S]`` for rank 3).
           return_attention_scores: also return the weights, Keras' shape
             ``[B, <other batch axes>, N, <T axes>, <S axes>]``.
-          deterministic: no dropout (Keras ``training=False``).
+          deterministic: no dropout (Keras ``training=False``); default the
+            layer's ``deterministic``, else True.
           use_causal_mask: top-left causal mask over the (single) attention axis.
+          mask, positions, kv_positions, query_offset, q_segment_ids,
+            kv_segment_ids, num_new, dropout_rng: as in
+            `gqa_jax.modules.GroupedQueryAttention` (rank-3 inputs).
 
         Returns:
           ``output [B, ..., *output_shape]``, or ``(output, scores)``.
@@ -119,9 +160,17 @@ class MultiHeadAttention(nn.Module):
             value_mask=value_mask,
             key_mask=key_mask,
             attention_mask=attention_mask,
+            mask=mask,
             return_attention_scores=return_attention_scores,
             deterministic=deterministic,
             use_causal_mask=use_causal_mask,
+            positions=positions,
+            kv_positions=kv_positions,
+            query_offset=query_offset,
+            q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            num_new=num_new,
+            dropout_rng=dropout_rng,
         )
 
     @nn.compact
@@ -136,10 +185,13 @@ class MultiHeadAttention(nn.Module):
         key_mask=None,
         attention_mask=None,
         return_attention_scores=False,
-        deterministic=True,
+        deterministic=None,
         use_causal_mask=False,
         cache=None,
         cache_update_index=None,
+        num_new=None,
+        dropout_rng=None,
+        **options,
     ):
         """`__call__` plus keras-hub's ``cache`` / ``cache_update_index`` (rank-3 inputs only)."""
         return multi_head_attention(
@@ -147,15 +199,21 @@ class MultiHeadAttention(nn.Module):
             query,
             value,
             key,
+            decode=self.decode,
             cache=cache,
             cache_update_index=cache_update_index,
+            num_new=num_new,
+            attend=functools.partial(linen_decode, self, num_new=num_new) if self.decode else dot_product_attention,
+            decode_offset=linen_cache_index(self),
             query_mask=query_mask,
             value_mask=value_mask,
             key_mask=key_mask,
             attention_mask=attention_mask,
             return_attention_scores=return_attention_scores,
-            deterministic=deterministic,
+            deterministic=merge_deterministic(deterministic, self.deterministic),
             use_causal_mask=use_causal_mask,
+            dropout_rng=dropout_rng,
+            **options,
         )
 
 
@@ -168,7 +226,8 @@ def check_mha_fields(layer) -> None:
 
 
 def multi_head_attention(
-    layer, query, value, key, *, cache, cache_update_index, use_causal_mask, project=None, dropout_rng=None, **flags
+    layer, query, value, key, *, decode: bool, cache, cache_update_index, num_new, use_causal_mask, attend,
+    decode_offset=0, **flags
 ):
     """The checks and body of `MultiHeadAttention.attend`, shared by the linen and NNX layers.
 
@@ -176,14 +235,20 @@ def multi_head_attention(
       layer: the calling layer (fields of `check_mha_fields`, ``output_shape``,
         ``attention_axes`` and those that
         `gqa_jax.modules.keras_attention.keras_attention` reads).
-      query, value, key, cache, cache_update_index, use_causal_mask: as in
-        `MultiHeadAttention.attend`.
-      project, dropout_rng: passed to `keras_attention`.
-      **flags: the masks, ``return_attention_scores`` and ``deterministic``.
+      query, value, key, cache, cache_update_index, num_new, use_causal_mask:
+        as in `MultiHeadAttention.attend`.
+      decode: the layer keeps its own cache (``attend`` writes to it).
+      attend: `gqa_jax.dot_product_attention`, or the layer's decode step.
+      decode_offset: decode mode: int ``[B]`` tokens already cached.
+      **flags: the other keywords of `keras_attention` (masks, positions,
+        ``project``, ``dropout_rng`` ...).
 
     Returns:
       What `MultiHeadAttention.attend` returns.
     """
+    check_decode_arguments(decode, cache, num_new)
+    if decode and jnp.ndim(query) != 3:
+        raise ValueError(f"decode=True needs rank-3 inputs [B,T,D], got query.shape={tuple(jnp.shape(query))}")
     check_cache_index(cache, cache_update_index)
     if value is None and not (cache is not None and cache_update_index is None):
         value = query  # one-argument self-attention, as flax's layers take it
@@ -220,8 +285,9 @@ def multi_head_attention(
         use_causal_mask=use_causal_mask,
         cache=cache,
         cache_update_index=cache_update_index,
-        project=project,
-        dropout_rng=dropout_rng,
+        decode=decode,
+        position_offset=decode_offset if decode else (0 if cache_update_index is None else cache_update_index),
+        attend=attend,
         **flags,
     )
 

@@ -10,7 +10,7 @@ as ``nnx.Cache`` state: `GroupedQueryAttention.init_cache`, then
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -18,12 +18,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gqa_jax.attention import dot_product_attention
-from gqa_jax.kv_cache import KVCache
-from gqa_jax.modules.decode_cache import decode_attention
+from gqa_jax.modules.decode_cache import nnx_cache_index, nnx_decode
 from gqa_jax.modules.grouped_query_attention import check_gqa_fields, grouped_query_attention
 from gqa_jax.modules.initializers import Initializer
 from gqa_jax.nnx.dropout import dropout_key, dropout_stream
 from gqa_jax.nnx.einsum_dense import EinsumDense
+from gqa_jax.rope import RotaryEmbedding
 from gqa_jax.nnx.keras_layer import (
     KEY_VALUE_AXES,
     OUTPUT_AXES,
@@ -50,6 +50,10 @@ class GroupedQueryAttention(KerasAttentionLayer):
         as in `gqa_jax.modules.GroupedQueryAttention`.
       decode: the default of the call's ``decode``.
       deterministic: the default of the call's ``deterministic`` (no dropout).
+      rope, qk_transform, scale, logits_soft_cap, local_window_size,
+        normalize_qk, norm_epsilon, broadcast_dropout, sow_weights (into
+        ``nnx.Intermediate`` ``attention_weights``), attention_fn,
+        out_kernel_init: as in `gqa_jax.modules.GroupedQueryAttention`.
       rngs: ``params`` draws the parameters; ``dropout`` (or the default
         stream) the dropout masks.
 
@@ -88,6 +92,17 @@ class GroupedQueryAttention(KerasAttentionLayer):
         implementation: str | Sequence[str] | None = None,
         decode: bool = False,
         deterministic: bool = True,
+        rope: RotaryEmbedding | None = None,
+        qk_transform: Callable | None = None,
+        scale: float | None = None,
+        logits_soft_cap: float | None = None,
+        local_window_size: int | tuple[int, int] | None = None,
+        normalize_qk: str | None = None,
+        norm_epsilon: float = 1e-6,
+        broadcast_dropout: bool = False,
+        sow_weights: bool = False,
+        attention_fn: Callable | None = None,
+        out_kernel_init: Initializer | str | None = None,
         rngs: nnx.Rngs,
     ):
         self.head_dim, self.num_query_heads, self.num_key_value_heads = head_dim, num_query_heads, num_key_value_heads
@@ -99,6 +114,20 @@ class GroupedQueryAttention(KerasAttentionLayer):
             use_gate=use_gate,
             implementation=implementation,
             deterministic=deterministic,
+            dtype=dtype,
+            precision=precision,
+            options=dict(
+                rope=rope,
+                qk_transform=qk_transform,
+                scale=scale,
+                logits_soft_cap=logits_soft_cap,
+                local_window_size=local_window_size,
+                normalize_qk=normalize_qk,
+                norm_epsilon=norm_epsilon,
+                broadcast_dropout=broadcast_dropout,
+                sow_weights=sow_weights,
+                attention_fn=attention_fn,
+            ),
         )
         check_gqa_fields(self)
         self.rngs = dropout_stream(rngs, dropout)
@@ -119,22 +148,11 @@ class GroupedQueryAttention(KerasAttentionLayer):
         self.key = EinsumDense((key_features,), (K, H), kernel_axes=KEY_VALUE_AXES, **dense)
         self.value = EinsumDense((value_features,), (K, H), kernel_axes=KEY_VALUE_AXES, **dense)
         self.gate = EinsumDense((in_features,), (N, H), kernel_axes=QUERY_AXES, **dense) if use_gate else nnx.data(None)
-        self.attention_output = EinsumDense((N, H), (in_features,), kernel_axes=OUTPUT_AXES, **dense)
-        self.cached_key = nnx.data(None)
-        self.cached_value = nnx.data(None)
-        self.cache_index = nnx.data(None)
-
-    def init_cache(self, *, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> None:
-        """Allocates an empty decode cache of capacity ``max_length`` (``nnx.Cache`` state).
-
-        ``cached_key`` / ``cached_value`` ``[B, S, K, H]`` in ``dtype`` and
-        ``cache_index`` int32 ``[B]``, the linen layer's ``"cache"``
-        collection. Calling it again empties the cache.
-        """
-        cache = KVCache.init(batch_size, max_length, self.num_key_value_heads, self.head_dim, dtype)
-        self.cached_key = nnx.Cache(cache.key)
-        self.cached_value = nnx.Cache(cache.value)
-        self.cache_index = nnx.Cache(cache.lengths)
+        self.attention_output = EinsumDense(
+            (N, H), (in_features,), kernel_axes=OUTPUT_AXES, **{**dense, "kernel_init": out_kernel_init or kernel_init}
+        )
+        self._init_norms(H, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self._init_cache_state(K, H, H)
 
     def __call__(
         self,
@@ -146,9 +164,15 @@ class GroupedQueryAttention(KerasAttentionLayer):
         value_mask=None,
         key_mask=None,
         attention_mask=None,
+        mask=None,
         return_attention_scores: bool = False,
         deterministic: bool | None = None,
         use_causal_mask: bool = False,
+        positions=None,
+        kv_positions=None,
+        query_offset=None,
+        q_segment_ids=None,
+        kv_segment_ids=None,
         cache=None,
         cache_update_index=None,
         num_new=None,
@@ -162,8 +186,9 @@ class GroupedQueryAttention(KerasAttentionLayer):
           value: ``[B, S, Dv]``; default ``query`` (self-attention), unused
             with a ``cache`` and no index.
           key: ``[B, S, Dk]``; defaults to ``value``.
-          query_mask, value_mask, key_mask, attention_mask,
-            return_attention_scores, use_causal_mask, cache,
+          query_mask, value_mask, key_mask, attention_mask, mask,
+            return_attention_scores, use_causal_mask, positions, kv_positions,
+            query_offset, q_segment_ids, kv_segment_ids, cache,
             cache_update_index: as in `gqa_jax.modules.GroupedQueryAttention`.
           deterministic: no dropout; default the layer's.
           num_new: decode only: int ``[B]`` valid new tokens per row (the rest
@@ -193,27 +218,23 @@ class GroupedQueryAttention(KerasAttentionLayer):
             cache=cache,
             cache_update_index=cache_update_index,
             num_new=num_new,
-            attend=functools.partial(self._decode, num_new=num_new) if decode else dot_product_attention,
+            attend=functools.partial(nnx_decode, self, num_new=num_new) if decode else dot_product_attention,
+            decode_offset=nnx_cache_index(self),
             project=self.project,
+            normalize=self.normalize,
+            sow=self.sow_attention_weights,
             dropout_rng=dropout_key(self.rngs, self.dropout, deterministic, rngs),
             query_mask=query_mask,
             value_mask=value_mask,
             key_mask=key_mask,
             attention_mask=attention_mask,
+            mask=mask,
             return_attention_scores=return_attention_scores,
             deterministic=deterministic,
             use_causal_mask=use_causal_mask,
+            positions=positions,
+            kv_positions=kv_positions,
+            query_offset=query_offset,
+            q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids,
         )
-
-    def _decode(self, q, k, v, *, num_new, mask, **options):
-        """Decode: append to the ``nnx.Cache`` state and attend over it (``options``: attention keywords)."""
-        if self.cached_key is None:
-            raise ValueError("decode=True needs a cache: call init_cache(batch_size=..., max_length=...) first")
-        if self.cached_key.shape[0] != q.shape[0]:
-            raise ValueError(
-                f"the cache holds batch_size={self.cached_key.shape[0]} rows, got query.shape[0]={q.shape[0]}"
-            )
-        cache = KVCache(self.cached_key[...], self.cached_value[...], self.cache_index[...])
-        out, cache = decode_attention(cache, q, k, v, num_new=num_new, mask=mask, **options)
-        self.cached_key[...], self.cached_value[...], self.cache_index[...] = cache.key, cache.value, cache.lengths
-        return out

@@ -8,13 +8,16 @@ rank, Keras' ``attention_axes``, and keras-hub's ``cache`` for
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gqa_jax.attention import dot_product_attention
+from gqa_jax.modules.decode_cache import nnx_cache_index, nnx_decode
 from gqa_jax.modules.initializers import Initializer
 from gqa_jax.modules.multi_head_attention import check_mha_fields, multi_head_attention
 from gqa_jax.nnx.dropout import dropout_key, dropout_stream
@@ -26,6 +29,7 @@ from gqa_jax.nnx.keras_layer import (
     dense_settings,
     output_axes,
 )
+from gqa_jax.rope import RotaryEmbedding
 
 Array = jax.Array
 
@@ -44,7 +48,12 @@ class MultiHeadAttention(KerasAttentionLayer):
       dropout, use_bias, attention_axes, sliding_window, flash_attention,
         kernel_init, bias_init, use_gate, dtype, param_dtype, precision,
         implementation: as in `gqa_jax.modules.MultiHeadAttention`.
+      decode: the default of the call's ``decode`` (after `init_cache`).
       deterministic: the default of the call's ``deterministic``.
+      rope, qk_transform, scale, logits_soft_cap, local_window_size,
+        normalize_qk, norm_epsilon, broadcast_dropout, sow_weights,
+        attention_fn, out_kernel_init: as in
+        `gqa_jax.modules.GroupedQueryAttention`.
       rngs: ``params`` draws the parameters; ``dropout`` the dropout masks.
 
     Parameters: ``query [Dq, N, key_dim]``, ``key [Dk, N, key_dim]``,
@@ -74,7 +83,19 @@ class MultiHeadAttention(KerasAttentionLayer):
         param_dtype: Any = jnp.float32,
         precision: Any = None,
         implementation: str | Sequence[str] | None = None,
+        decode: bool = False,
         deterministic: bool = True,
+        rope: RotaryEmbedding | None = None,
+        qk_transform: Callable | None = None,
+        scale: float | None = None,
+        logits_soft_cap: float | None = None,
+        local_window_size: int | tuple[int, int] | None = None,
+        normalize_qk: str | None = None,
+        norm_epsilon: float = 1e-6,
+        broadcast_dropout: bool = False,
+        sow_weights: bool = False,
+        attention_fn: Callable | None = None,
+        out_kernel_init: Initializer | str | None = None,
         rngs: nnx.Rngs,
     ):
         self.num_heads, self.key_dim, self.value_dim = num_heads, key_dim, value_dim
@@ -87,8 +108,23 @@ class MultiHeadAttention(KerasAttentionLayer):
             use_gate=use_gate,
             implementation=implementation,
             deterministic=deterministic,
+            dtype=dtype,
+            precision=precision,
+            options=dict(
+                rope=rope,
+                qk_transform=qk_transform,
+                scale=scale,
+                logits_soft_cap=logits_soft_cap,
+                local_window_size=local_window_size,
+                normalize_qk=normalize_qk,
+                norm_epsilon=norm_epsilon,
+                broadcast_dropout=broadcast_dropout,
+                sow_weights=sow_weights,
+                attention_fn=attention_fn,
+            ),
         )
         check_mha_fields(self)
+        self.decode = decode
         self.rngs = dropout_stream(rngs, dropout)
         output_shape = in_features if output_shape is None else output_shape
         self.output_shape = (output_shape,) if isinstance(output_shape, int) else tuple(output_shape)
@@ -111,8 +147,13 @@ class MultiHeadAttention(KerasAttentionLayer):
             EinsumDense((in_features,), (N, value_dim), kernel_axes=QUERY_AXES, **dense) if use_gate else nnx.data(None)
         )
         self.attention_output = EinsumDense(
-            (N, value_dim), self.output_shape, kernel_axes=output_axes(len(self.output_shape)), **dense
+            (N, value_dim),
+            self.output_shape,
+            kernel_axes=output_axes(len(self.output_shape)),
+            **{**dense, "kernel_init": out_kernel_init or kernel_init},
         )
+        self._init_norms(key_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self._init_cache_state(N, key_dim, value_dim)
 
     def __call__(
         self,
@@ -128,12 +169,17 @@ class MultiHeadAttention(KerasAttentionLayer):
         deterministic: bool | None = None,
         use_causal_mask: bool = False,
         rngs=None,
+        **options,
     ):
         """Attends ``query`` to ``key``/``value``, as the linen layer's call.
 
         ``value`` defaults to ``query`` (self-attention); ``deterministic`` to
         the layer's; ``rngs`` (the dropout stream or key of this call) to the
-        layer's stream. The rest as in `gqa_jax.modules.MultiHeadAttention`.
+        layer's stream; ``decode`` (in ``options``) to the layer's (decode mode
+        after `init_cache`, as `gqa_jax.nnx.GroupedQueryAttention`). The rest,
+        and ``options`` (``mask``, ``positions``, ``kv_positions``,
+        ``query_offset``, segment ids, ``num_new``), as in
+        `gqa_jax.modules.MultiHeadAttention`.
 
         Returns:
           ``output [B, ..., *output_shape]``, or ``(output, scores)``.
@@ -150,6 +196,7 @@ class MultiHeadAttention(KerasAttentionLayer):
             deterministic=deterministic,
             use_causal_mask=use_causal_mask,
             rngs=rngs,
+            **options,
         )
 
     def attend(
@@ -167,20 +214,31 @@ class MultiHeadAttention(KerasAttentionLayer):
         use_causal_mask=False,
         cache=None,
         cache_update_index=None,
+        num_new=None,
+        decode=None,
         rngs=None,
+        **options,
     ):
         """`__call__` plus keras-hub's ``cache`` / ``cache_update_index`` (rank-3 inputs only)."""
         deterministic = self.deterministic if deterministic is None else deterministic
+        decode = self.decode if decode is None else decode
         return multi_head_attention(
             self,
             query,
             value,
             key,
+            decode=decode,
             cache=cache,
             cache_update_index=cache_update_index,
+            num_new=num_new,
             use_causal_mask=use_causal_mask,
+            attend=functools.partial(nnx_decode, self, num_new=num_new) if decode else dot_product_attention,
+            decode_offset=nnx_cache_index(self),
             project=self.project,
+            normalize=self.normalize,
+            sow=self.sow_attention_weights,
             dropout_rng=dropout_key(self.rngs, self.dropout, deterministic, rngs),
+            **options,
             query_mask=query_mask,
             value_mask=value_mask,
             key_mask=key_mask,
@@ -211,7 +269,9 @@ class CachedMultiHeadAttention(MultiHeadAttention):
         *,
         deterministic: bool | None = None,
         use_causal_mask: bool = False,
+        return_attention_scores: bool = False,
         rngs=None,
+        **options,
     ):
         """Attends ``query`` to the new and/or cached keys and values (arguments as the linen layer's)."""
         return self.attend(
@@ -221,7 +281,9 @@ class CachedMultiHeadAttention(MultiHeadAttention):
             attention_mask=attention_mask,
             deterministic=deterministic,
             use_causal_mask=use_causal_mask,
+            return_attention_scores=return_attention_scores,
             cache=cache,
             cache_update_index=cache_update_index,
             rngs=rngs,
+            **options,
         )
