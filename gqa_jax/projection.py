@@ -41,7 +41,8 @@ def project_heads(x: Array, kernel: Array, bias: Array | None = None, *, precisi
     return y_BTNH
 
 
-def project_output(x: Array, kernel: Array, bias: Array | None = None, *, precision=None) -> Array:
+def project_output(x: Array, kernel: Array, bias: Array | None = None, *, precision=None,
+                   out_sharding=None) -> Array:
     """Projects heads back to features: ``[B, T, N, H] x [N, H, D] (+ [D]) -> [B, T, D]``.
 
     Args:
@@ -49,6 +50,9 @@ def project_output(x: Array, kernel: Array, bias: Array | None = None, *, precis
       kernel: output kernel ``[N, H, D]``.
       bias: optional bias ``[D]``.
       precision: passed to `jnp.einsum`.
+      out_sharding: passed to `jnp.einsum`; needed in explicit-sharding mode
+        when the contracted heads are sharded (the sum over them is then
+        reduced across devices).
 
     Returns:
       ``[B, T, D]``.
@@ -59,7 +63,7 @@ def project_output(x: Array, kernel: Array, bias: Array | None = None, *, precis
         raise ValueError(
             f"head dims differ: x.shape[2:]={tuple(x.shape[2:])}, kernel.shape[:2]={tuple(kernel.shape[:2])}"
         )
-    y_BTD = jnp.einsum("BTNH,NHD->BTD", x, kernel, precision=precision)
+    y_BTD = jnp.einsum("BTNH,NHD->BTD", x, kernel, precision=precision, out_sharding=out_sharding)
     if bias is not None:
         if tuple(bias.shape) != (kernel.shape[2],):
             raise ValueError(f"bias.shape={tuple(bias.shape)} must be ({kernel.shape[2]},)")
