@@ -4,6 +4,7 @@ Run from the repository root (about 3-4 minutes on an H100)::
 
     PYTHONPATH=. python tools/gpu_decode_check.py              # tests, sweep, table
     PYTHONPATH=. python tools/gpu_decode_check.py --no-tests --shapes S32768
+    PYTHONPATH=. python tools/gpu_decode_check.py --no-tests --cache int8   # our kernel on an int8 cache
 
 1. Runs the compiled cases of ``tests/test_gpu_decode.py`` (pytest ``-k compiled``).
 2. Measures copy bandwidth (``x + 1`` on a 1 GiB bf16 array: bytes read + written).
@@ -17,6 +18,11 @@ Run from the repository root (about 3-4 minutes on an H100)::
    kernel output is checked against the XLA path.
 4. Prints a compact table last: GB/s of K/V actually read (bytes of K and V up
    to each row's length) and the ratios the targets of issue 6 name.
+
+With ``--cache int8`` (or ``fp8``) our kernel and the XLA path read the same
+cache quantized (`gqa_jax.quantization`, before timing) while cuDNN reads the
+bf16 one; GB/s then counts the bf16 bytes, so every ratio is a time ratio
+(issue 16's target: int8 >= 1.7x cuDNN at B >= 8).
 """
 
 from __future__ import annotations
@@ -27,18 +33,21 @@ import functools
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import gqa_jax
 from gqa_jax.bench import decode
 from gqa_jax.bench.timing import environment, time_fn
+from gqa_jax.quantization import quantize
 from pallas_kernels.gpu.decode_attention import decode_attention, default_block_sizes, gpu_sm_count
 
 
 SHAPES = decode.FULL_SHAPES
-TILES = [(block_k, stages, warps) for block_k in (64, 128) for stages in (2, 3) for warps in (4, 8)] + [(256, 2, 8)]
+TILES = [(block_k, stages, warps) for block_k in (64, 128) for stages in (2, 3) for warps in (4, 8)] + [(256, 2, 8), (256, 3, 8)]
 REPS = 5
 TOLERANCE = 2e-2  # relative error of a bf16 output against the XLA path
+CACHES = {"bf16": None, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 
 
 def _short(error: BaseException) -> str:
@@ -58,14 +67,19 @@ def _relative_error(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def sweep_shape(shape: decode.DecodeShape, copy_gbs: float) -> dict:
+def sweep_shape(shape: decode.DecodeShape, copy_gbs: float, cache_dtype=None) -> dict:
     q, k, v, lengths = decode.make_inputs(shape, jax.random.key(0))
     lengths_np = np.asarray(lengths)
     kv_bytes = shape.kv_bytes(q.dtype.itemsize)
     args = [(q, k, v, lengths)]
+    # Ours and XLA read `our_args` (a quantized cache and its scales with --cache); cuDNN always the bf16 one.
+    our_args = args
+    if cache_dtype is not None:
+        (k_q, k_scale), (v_q, v_scale) = quantize(k, cache_dtype), quantize(v, cache_dtype)
+        our_args = [(q, k_q, v_q, lengths, k_scale, v_scale)]
     row = {"shape": shape.name, "kv_mb": kv_bytes / 1e6}
 
-    def measure(label, fn):
+    def measure(label, fn, args=args):
         try:
             seconds = time_fn(fn, args, reps=REPS)
         except Exception as e:  # a peer or a tile config this device cannot run
@@ -76,32 +90,33 @@ def sweep_shape(shape: decode.DecodeShape, copy_gbs: float) -> dict:
         return gbs
 
     print(f"{shape.name}: K/V read {kv_bytes / 1e6:.0f} MB, lengths mean {lengths_np.mean():.0f} of S={shape.S}")
-    xla = jax.jit(lambda q, k, v, n: gqa_jax.dot_product_attention(
-        q, k, v, key_value_seq_lengths=n, implementation="xla"))
-    xla_out = xla(*args[0])
+    xla = jax.jit(lambda q, k, v, n, *s: gqa_jax.dot_product_attention(
+        q, k, v, key_value_seq_lengths=n, implementation="xla", **dict(zip(("key_scale", "value_scale"), s))))
+    xla_out = xla(*our_args[0])
     row["cudnn"] = measure("cudnn", jax.jit(lambda q, k, v, n: jax.nn.dot_product_attention(
         q, k, v, key_value_seq_lengths=n, implementation="cudnn")))
     if shape.ragged:
         row["cudnn_capacity"] = measure("cudnn (capacity lengths)", jax.jit(
             lambda q, k, v, n: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")))
-    row["xla"] = measure("xla", xla)
+    row["xla"] = measure("xla", xla, our_args)
 
-    default = default_block_sizes(shape.B, shape.S, shape.K, shape.N // shape.K, shape.H, q.dtype)
+    default = default_block_sizes(shape.B, shape.S, shape.K, shape.N // shape.K, shape.H, our_args[0][1].dtype)
 
     def ours(**blocks):
         config = dataclasses.replace(default, **blocks)
         label = f"ours bk{config.block_k} st{config.num_stages} w{config.num_warps} sp{config.num_splits}"
 
-        fn = jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n, block_sizes=config))
+        fn = jax.jit(lambda q, k, v, n, *s: decode_attention(
+            q, k, v, n, block_sizes=config, **dict(zip(("key_scale", "value_scale"), s))))
         try:
-            error = _relative_error(fn(*args[0]), xla_out)
+            error = _relative_error(fn(*our_args[0]), xla_out)
         except Exception as e:  # e.g. shared memory exceeded for this tile config
             print(f"  {label:<34} failed: {_short(e)}", flush=True)
             return config, None
         if error > TOLERANCE:
             print(f"  {label:<34} WRONG: relative error {error:.3g} against xla", flush=True)
             return config, None
-        return config, measure(label, fn)
+        return config, measure(label, fn, our_args)
 
     _, row["default"] = ours()
     row["default_config"] = default
@@ -155,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-tests", action="store_true", help="skip the compiled test cases")
     parser.add_argument("--shapes", nargs="*", help="substrings of shape names to sweep (default: all)")
+    parser.add_argument("--cache", choices=tuple(CACHES), default="bf16",
+                        help="the cache our kernel and XLA read (cuDNN reads bf16); int8/fp8: ratios are time ratios")
     options = parser.parse_args(argv)
     print(" ".join(f"{key}={value}" for key, value in environment().items()), flush=True)
     if jax.default_backend() != "gpu":
@@ -164,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbs = decode.copy_bandwidth(functools.partial(time_fn, reps=REPS))
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s", flush=True)
     shapes = [s for s in SHAPES if not options.shapes or any(p in s.name for p in options.shapes)]
-    rows = [sweep_shape(shape, copy_gbs) for shape in shapes]
+    rows = [sweep_shape(shape, copy_gbs, CACHES[options.cache]) for shape in shapes]
     print_table(rows, copy_gbs)
     if status:
         print(f"compiled tests FAILED (pytest exit code {status})")
