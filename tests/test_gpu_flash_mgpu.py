@@ -23,6 +23,7 @@ import pytest
 
 import gqa_jax
 from gqa_jax import dispatch
+from gqa_jax.implementations import pallas_mosaic_gpu
 from pallas_kernels.gpu import flash_attention_mgpu as mgpu
 from pallas_kernels.gpu import flash_attention_mgpu_backward as mgpu_bwd
 from tests.kernel_cases import FLASH_CASES, GRAD_CASES, FlashKernelCases, make_inputs
@@ -160,9 +161,25 @@ def test_dispatch_puts_it_first_on_gpus_and_falls_back_off_hopper(monkeypatch):
     assert chosen.name == ("pallas_mosaic_gpu" if _on_hopper() else "pallas_triton")
     with pytest.raises(ValueError, match="pallas_mosaic_gpu: .*bias"):
         dispatch.choose(gqa_jax.make_request(q, q, q, bias=np.zeros((256, 256), np.float32)), "pallas_mosaic_gpu")
-    h64 = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
-    with pytest.raises(ValueError, match="pallas_mosaic_gpu: causal head dim 64"):  # the measured rule
-        dispatch.choose(gqa_jax.make_request(h64, h64, h64, is_causal=True), "pallas_mosaic_gpu")
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_head_dim_64_causal_forward_is_triton_and_its_gradients_mosaic(is_causal):
+    """The measured dispatch rule (gqa_jax/implementations/pallas_mosaic_gpu.py), lowered for CUDA."""
+    q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 256, 4, 64)), jnp.bfloat16)
+    k = q[:, :, :2]
+
+    def attend(q, k, v):
+        return pallas_mosaic_gpu.IMPLEMENTATION(gqa_jax.make_request(q, k, v, is_causal=is_causal))
+
+    def calls(fn):
+        text = jax.jit(fn).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+        return re.findall(r"custom_call @([\w$.]+)", text)
+
+    forward = calls(attend)
+    gradients = calls(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
+    assert forward == (["__gpu$xla.gpu.triton"] if is_causal else ["mosaic_gpu_v2"]), forward
+    assert gradients == ["mosaic_gpu_v2"] * 3, gradients  # Mosaic forward, dQ and dK/dV kernels
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs an NVIDIA Hopper GPU (compute capability 9.x) to run Mosaic GPU")

@@ -3,23 +3,31 @@
 First on GPUs of compute capability 9.x for the prefill-shaped calls its
 kernel serves (`pallas_kernels.gpu.flash_attention_mgpu.unsupported_reason`
 says what it does not: a bias or dense mask, segment ids, float32, head dims
-other than 64/128/256); decode-shaped calls, causal calls with head dim 64
-(where the Triton forward measured faster on the H200: 299 against 281 TFLOP/s
-at B4 S2048 N16 K2, BENCHMARKS.md), and everything else fall back to
+other than 64/128/256); decode-shaped calls and everything else fall back to
 ``"pallas_triton"`` per request. The forward runs on Mosaic GPU; the backward
 on the Mosaic-GPU backward kernels from its residuals (head dims 64 and 128),
 on the Triton backward kernels otherwise
 (`pallas_kernels.gpu.flash_attention_mgpu.choose_backward`).
+
+Measured rule (H200, bf16, tools/mgpu_flash_check.py and
+tools/mgpu_flash_bwd_check.py): causal calls with head dim 64 run the Triton
+forward when they are not differentiated (forward 299 against 281 TFLOP/s at
+B4 S2048 N16 K2, BENCHMARKS.md) and the Mosaic forward plus the Mosaic
+backward when they are (forward+backward 219 TFLOP/s against 169 with the
+Triton backward; the all-Triton path measured 165 in issue 11).
 """
 
 from __future__ import annotations
 
+import jax
+
 from gqa_jax.implementations._common import Implementation, is_decode_shaped, kernel_refusal, per_device
 from gqa_jax.request import AttentionRequest
 from pallas_kernels.gpu import flash_attention_mgpu
+from pallas_kernels.gpu.flash_attention import flash_attention_core as triton_flash_attention_core
 
-# Causal calls at or below this head dim go to Triton (measured faster there).
-CAUSAL_MIN_HEAD_DIM = 64
+# Causal calls at or below this head dim run the Triton forward when not differentiated (measured faster there).
+CAUSAL_TRITON_FORWARD_MAX_HEAD_DIM = 64
 
 
 def supports(request: AttentionRequest) -> str | None:
@@ -32,13 +40,35 @@ def supports(request: AttentionRequest) -> str | None:
         return "a bias or dense mask is not supported"
     if is_decode_shaped(request):
         return "decode-shaped calls go to the Triton decode kernel"
-    if request.rules.is_causal and request.head_dim <= CAUSAL_MIN_HEAD_DIM:
-        return f"causal head dim {request.head_dim}: the Triton kernel measured faster"
     return flash_attention_mgpu.unsupported_reason(request.query, request.key, request.value, request.rules, None)
 
 
+@jax.custom_vjp
+def triton_forward_mosaic_gradients(query, key, value, rules):
+    """The Triton forward; differentiated, the Mosaic-GPU forward and its backward (the measured rule above)."""
+    return triton_flash_attention_core(query, key, value, rules)
+
+
+def _hybrid_fwd(query, key, value, rules):
+    return jax.vjp(lambda q, k, v: flash_attention_mgpu.flash_attention_core(q, k, v, rules), query, key, value)
+
+
+def _hybrid_bwd(vjp, d_out):
+    return (*vjp(d_out), None)
+
+
+triton_forward_mosaic_gradients.defvjp(_hybrid_fwd, _hybrid_bwd)
+
+
+def _kernel(request: AttentionRequest):
+    if request.rules.is_causal and request.head_dim <= CAUSAL_TRITON_FORWARD_MAX_HEAD_DIM:
+        return triton_forward_mosaic_gradients
+    return flash_attention_mgpu.flash_attention_core
+
+
 def mosaic_attention(request: AttentionRequest):
-    return per_device(request, lambda r: flash_attention_mgpu.flash_attention_core(r.query, r.key, r.value, r.rules))
+    kernel = _kernel(request)
+    return per_device(request, lambda r: kernel(r.query, r.key, r.value, r.rules))
 
 
 IMPLEMENTATION = Implementation(name="pallas_mosaic_gpu", platforms=("gpu",), priority=30, supports=supports,
