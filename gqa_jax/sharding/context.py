@@ -43,6 +43,8 @@ from pallas_kernels.rules import Rules
 
 Array = jax.Array
 
+__all__ = ["all_gather_attention", "context_parallel_attention", "ring_attention", "zigzag_order"]
+
 LOAD_BALANCES = (None, "zigzag")
 STRATEGIES = ("ring", "all_gather")
 
