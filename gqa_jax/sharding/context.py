@@ -38,7 +38,11 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gqa_jax.attention import dot_product_attention
+from gqa_jax.implementations import pallas_triton
+from pallas_kernels import gpu
 from pallas_kernels.arguments import check_qkv, row_vector
+from pallas_kernels.numerics import DEAD_LSE
+from pallas_kernels.residuals import LN2
 from pallas_kernels.rules import Rules
 
 Array = jax.Array
@@ -155,8 +159,12 @@ def _merge(out_a, lse_a, out_b, lse_b):
     return out_a * to_btn1(w_a) + out_b * to_btn1(w_b), lse
 
 
-def _block_backward(q, k, v, rules: Rules, do, lse, delta):
-    """``(dq, dk, dv)`` float32 of one block from the merged log-sum-exp and ``delta = sum(do * out)``."""
+def _block_backward(q, k, v, rules: Rules, do, lse, delta, out):
+    """``(dq, dk, dv)`` float32 of one block from the merged log-sum-exp and ``delta = sum(do * out)``.
+
+    (``out``, the merged output, is what the kernel backward reads instead of ``delta``.)
+    """
+    del out
     B, T, N, H = q.shape
     K = k.shape[2]
     G = N // K
@@ -175,6 +183,25 @@ def _block_backward(q, k, v, rules: Rules, do, lse, delta):
     return dq, dk, dv
 
 
+def _triton_forward(q, k, v, rules: Rules):
+    """`_block_forward` on the Triton flash kernel (its residual API: natural lse, ``-inf`` for dead rows)."""
+    out, lse = gpu.flash_attention_core(q, k, v, rules, interpret=pallas_triton.interpret, return_residuals=True)
+    return out.astype(jnp.float32), lse
+
+
+def _triton_backward(q, k, v, rules: Rules, do, lse, delta, out):
+    """`_block_backward` on the Triton backward kernels, fed the merged lse (base 2) and output."""
+    del delta  # the kernels form it from ``out`` and ``do``
+    lse2 = jnp.where(jnp.isfinite(lse), lse / LN2, DEAD_LSE)
+    dq, dk, dv, _ = gpu.flash_backward(q, k, v, out.astype(q.dtype), lse2, do.astype(q.dtype), rules,
+                                       interpret=pallas_triton.interpret)
+    return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32)
+
+
+# implementation= of `ring_attention` -> (block forward, block backward).
+RING_BLOCKS = {"xla": (_block_forward, _block_backward), "pallas_triton": (_triton_forward, _triton_backward)}
+
+
 def ring_attention(
     query,
     key,
@@ -189,6 +216,7 @@ def ring_attention(
     key_value_seq_lengths=None,
     q_segment_ids=None,
     kv_segment_ids=None,
+    implementation: str | None = None,
 ):
     """Ring attention over mesh axis ``axis_name``; call it inside ``jax.shard_map``.
 
@@ -205,16 +233,28 @@ def ring_attention(
       key_value_seq_lengths: int ``[B]`` valid keys of the global sequence.
       q_segment_ids: int ``[B, L]``, this shard's ids (with ``kv_segment_ids``).
       kv_segment_ids: int ``[B, L]``.
+      implementation: what computes each block: None or ``"xla"`` (einsums),
+        or ``"pallas_triton"`` (the Triton flash kernels: forward with
+        ``return_residuals=True``, backward from the merged log-sum-exp; a GPU,
+        or Pallas interpret mode where `gqa_jax.implementations.pallas_triton`
+        sets ``interpret``). The kernels' outputs carry no varying mesh axes
+        yet: call it in ``jax.shard_map(..., check_vma=False)``.
 
     Returns:
       ``[B, L, N, Hv]`` in the query dtype, equal to the matching rows of the
       unsharded call; rows that see no key give zeros. Differentiable.
+
+    Raises:
+      ValueError: for an ``implementation`` that is not one of `RING_BLOCKS`.
     """
+    implementation = "xla" if implementation is None else implementation
+    if implementation not in RING_BLOCKS:
+        raise ValueError(f"implementation must be None or one of {sorted(RING_BLOCKS)}, got {implementation=}")
     num_shards, (query, key, value), kv_len, segments = _prepare(
         query, key, value, axis_name, load_balance, key_value_seq_lengths, q_segment_ids, kv_segment_ids)
     statics = _static_rules(query, key, scale=scale, is_causal=is_causal, local_window_size=local_window_size,
                             logits_soft_cap=logits_soft_cap)
-    return _ring(statics, axis_name, num_shards, load_balance, query, key, value, kv_len, *segments)
+    return _ring(statics, axis_name, num_shards, load_balance, implementation, query, key, value, kv_len, *segments)
 
 
 def _prepare(query, key, value, axis_name: str, load_balance, key_value_seq_lengths, q_segment_ids, kv_segment_ids):
@@ -266,12 +306,14 @@ def _permute(axis_name: str, num_shards: int, *xs):
     return tuple(None if x is None else lax.ppermute(x, axis_name, pairs) for x in xs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _ring(statics, axis_name, num_shards, load_balance, q, k, v, kv_len, q_seg, kv_seg):
-    return _ring_forward(statics, axis_name, num_shards, load_balance, q, k, v, kv_len, q_seg, kv_seg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _ring(statics, axis_name, num_shards, load_balance, implementation, q, k, v, kv_len, q_seg, kv_seg):
+    return _ring_forward(statics, axis_name, num_shards, load_balance, implementation, q, k, v, kv_len, q_seg,
+                         kv_seg)[0]
 
 
-def _ring_forward(statics, axis_name, num_shards, load_balance, q, k, v, kv_len, q_seg, kv_seg):
+def _ring_forward(statics, axis_name, num_shards, load_balance, implementation, q, k, v, kv_len, q_seg, kv_seg):
+    block_forward = RING_BLOCKS[implementation][0]
     B, L, N, _ = q.shape
     out = jnp.zeros((B, L, N, v.shape[-1]), jnp.float32)
     lse = jnp.full((B, N, L), -jnp.inf, jnp.float32)
@@ -284,7 +326,7 @@ def _ring_forward(statics, axis_name, num_shards, load_balance, q, k, v, kv_len,
             qb, kb, vb, rules, visible = _block(statics, q_chunk, k_chunk, q, k_blk, v_blk, kv_len, q_seg, seg_blk)
             o_b, l_b = lax.cond(
                 visible,
-                lambda qb, kb, vb, rules: _block_forward(qb, kb, vb, rules),
+                block_forward,
                 lambda qb, kb, vb, rules: (_full(qb.shape[:3] + vb.shape[-1:], 0.0, qb),
                                            _full((B, N, q_n), -jnp.inf, qb)),
                 qb, kb, vb, rules,
@@ -298,11 +340,13 @@ def _ring_forward(statics, axis_name, num_shards, load_balance, q, k, v, kv_len,
     return result, (q, k, v, kv_len, q_seg, kv_seg, result, lse)
 
 
-def _ring_fwd(statics, axis_name, num_shards, load_balance, q, k, v, kv_len, q_seg, kv_seg):
-    return _ring_forward(statics, axis_name, num_shards, load_balance, q, k, v, kv_len, q_seg, kv_seg)
+def _ring_fwd(statics, axis_name, num_shards, load_balance, implementation, q, k, v, kv_len, q_seg, kv_seg):
+    return _ring_forward(statics, axis_name, num_shards, load_balance, implementation, q, k, v, kv_len, q_seg,
+                         kv_seg)
 
 
-def _ring_bwd(statics, axis_name, num_shards, load_balance, residuals, d_out):
+def _ring_bwd(statics, axis_name, num_shards, load_balance, implementation, residuals, d_out):
+    block_backward = RING_BLOCKS[implementation][1]
     q, k, v, kv_len, q_seg, kv_seg, out, lse = residuals
     L = q.shape[1]
     delta = jnp.swapaxes(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), 1, 2)  # [B,N,L]
@@ -319,11 +363,12 @@ def _ring_bwd(statics, axis_name, num_shards, load_balance, residuals, d_out):
             dob = lax.dynamic_slice_in_dim(d_out, q_start, q_n, 1)
             lse_b = lax.dynamic_slice_in_dim(lse, q_start, q_n, 2)
             delta_b = lax.dynamic_slice_in_dim(delta, q_start, q_n, 2)
+            out_b = lax.dynamic_slice_in_dim(out, q_start, q_n, 1)
             dq_b, dk_b, dv_b = lax.cond(
                 visible,
-                lambda *a: _block_backward(*a),
+                block_backward,
                 lambda qb, kb, vb, *_: (_full(qb.shape, 0.0, qb), _full(kb.shape, 0.0, kb), _full(vb.shape, 0.0, vb)),
-                qb, kb, vb, rules, dob, lse_b, delta_b,
+                qb, kb, vb, rules, dob, lse_b, delta_b, out_b,
             )
             dq = lax.dynamic_update_slice_in_dim(dq, lax.dynamic_slice_in_dim(dq, q_start, q_n, 1) + dq_b, q_start, 1)
             dk_acc = lax.dynamic_update_slice_in_dim(
@@ -455,7 +500,9 @@ def context_parallel_attention(
     if explicit:
         # Explicit-sharding meshes type every array's sharding: bring the inputs to the specs first.
         inputs = jax.reshard(inputs, jax.tree.map(lambda spec: NamedSharding(mesh, spec), in_specs))
-    out = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=heads)(*inputs)
+    # check_vma=False: the Pallas kernels (ring blocks, or what dispatch picks after the all-gather) declare
+    # their outputs per device, without the varying mesh axes that check_vma=True asks of them.
+    out = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=heads, check_vma=False)(*inputs)
     if order is None:
         return out
     natural = np.argsort(order)
