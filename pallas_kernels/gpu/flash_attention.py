@@ -15,8 +15,10 @@ gradients.
 
 Any sequence lengths work (the wrapper pads to the tile sizes and masks the
 padding by lengths); head dims are padded to a power of two. Softmax statistics
-and accumulators are float32; the exponent runs in base 2 with ``log2(e)``
-folded into the scale (`pallas_kernels.numerics`).
+and accumulators are float32; the exponent runs in base 2, with ``log2(e)``
+folded into the scale without a bias and applied after the max is subtracted
+with one (`_Softmax`, `pallas_kernels.numerics`): finite biases of any size
+act as biases, and the accumulator of ``p @ v`` cannot overflow.
 
 Kernels: ``gqa_flash_forward`` (grid ``(N, B, T/block_q)``, query tiles of the
 causal diagonal first), ``gqa_flash_dkdv`` (grid ``(K, B, S/block_k)``, loops
@@ -39,7 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.arguments import check_bias, check_qkv, is_power_of_two, next_power_of_two, pad_axis
-from pallas_kernels.numerics import DEAD_LSE, LOG2E, MASK_VALUE
+from pallas_kernels.numerics import DEAD_LSE, LN2, LOG2E, LOWEST, prob_shift
 from pallas_kernels.residuals import forward_only, from_base2
 from pallas_kernels.rules import Rules
 
@@ -210,8 +212,8 @@ def flash_attention_core(query, key, value, rules: Rules, *, bias=None, block_si
     q, k, v, bias, padded_rules = layout.pad(query, key, value, bias, rules)
     if return_residuals:
         q, k, v, bias = forward_only((q, k, v, bias))
-        out, lse2 = _forward(padded_rules.statics(), layout.blocks, interpret, padded_rules, q, k, v, bias)
-        return out[:, :T, :, :Hv], from_base2(lse2[:, :, :T])
+        out, stats = _forward(padded_rules.statics(), layout.blocks, interpret, padded_rules, q, k, v, bias)
+        return out[:, :T, :, :Hv], _natural_lse(stats)[:, :, :T]
     out = _flash(padded_rules.statics(), layout.blocks, interpret, padded_rules, q, k, v, bias)
     return out[:, :T, :, :Hv]
 
@@ -222,7 +224,10 @@ def flash_backward(query, key, value, out, lse, d_out, rules: Rules, *, bias=Non
 
     For forward kernels that share this file's conventions (`pallas_kernels.numerics`):
     ``lse[b, n, t] = log2(sum_s exp2(logits2))`` of the base-2 logits, and
-    `DEAD_LSE` for rows that see no key.
+    `DEAD_LSE` for rows that see no key. With a bias the backward kernels take
+    the natural pair ``(max, log of the row sum)`` (`pallas_kernels.numerics`);
+    here it is made from ``lse``, exact while ``|lse|`` is far from
+    ``finfo.max`` (this file's own forward keeps the pair itself).
 
     Args:
       query: ``[B, T, N, H]``.
@@ -246,8 +251,12 @@ def flash_backward(query, key, value, out, lse, d_out, rules: Rules, *, bias=Non
     out_p = pad_axis(pad_axis(out, 1, layout.T_pad), 3, layout.Hv_pad)
     do_p = pad_axis(pad_axis(d_out, 1, layout.T_pad), 3, layout.Hv_pad)
     lse_p = jnp.pad(lse, ((0, 0), (0, 0), (0, layout.T_pad - T)), constant_values=DEAD_LSE)
+    stats = (lse_p, None)
+    if bias is not None:
+        dead = lse_p >= 0.5 * DEAD_LSE
+        stats = (jnp.where(dead, jnp.inf, lse_p * LN2), jnp.where(dead, jnp.inf, 0.0))
     dq, dk, dv, dbias = _backward(padded_rules.statics(), layout.blocks, interpret, padded_rules, q, k, v, bias_p,
-                                  out_p, lse_p, do_p)
+                                  out_p, stats, do_p)
     if dbias is not None:
         dbias = dbias[:, :, :T, :S]
         for axis in (2, 3):
@@ -302,24 +311,33 @@ def _flash(statics: Rules, blocks: BlockSizes, interpret, rules: Rules, q, k, v,
 
 
 def _flash_fwd(statics, blocks, interpret, rules, q, k, v, bias):
-    out, lse = _forward(statics, blocks, interpret, rules, q, k, v, bias)
-    return out, (rules, q, k, v, bias, out, lse)
+    out, stats = _forward(statics, blocks, interpret, rules, q, k, v, bias)
+    return out, (rules, q, k, v, bias, out, stats)
 
 
 def _flash_bwd(statics, blocks, interpret, residuals, do):
-    rules, q, k, v, bias, out, lse = residuals
-    dq, dk, dv, dbias = _backward(statics, blocks, interpret, rules, q, k, v, bias, out, lse, do)
+    rules, q, k, v, bias, out, stats = residuals
+    dq, dk, dv, dbias = _backward(statics, blocks, interpret, rules, q, k, v, bias, out, stats, do)
     return None, dq, dk, dv, dbias
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _backward(statics: Rules, blocks: BlockSizes, interpret, rules: Rules, q, k, v, bias, out, lse, do):
-    """``(dq, dk, dv, dbias)`` on padded inputs."""
+def _natural_lse(stats):
+    """The residual lse (natural, ``-inf`` for dead rows) from the row statistics of `_Softmax.finish`."""
+    lse, r = stats
+    if r is None:
+        return from_base2(lse)
+    return jnp.where(jnp.isposinf(lse), -jnp.inf, lse + r * LN2)
+
+
+def _backward(statics: Rules, blocks: BlockSizes, interpret, rules: Rules, q, k, v, bias, out, stats, do):
+    """``(dq, dk, dv, dbias)`` on padded inputs; ``stats`` as `_Softmax.finish` gives them."""
+    lse, r = stats
     delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
     args = (rules.q_offset, rules.q_len, rules.kv_len, q, k, v, rules.q_segment_ids, rules.kv_segment_ids, bias,
-            do, lse, delta)
+            do, lse, r, delta)
     dk, dv = _dkdv(statics, blocks, *args, interpret=interpret)
     dq = _dq(statics, blocks, *args, interpret=interpret)
     dbias = None
@@ -328,19 +346,19 @@ def _backward(statics: Rules, blocks: BlockSizes, interpret, rules: Rules, q, k,
         S, K = v.shape[1], v.shape[2]
         dp = jnp.einsum("btkgh,bskh->bkgts", do.reshape(B, T, K, N // K, Hv).astype(jnp.float32),
                         v.astype(jnp.float32)).reshape(B, N, T, S)
-        dbias = _bias_grad(statics, rules, q, k, bias, lse, lambda p: p * (dp - delta[..., None]))
+        dbias = _bias_grad(statics, rules, q, k, bias, lse, r, lambda p: p * (dp - delta[..., None]))
     return dq, dk, dv, dbias
 
 
-def _bias_grad(statics: Rules, rules: Rules, q, k, bias, lse, ds_fn):
-    """dL/dbias ``[B|1, N|1, T, S]`` by XLA from the kernel's statistics."""
+def _bias_grad(statics: Rules, rules: Rules, q, k, bias, m, r, ds_fn):
+    """dL/dbias ``[B|1, N|1, T, S]`` by XLA from the kernel's statistics ``(m, r)``."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     logits = jnp.einsum("btkgh,bskh->bkgts", q.reshape(B, T, K, N // K, H), k,
                         preferred_element_type=jnp.float32).reshape(B, N, T, S)
-    s2 = _base2_logits(logits, statics)[0] + bias.astype(jnp.float32) * LOG2E
-    s2 = jnp.where(rules.mask(T, S), s2, MASK_VALUE)
-    p = jnp.exp2(s2 - lse[..., None])
+    s = _logits(logits, bias, statics)[0]
+    s = jnp.where(rules.mask(T, S), s, -jnp.inf)
+    p = _Softmax(natural=True, shift=0.0).probs(s, m[..., None], r[..., None])
     dbias = ds_fn(p)
     for axis in (0, 1):
         if bias.shape[axis] == 1:
@@ -394,26 +412,29 @@ def _query_major_specs(q, k, v, q_seg, bias, block_q: int, causal: bool):
 
 
 def _forward(statics: Rules, blocks: BlockSizes, interpret, rules: Rules, q, k, v, bias):
-    """Output ``[B, T, N, Hv]`` and base-2 log-sum-exp ``[B, N, T]`` on padded inputs."""
+    """Output ``[B, T, N, Hv]`` and the row statistics ``(lse, r)`` of `_Softmax.finish`, ``[B, N, T]``."""
     B, T, N, _ = q.shape
     Hv = v.shape[-1]
     bq = blocks.block_q
     q_seg, kv_seg = rules.q_segment_ids, rules.kv_segment_ids
     in_specs, q_tile, stats = _query_major_specs(q, k, v, q_seg, bias, bq, statics.is_causal)
-    return pl.pallas_call(
+    num_stats = 1 if bias is None else 2
+    out, *row_stats = pl.pallas_call(
         functools.partial(_forward_kernel, rules=statics, blocks=blocks, num_q_blocks=T // bq),
         grid=(N, B, T // bq),
         in_specs=in_specs,
-        out_specs=[q_tile(Hv), stats],
-        out_shape=[jax.ShapeDtypeStruct((B, T, N, Hv), q.dtype), jax.ShapeDtypeStruct((B, N, T), jnp.float32)],
+        out_specs=[q_tile(Hv)] + [stats] * num_stats,
+        out_shape=[jax.ShapeDtypeStruct((B, T, N, Hv), q.dtype)]
+        + [jax.ShapeDtypeStruct((B, N, T), jnp.float32)] * num_stats,
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
         name="gqa_flash_forward",
     )(rules.q_offset, rules.q_len, rules.kv_len, q, k, v, q_seg, kv_seg, bias)
+    return out, (row_stats[0], row_stats[1] if bias is not None else None)
 
 
-def _dkdv(statics: Rules, blocks: BlockSizes, offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, delta, *,
-          interpret):
+def _dkdv(statics: Rules, blocks: BlockSizes, offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, r, delta,
+          *, interpret):
     B, T, N, H = q.shape
     S, K, Hv = k.shape[1], k.shape[2], v.shape[-1]
     G = N // K
@@ -439,8 +460,8 @@ def _dkdv(statics: Rules, blocks: BlockSizes, offset, q_len, kv_len, q, k, v, q_
         in_specs.append(pl.BlockSpec(
             (None, G if per_head else 1, T, bk), lambda kh, b, j: (b if per_batch else 0, kh if per_head else 0, 0, j)
         ))
-    in_specs += [heads(Hv), pl.BlockSpec((None, G, T), lambda kh, b, j: (b, kh, 0)),
-                 pl.BlockSpec((None, G, T), lambda kh, b, j: (b, kh, 0))]
+    row_stats = pl.BlockSpec((None, G, T), lambda kh, b, j: (b, kh, 0))
+    in_specs += [heads(Hv), row_stats, None if r is None else row_stats, row_stats]
     return pl.pallas_call(
         functools.partial(_dkdv_kernel, rules=statics, blocks=blocks, num_q_blocks=T // bq),
         grid=(K, B, nk),
@@ -451,10 +472,10 @@ def _dkdv(statics: Rules, blocks: BlockSizes, offset, q_len, kv_len, q, k, v, q_
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd),
         interpret=interpret,
         name="gqa_flash_dkdv",
-    )(offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, delta)
+    )(offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, r, delta)
 
 
-def _dq(statics: Rules, blocks: BlockSizes, offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, delta, *,
+def _dq(statics: Rules, blocks: BlockSizes, offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, r, delta, *,
         interpret):
     B, T, N, H = q.shape
     Hv = v.shape[-1]
@@ -463,13 +484,13 @@ def _dq(statics: Rules, blocks: BlockSizes, offset, q_len, kv_len, q, k, v, q_se
     return pl.pallas_call(
         functools.partial(_dq_kernel, rules=statics, blocks=blocks, num_q_blocks=T // bq),
         grid=(N, B, T // bq),
-        in_specs=in_specs + [q_tile(Hv), stats, stats],
+        in_specs=in_specs + [q_tile(Hv), stats, None if r is None else stats, stats],
         out_specs=q_tile(H),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd),
         interpret=interpret,
         name="gqa_flash_dq",
-    )(offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, delta)
+    )(offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, r, delta)
 
 
 # ---------------------------------------------------------------------------
@@ -477,8 +498,9 @@ def _dq(statics: Rules, blocks: BlockSizes, offset, q_len, kv_len, q, k, v, q_se
 
 
 def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref,
-                    o_ref, lse_ref, *, rules: Rules, blocks: BlockSizes, num_q_blocks: int):
+                    o_ref, lse_ref, r_ref=None, *, rules: Rules, blocks: BlockSizes, num_q_blocks: int):
     bq, bk = blocks.block_q, blocks.block_k
+    softmax = _Softmax.of(bias_ref, v_ref.dtype)
     q_start = _q_tile(pl.program_id(2), num_q_blocks, rules.is_causal) * bq
     offset, q_len, kv_len = offset_ref[...], q_len_ref[...], kv_len_ref[...]
     q = q_ref[...]
@@ -488,31 +510,35 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_se
     def body(j, carry, *, masked):
         acc, m, l = carry
         k_start = pl.multiple_of(j * bk, bk)
-        _, s2, _ = _kv_tile_logits(q, q_pos, q_seg, k_start, k_ref, bias_ref, kv_seg_ref, kv_len, bk, rules,
-                                   masked=masked)
-        m_new = jnp.maximum(m, jnp.max(s2, axis=1))
-        p = jnp.exp2(s2 - m_new[:, None])
-        alpha = jnp.exp2(m - m_new)
+        _, s, _ = _kv_tile_logits(q, q_pos, q_seg, k_start, k_ref, bias_ref, kv_seg_ref, kv_len, bk, rules,
+                                  masked=masked)
+        m_new = softmax.running_max(m, s)
+        p = softmax.forward_probs(s, m_new)
+        alpha = softmax.rescale(m, m_new)
         l = l * alpha + jnp.sum(p, axis=1)
         v = v_ref[pl.ds(k_start, bk), :]
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
     acc = jnp.zeros((bq, o_ref.shape[-1]), jnp.float32)
-    m = jnp.full((bq,), MASK_VALUE, jnp.float32)
+    m = jnp.full((bq,), LOWEST, jnp.float32)
     l = jnp.zeros((bq,), jnp.float32)
     tiles = _kv_blocks(q_start, bq, bk, offset, q_len, kv_len, rules, has_segments=q_seg_ref is not None)
     acc, m, l = _three_phase_loop(*tiles, body, (acc, m, l))
 
-    live = (m > 0.5 * MASK_VALUE) & (q_start + jnp.arange(bq, dtype=jnp.int32) < q_len)
+    # A visible key with a finite logit adds about 2**-shift to l; masked ones add exp2(-inf) = 0.
+    live = (l > 0.0) & (q_start + jnp.arange(bq, dtype=jnp.int32) < q_len)
     l_safe = jnp.where(live, l, 1.0)
     o_ref[...] = jnp.where(live[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(live, m + jnp.log2(l_safe), DEAD_LSE)
+    for ref, stat in zip((lse_ref, r_ref), softmax.finish(m, l_safe, live)):
+        ref[...] = stat
 
 
 def _dkdv_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref,
-                 do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, rules: Rules, blocks: BlockSizes, num_q_blocks: int):
+                 do_ref, lse_ref, r_ref, delta_ref, dk_ref, dv_ref, *, rules: Rules, blocks: BlockSizes,
+                 num_q_blocks: int):
     bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
+    softmax = _Softmax.of(bias_ref, v_ref.dtype)
     k_start = pl.program_id(2) * bk
     offset, q_len, kv_len = offset_ref[...], q_len_ref[...], kv_len_ref[...]
     k = k_ref[...]
@@ -537,14 +563,15 @@ def _dkdv_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_seg_r
             q = q_ref[pl.ds(q_start, bq), g, :]
             do = do_ref[pl.ds(q_start, bq), g, :]
             lse = lse_ref[g, pl.ds(q_start, bq)]
+            r = r_ref[g, pl.ds(q_start, bq)] if r_ref is not None else None
             delta = delta_ref[g, pl.ds(q_start, bq)]
             bias = bias_ref[g if bias_ref.shape[0] > 1 else 0, pl.ds(q_start, bq), :] if bias_ref is not None else None
-            s2, t = _tile_logits(q, k, bias, rules)
+            s, t = _tile_logits(q, k, bias, rules)
             if masked:
                 q_pos = offset + q_start + jnp.arange(bq, dtype=jnp.int32)
                 q_seg = q_seg_ref[pl.ds(q_start, bq)] if q_seg_ref is not None else None
-                s2 = jnp.where(_tile_mask(q_pos, k_idx, kv_len, q_seg, kv_seg, rules), s2, MASK_VALUE)
-            p = jnp.exp2(s2 - lse[:, None])
+                s = jnp.where(_tile_mask(q_pos, k_idx, kv_len, q_seg, kv_seg, rules), s, -jnp.inf)
+            p = softmax.backward_probs(s, lse, r)
             dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
             dp = plgpu.dot(do, v, trans_b=True)
             ds = p * (dp - delta[:, None])
@@ -563,23 +590,25 @@ def _dkdv_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_seg_r
 
 
 def _dq_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref,
-               do_ref, lse_ref, delta_ref, dq_ref, *, rules: Rules, blocks: BlockSizes, num_q_blocks: int):
+               do_ref, lse_ref, r_ref, delta_ref, dq_ref, *, rules: Rules, blocks: BlockSizes, num_q_blocks: int):
     bq, bk = blocks.block_q_dq, blocks.block_k_dq
+    softmax = _Softmax.of(bias_ref, v_ref.dtype)
     q_start = _q_tile(pl.program_id(2), num_q_blocks, rules.is_causal) * bq
     offset, q_len, kv_len = offset_ref[...], q_len_ref[...], kv_len_ref[...]
     q = q_ref[...]
     do = do_ref[...]
     lse = lse_ref[...]
+    r = r_ref[...] if r_ref is not None else None
     delta = delta_ref[...]
     q_pos = offset + q_start + jnp.arange(bq, dtype=jnp.int32)
     q_seg = q_seg_ref[...] if q_seg_ref is not None else None
 
     def body(j, dq, *, masked):
         k_start = pl.multiple_of(j * bk, bk)
-        k, s2, t = _kv_tile_logits(q, q_pos, q_seg, k_start, k_ref, bias_ref, kv_seg_ref, kv_len, bk, rules,
-                                   masked=masked)
+        k, s, t = _kv_tile_logits(q, q_pos, q_seg, k_start, k_ref, bias_ref, kv_seg_ref, kv_len, bk, rules,
+                                  masked=masked)
         v = v_ref[pl.ds(k_start, bk), :]
-        p = jnp.exp2(s2 - lse[:, None])
+        p = softmax.backward_probs(s, lse, r)
         dp = plgpu.dot(do, v, trans_b=True)
         ds = p * (dp - delta[:, None])
         if t is not None:
@@ -600,20 +629,84 @@ def _cdiv(a, b: int):
     return lax.div(a + (b - 1), b)
 
 
-def _base2_logits(s, rules: Rules):
-    """Base-2 logits of raw ``q.k`` products, and ``tanh`` of the soft-cap (or None)."""
+@dataclasses.dataclass(frozen=True)
+class _Softmax:
+    """The online softmax of the three kernels: logit units, weight shift, row statistics.
+
+    Derivation and limits: `pallas_kernels.numerics`. ``shift`` is `prob_shift`
+    of the value dtype; every unnormalized forward weight is at most ``2**-shift``.
+
+    Without a bias (``natural=False``) the logits are base 2 (``log2(e)`` is
+    in the scale) and the shift is folded into the running max,
+    ``m = max(m, rowmax(s) + shift)``, ``p = exp2(s - m)``: the same work per
+    logit as with no shift. Row statistic: ``lse2 = m + log2(l)``, `DEAD_LSE`
+    for rows that see no key (the form `flash_backward` takes).
+
+    With a bias (``natural=True``) the logits are natural, ``m`` is the plain
+    running max and ``p = exp2((s - m) * log2(e) - shift)``. Row statistics:
+    the pair ``(m, r = shift + log2(l))``, ``(+inf, +inf)`` for rows that see no
+    key; the backward's ``exp2((s - m) * log2(e) - r)`` is the forward's
+    weight divided by ``l`` even where ``m + r ln 2`` would round ``r`` away.
+    """
+
+    natural: bool
+    shift: float
+
+    @classmethod
+    def of(cls, bias, value_dtype) -> "_Softmax":
+        return cls(natural=bias is not None, shift=prob_shift(value_dtype))
+
+    def running_max(self, m, s):
+        """The running max ``[bq]`` after logits ``s [bq, bk]``."""
+        top = jnp.max(s, axis=1)
+        return jnp.maximum(m, top + self.shift if self.shift and not self.natural else top)
+
+    def probs(self, s, m, r=None):
+        """``exp2`` of logits ``s`` against statistics ``m`` (and ``r``) broadcast to them."""
+        x = s - m
+        if self.natural:
+            x = x * LOG2E
+        return jnp.exp2(x if r is None else x - r)
+
+    def forward_probs(self, s, m):
+        """Unnormalized weights ``[bq, bk]`` of logits ``s`` against the running max ``m [bq]``."""
+        return self.probs(s, m[:, None], self.shift if self.natural and self.shift else None)
+
+    def backward_probs(self, s, lse, r):
+        """Normalized weights ``[bq, bk]`` from the forward's row statistics ``[bq]`` (``r`` None without a bias)."""
+        return self.probs(s, lse[:, None], None if r is None else r[:, None])
+
+    def rescale(self, m_old, m_new):
+        """The factor ``[bq]`` that moves sums over ``m_old`` onto ``m_new``."""
+        return self.probs(m_old, m_new)
+
+    def finish(self, m, l_safe, live):
+        """Row statistics ``(lse2,)`` or ``(m, r)`` of rows ``[bq]`` (``l_safe`` is 1 where not ``live``)."""
+        log_l = jnp.log2(l_safe)
+        if not self.natural:
+            return (jnp.where(live, m + log_l, DEAD_LSE),)
+        return jnp.where(live, m, jnp.inf), jnp.where(live, log_l + self.shift, jnp.inf)
+
+
+def _logits(qk, bias, rules: Rules):
+    """Logits of raw ``q.k`` products and ``tanh`` of the soft-cap (or None).
+
+    Base 2 without a bias; natural, plus the bias, with one (`_Softmax`).
+    """
+    unit = 1.0 if bias is not None else LOG2E
     if rules.soft_cap is None:
-        return s * (rules.scale * LOG2E), None
-    t = jnp.tanh(s * (rules.scale / rules.soft_cap))
-    return t * (rules.soft_cap * LOG2E), t
+        s, t = qk * (rules.scale * unit), None
+    else:
+        t = jnp.tanh(qk * (rules.scale / rules.soft_cap))
+        s = t * (rules.soft_cap * unit)
+    if bias is not None:
+        s = s + bias.astype(jnp.float32)
+    return s, t
 
 
 def _tile_logits(q, k, bias, rules: Rules):
-    """Base-2 logits ``[bq, bk]`` of a tile, and ``tanh`` of the soft-cap (or None)."""
-    s2, t = _base2_logits(plgpu.dot(q, k, trans_b=True), rules)
-    if bias is not None:
-        s2 = s2 + bias.astype(jnp.float32) * LOG2E
-    return s2, t
+    """Logits ``[bq, bk]`` of a tile (`_logits`), and ``tanh`` of the soft-cap (or None)."""
+    return _logits(plgpu.dot(q, k, trans_b=True), bias, rules)
 
 
 def _tile_mask(q_pos, k_idx, kv_len, q_seg, kv_seg, rules: Rules):
@@ -629,15 +722,15 @@ def _tile_mask(q_pos, k_idx, kv_len, q_seg, kv_seg, rules: Rules):
 
 def _kv_tile_logits(q, q_pos, q_seg, k_start, k_ref, bias_ref, kv_seg_ref, kv_len, block_k: int, rules: Rules, *,
                     masked: bool):
-    """One key tile of a query tile (forward and dQ): the key tile, its base-2 logits and the soft-cap tanh."""
+    """One key tile of a query tile (forward and dQ): the key tile, its logits (``-inf`` where masked), the tanh."""
     k = k_ref[pl.ds(k_start, block_k), :]
     bias = bias_ref[:, pl.ds(k_start, block_k)] if bias_ref is not None else None
-    s2, t = _tile_logits(q, k, bias, rules)
+    s, t = _tile_logits(q, k, bias, rules)
     if masked:
         k_idx = k_start + jnp.arange(block_k, dtype=jnp.int32)
         kv_seg = kv_seg_ref[pl.ds(k_start, block_k)] if kv_seg_ref is not None else None
-        s2 = jnp.where(_tile_mask(q_pos, k_idx, kv_len, q_seg, kv_seg, rules), s2, MASK_VALUE)
-    return k, s2, t
+        s = jnp.where(_tile_mask(q_pos, k_idx, kv_len, q_seg, kv_seg, rules), s, -jnp.inf)
+    return k, s, t
 
 
 def _full_block_range(blk_lo, blk_hi, full_first_pos, full_end_pos, block: int, *, has_segments: bool):

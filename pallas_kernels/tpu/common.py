@@ -16,7 +16,7 @@ from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.arguments import KERNEL_DTYPES
-from pallas_kernels.numerics import MASK_VALUE
+from pallas_kernels.numerics import LOWEST
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
@@ -70,19 +70,23 @@ def scaled_logits(q, k, scale: float, soft_cap: float | None, dims=NT_DIMS):
 
 
 def softmax_init(m_ref, l_ref, acc_ref) -> None:
-    m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
+    m_ref[...] = jnp.full(m_ref.shape, LOWEST, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
 
-def softmax_update(s, v, m_ref, l_ref, acc_ref) -> None:
+def softmax_update(s, v, m_ref, l_ref, acc_ref, shift: float = 0.0) -> None:
     """One online-softmax step over a tile of logits ``s [rows, cols]`` and values ``v [cols, Hv]``.
 
-    Masked logits are ``-inf``; the running max starts at the finite
-    ``MASK_VALUE``, so they contribute ``exp(-inf) = 0`` and never NaN.
+    Masked logits are ``-inf``; the running max starts at the lowest finite
+    float32 (`LOWEST`), so they contribute ``exp(-inf) = 0`` and never NaN,
+    and any finite logit (a huge finite bias too) counts. ``shift`` (natural
+    units) is folded into the running max, ``m = max(m, rowmax(s) + shift)``:
+    every weight is at most ``exp(-shift)`` (`pallas_kernels.numerics`).
     """
     m_prev, l_prev = m_ref[...], l_ref[...]
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
+    top = jnp.max(s, axis=-1, keepdims=True)
+    m_next = jnp.maximum(m_prev, top + shift if shift else top)
     p = jnp.exp(s - lanes(m_next, s.shape[-1]))
     alpha = jnp.exp(m_prev - m_next)
     l_ref[...] = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
@@ -91,10 +95,16 @@ def softmax_update(s, v, m_ref, l_ref, acc_ref) -> None:
 
 
 def softmax_finish(m_ref, l_ref, acc_ref):
-    """``(output [rows, Hv], lse [rows, 128])`` in float32; rows that saw no key give 0 and ``lse = inf``."""
+    """``(output [rows, Hv], (m, log_l))`` in float32, the row statistics ``[rows, 128]`` each.
+
+    ``m + log_l`` is the log-sum-exp; kept apart, ``exp((s - m) - log_l)`` is
+    the normalized weight even where ``|m|`` is so large that ``m + log_l``
+    rounds ``log_l`` away. Rows that saw no key give 0 and ``m = log_l = inf``.
+    """
     l = l_ref[...]
     empty = l == 0.0
     inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l))
     out = acc_ref[...] * lanes(inv, acc_ref.shape[-1])
-    lse = jnp.where(empty, jnp.inf, m_ref[...] + jnp.log(jnp.where(empty, 1.0, l)))
-    return out, lse
+    m = jnp.where(empty, jnp.inf, m_ref[...])
+    log_l = jnp.where(empty, jnp.inf, jnp.log(jnp.where(empty, 1.0, l)))
+    return out, (m, log_l)

@@ -31,6 +31,13 @@ read ``[B, T, N*H]`` views of the BTNH arrays (no transposes); with 64 they
 read ``[B, N, T, H]`` transposes. Sequences of any length are zero-padded to
 whole tiles and the padding is masked as invalid positions. float16 inputs run
 in float32; bfloat16 and float32 run natively with float32 softmax statistics.
+
+Numerics (`pallas_kernels.numerics`): masked logits are ``-inf`` and running
+maxima start at the lowest finite float32, so a finite bias of any size acts
+as a bias; the running max carries the shift ``PROB_SHIFT * ln 2``, so the
+float32 accumulator of ``p @ v`` cannot overflow. The forward keeps the row
+statistics ``(m, log(l))`` apart; the backward takes their sum (the
+log-sum-exp) without a bias and the pair with one.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.arguments import check_bias, check_qkv, pad_axis, round_up
+from pallas_kernels.numerics import LN2, PROB_SHIFT
 from pallas_kernels.residuals import forward_only, from_tpu
 from pallas_kernels.rules import Rules
 from pallas_kernels.tpu.common import (
@@ -67,6 +75,8 @@ from pallas_kernels.tpu.common import (
 NATIVE_SMALL_HEAD_DIMS = (64,)
 _INT32_MAX = jnp.iinfo(jnp.int32).max
 _INT32_MIN = jnp.iinfo(jnp.int32).min
+# The weight shift in natural units: the kernels compute in bfloat16 or float32, never float16.
+_SHIFT = PROB_SHIFT * LN2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,9 +261,9 @@ def flash_attention_core(query, key, value, rules: Rules, *, bias=None, block_si
     )
     q, k, v = prepare(query, T_pad, H_pad), prepare(key, S_pad, H_pad), prepare(value, S_pad, Hv_pad)
     if return_residuals:
-        out, lse = _forward(st, *forward_only((q, k, v, bias)), rows)
+        out, (m, log_l) = _forward(st, *forward_only((q, k, v, bias)), rows)
         out = _from_kernel_layout(out, heads_minor, N)[:, :T, :, :Hv].astype(query.dtype)
-        return out, from_tpu(lse[:, :, :T])
+        return out, from_tpu(m + log_l)[:, :, :T]
     out = _flash(st, q, k, v, bias, rows)
     return _from_kernel_layout(out, heads_minor, N)[:, :T, :, :Hv].astype(query.dtype)
 
@@ -276,16 +286,16 @@ def _flash_fwd(st: _Static, q, k, v, bias, rows):
     # the bias gradient (a [B, N, T, S] array) is only computed when the bias is differentiated.
     dbias_wanted = bias is not None and bias.perturbed
     q, k, v, bias, rows = _primal_values((q, k, v, bias, rows))
-    out, lse = _forward(st, q, k, v, bias, rows)
+    out, stats = _forward(st, q, k, v, bias, rows)
     # The bias appears twice when its gradient is wanted: the pytree structure carries the flag.
-    return out, (q, k, v, bias, rows, out, lse, bias if dbias_wanted else None)
+    return out, (q, k, v, bias, rows, out, stats, bias if dbias_wanted else None)
 
 
 def _flash_bwd(st: _Static, residuals, do):
-    q, k, v, bias, rows, out, lse, dbias_wanted = residuals
+    q, k, v, bias, rows, out, stats, dbias_wanted = residuals
     if isinstance(do, SymbolicZero):
         do = jnp.zeros(do.shape, do.dtype)
-    dq, dk, dv, dbias = _backward(st, q, k, v, bias, rows, out, lse, do, dbias_wanted is not None)
+    dq, dk, dv, dbias = _backward(st, q, k, v, bias, rows, out, stats, do, dbias_wanted is not None)
     return dq, dk, dv, dbias, None
 
 
@@ -347,7 +357,10 @@ def _q_major_call(st: _Static, kernel, name: str, rows: Rules, q, k, v, bias, *,
 
 
 def _forward(st: _Static, q, k, v, bias, rows: Rules):
-    """Output (kernel layout) and log-sum-exp ``[B, N, T_pad]`` float32 (``inf`` on rows with no key)."""
+    """Output (kernel layout) and the row statistics ``(m, log_l)`` of `softmax_finish`, ``[B, N, T_pad]`` each.
+
+    ``m + log_l`` is the log-sum-exp (``inf`` on rows with no key).
+    """
     B, N, _, T_pad, _ = _dims(st, q, k)
     bq, bk, Hv = st.blocks.block_q, st.blocks.block_k, st.value_head_dim
     out, lse = _q_major_call(
@@ -360,18 +373,22 @@ def _forward(st: _Static, q, k, v, bias, rows: Rules):
         scratch=[pltpu.VMEM((bq, NUM_LANES), jnp.float32), pltpu.VMEM((bq, NUM_LANES), jnp.float32),
                  pltpu.VMEM((bq, Hv), jnp.float32)],
     )
-    return out, lse[..., 0]
+    return out, (lse[..., 0], lse[..., 1])
 
 
-def _backward(st: _Static, q, k, v, bias, rows: Rules, out, lse, do, dbias_wanted: bool):
+def _backward(st: _Static, q, k, v, bias, rows: Rules, out, stats, do, dbias_wanted: bool):
     B, N, K, T_pad, S_pad = _dims(st, q, k)
     G, H, Hv = st.num_groups, st.head_dim, st.value_head_dim
     bq, bk = st.blocks.block_q_bwd, st.blocks.block_k_bwd
     nq, nk = T_pad // bq, S_pad // bk
     di = jnp.sum(_from_kernel_layout(out, st.heads_minor, N).astype(jnp.float32)
                  * _from_kernel_layout(do, st.heads_minor, N).astype(jnp.float32), axis=-1)  # [B, T, N]
-    # Row statistics [B, N, 1, T_pad]: query ids along lanes.
+    # Row statistics [B, N, 1, T_pad]: query ids along lanes. Without a bias |m| is moderate and
+    # one statistic, the log-sum-exp, does; with one the kernels take m and log(l) apart.
+    m, log_l = stats
+    lse, r = (m + log_l, None) if bias is None else (m, log_l)
     lse_rows, di_rows = lse[:, :, None, :], di.transpose(0, 2, 1)[:, :, None, :]
+    r_rows = None if r is None else r[:, :, None, :]
 
     # dQ (and the bias gradient): grid (B, N, q_tiles, kv_steps).
     stat_spec = pl.BlockSpec((None, None, 1, bq), lambda b, n, i, j, *_: (b, n, 0, i))
@@ -382,7 +399,8 @@ def _backward(st: _Static, q, k, v, bias, rows: Rules, out, lse, do, dbias_wante
         dbias_shape = jax.ShapeDtypeStruct((B, N, T_pad, S_pad), bias.dtype)
     dq, dbias = _q_major_call(
         st, _dq_kernel, "gqa_flash_dq", rows, q, k, v, bias, block_q=bq, block_k=bk, dense=dbias_wanted,
-        extra_specs=(stat_spec, stat_spec, q_tile_spec(width=Hv)), extra_args=(lse_rows, di_rows, do),
+        extra_specs=(stat_spec, None if r is None else stat_spec, stat_spec, q_tile_spec(width=Hv)),
+        extra_args=(lse_rows, r_rows, di_rows, do),
         out_specs=[q_tile_spec(width=H), dbias_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), dbias_shape],
         scratch=[pltpu.VMEM((bq, H), jnp.float32)],
@@ -409,7 +427,7 @@ def _backward(st: _Static, q, k, v, bias, rows: Rules, out, lse, do, dbias_wante
     else:
         in_specs += [None, None]
     stat_spec = pl.BlockSpec((None, None, 1, bq), lambda *a: q_index(*a)[:2] + (0, q_index(*a)[2]))
-    in_specs += [stat_spec, stat_spec, _head_spec(st, bq, Hv, q_index)]
+    in_specs += [stat_spec, None if r is None else stat_spec, stat_spec, _head_spec(st, bq, Hv, q_index)]
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, st=st),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -424,7 +442,8 @@ def _backward(st: _Static, q, k, v, bias, rows: Rules, out, lse, do, dbias_wante
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
         interpret=st.interpret,
         name="gqa_flash_dkdv",
-    )(rows.q_offset, rows.q_len, rows.kv_len, start, count, q, k, v, bias, q_seg, kv_seg, lse_rows, di_rows, do)
+    )(rows.q_offset, rows.q_len, rows.kv_len, start, count, q, k, v, bias, q_seg, kv_seg, lse_rows, r_rows, di_rows,
+      do)
 
     if dbias is not None:
         shared = tuple(axis for axis in (0, 1) if bias.shape[axis] == 1)
@@ -544,20 +563,21 @@ def _forward_kernel(*refs, st: _Static):
         bias = None if bias_ref is None else bias_ref[...].astype(jnp.float32)
         s, _ = _tile_logits(st, tile, q_ref[...], k_ref[...], bias,
                             lambda: (lanes(q_seg_ref[...], block_k), kv_seg_ref[:1, :]), masked)
-        softmax_update(s, v_ref[...], m_ref, l_ref, acc_ref)
+        softmax_update(s, v_ref[...], m_ref, l_ref, acc_ref, shift=_SHIFT)
 
     _when_visible(st, run, tile, block_q, block_k, compute)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
-        out, lse = softmax_finish(m_ref, l_ref, acc_ref)
+        out, (m, log_l) = softmax_finish(m_ref, l_ref, acc_ref)
         o_ref[...] = out.astype(o_ref.dtype)
-        lse_ref[...] = lse
+        # Lane 0 holds m, lane 1 log(l).
+        lse_ref[...] = jnp.where(jax.lax.broadcasted_iota(jnp.int32, m.shape, 1) == 0, m, log_l)
 
 
 def _dq_kernel(*refs, st: _Static):
     row_refs, (start_ref, count_ref) = refs[:3], refs[3:5]
-    (q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, lse_ref, di_ref, do_ref,
+    (q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, lse_ref, r_ref, di_ref, do_ref,
      dq_ref, dbias_ref, acc_ref) = refs[5:]
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     block_q, block_k = q_ref.shape[0], k_ref.shape[0]
@@ -572,7 +592,7 @@ def _dq_kernel(*refs, st: _Static):
         bias = None if bias_ref is None else bias_ref[...].astype(jnp.float32)
         s, t = _tile_logits(st, tile, q_ref[...], k, bias,
                             lambda: (lanes(q_seg_ref[...], block_k), kv_seg_ref[:1, :]), masked)
-        p = jnp.exp(s - lse_ref[0][:, None])
+        p = _probs(s, lse_ref[0][:, None], None if r_ref is None else r_ref[0][:, None])
         ds = p * (dot(do_ref[...], v_ref[...], NT_DIMS) - di_ref[0][:, None])
         if dbias_ref is not None:
             dbias_ref[...] = ds.astype(dbias_ref.dtype)
@@ -590,7 +610,7 @@ def _dq_kernel(*refs, st: _Static):
 def _dkv_kernel(*refs, st: _Static):
     # Tiles are transposed: keys along sublanes (rows), queries along lanes.
     row_refs, (start_ref, count_ref) = refs[:3], refs[3:5]
-    (q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, lse_ref, di_ref, do_ref,
+    (q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, lse_ref, r_ref, di_ref, do_ref,
      dk_ref, dv_ref, dk_acc_ref, dv_acc_ref) = refs[5:]
     b, jk, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
     block_q, block_k = q_ref.shape[0], k_ref.shape[0]
@@ -606,7 +626,7 @@ def _dkv_kernel(*refs, st: _Static):
         bias = None if bias_ref is None else bias_ref[...].astype(jnp.float32).T
         s, t = _tile_logits(st, tile, k_ref[...], q, bias,
                             lambda: (q_seg_ref[:1, :], lanes(kv_seg_ref[...], block_q)), masked, q_axis=1)
-        p = jnp.exp(s - lse_ref[...])
+        p = _probs(s, lse_ref[...], None if r_ref is None else r_ref[...])
         dv_acc_ref[...] += dot(p.astype(do.dtype), do)
         ds = p * (dot(v_ref[...], do, NT_DIMS) - di_ref[...])
         if t is not None:
@@ -623,6 +643,12 @@ def _dkv_kernel(*refs, st: _Static):
 
 # ---------------------------------------------------------------------------
 # Tile rules, used inside the kernels.
+
+
+def _probs(s, lse, r):
+    """The forward's normalized weights: ``exp(s - lse)``, or ``exp((s - m) - log_l)`` from the pair (bias)."""
+    x = s - lse
+    return jnp.exp(x if r is None else x - r)
 
 
 class _Tile(NamedTuple):
