@@ -1,20 +1,36 @@
-"""Autoregressive generation with a `gqa_jax.models.Decoder`: ragged prefill, then a jitted loop.
+"""Autoregressive generation: ragged prefill, then a jitted loop, for any model that follows a small protocol.
 
 `generate` writes every row's prompt (right-padded, per-row lengths) into the
-decoder's `gqa_jax.KVCache` in one forward pass, samples the first new token
-from each row's last prompt position, then runs a ``lax.while_loop`` that feeds
-one token per row per step through the cache until every row has produced its
-end token or ``max_new_tokens`` tokens. The whole thing is one ``jax.jit``
-call that compiles once per shape and sampling setting; the cache is donated
-to it, so the loop updates its buffers in place instead of copying them.
+model's cache in one forward pass, samples the first new token from each
+row's last prompt position, then runs a ``lax.while_loop`` that feeds one
+token per row per step through the cache until every row has produced its end
+token or ``max_new_tokens`` tokens. The whole thing is one ``jax.jit`` call
+that compiles once per shape and sampling setting; the cache is donated to it,
+so the loop updates its buffers in place instead of copying them.
 
 `generate_without_cache` produces the same tokens by recomputing the full
 causal forward pass over the whole sequence at every step: the baseline that
 the cache is measured against (and the oracle of the cache's tests).
 
-Both take the linen `gqa_jax.models.Decoder` with its ``params``, or a
-`gqa_jax.nnx.Decoder` with ``params=None``: the two have one parameter tree,
-so the NNX model's weights run through the same jitted loop.
+The protocol. ``model`` is hashable (it is a static argument of ``jax.jit``;
+flax linen modules are) and has
+
+* ``model.apply(variables, tokens, cache, num_new=num_new) -> (logits, cache)``
+  with ``variables = {"params": params}``: int32 ``tokens [B, T]`` continue
+  each row after the tokens already in ``cache`` (any pytree); only the first
+  ``num_new[b]`` (int32 ``[B]``; None: all ``T``) tokens of row ``b`` are
+  real. ``logits [B, T, V]`` are floats; the returned cache has the input's
+  structure, shapes and dtypes.
+* ``model.init_cache(batch_size, max_length) -> cache``: an empty cache for
+  ``max_length`` tokens per row (needed only when ``generate`` gets no
+  ``cache=``).
+* for `generate_without_cache`: ``model.apply(variables, tokens) -> logits
+  [B, T, V]``, causal.
+
+`gqa_jax.models.Decoder` follows it; a `gqa_jax.nnx.Decoder` (with
+``params=None``) runs through the linen definition with its own weights (the
+two have one parameter tree). Another model gets a ``TypeError`` naming what
+it lacks or what its ``apply`` returned.
 
 Example::
 
@@ -37,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_jax.kv_cache import KVCache
-from gqa_jax.models import Cache, Decoder, check_token_ids, init_cache
+from gqa_jax.models import Decoder, check_token_ids
 from gqa_jax.nnx.decoder import linen_decoder
 from gqa_jax.request import concrete_value
 from pallas_kernels.arguments import positive_int
@@ -135,17 +151,33 @@ class Generation:
 
     tokens: Array
     num_generated: Array
-    cache: Cache | None
+    cache: object
 
 
-def _check_prompt(model, prompt, prompt_lengths, max_new_tokens: int, sampling) -> tuple[Array, Array]:
-    """``prompt`` int32 ``[B, P]`` and its lengths int32 ``[B]`` (default ``P``), after checking them and the settings.
+PROTOCOL = (
+    "apply(variables, tokens, cache, num_new=...) -> (logits [B,T,V], cache), and init_cache(batch_size, "
+    "max_length) unless cache= is given (gqa_jax.decoding's docstring)"
+)
 
-    Token ids of the real prompt tokens (not the padding) are checked against
-    the vocabulary when their values are known here.
-    """
-    if not isinstance(model, Decoder):
-        raise TypeError(f"model must be a gqa_jax.models.Decoder, got model of type {type(model).__name__}")
+
+def _check_model(model, *, needs_init_cache: bool) -> None:
+    """Raises ``TypeError`` unless ``model`` has the protocol's methods (``init_cache`` only when it is needed)."""
+    missing = [name for name, needed in (("apply", True), ("init_cache", needs_init_cache))
+               if needed and not callable(getattr(model, name, None))]
+    if missing:
+        raise TypeError(
+            f"model must follow the decoding protocol ({PROTOCOL}), e.g. a gqa_jax.models.Decoder; got model of "
+            f"type {type(model).__name__} without {' or '.join(missing)}"
+        )
+    try:
+        hash(model)
+    except TypeError as error:
+        raise TypeError(f"model must be hashable (a static argument of jax.jit), got model of type "
+                        f"{type(model).__name__}: {error}") from None
+
+
+def _check_prompt(prompt, prompt_lengths, max_new_tokens: int, sampling) -> tuple[Array, Array]:
+    """``prompt`` int32 ``[B, P]`` and its lengths int32 ``[B]`` (default ``P``), checked with the settings."""
     if not isinstance(sampling, Sampling):
         raise TypeError(f"sampling must be a gqa_jax.decoding.Sampling, got {sampling=}")
     prompt_BP = jnp.asarray(prompt)
@@ -168,23 +200,73 @@ def _check_prompt(model, prompt, prompt_lengths, max_new_tokens: int, sampling) 
         values = concrete_value(lengths_B)
         if values is not None and ((values < 1) | (values > P)).any():
             raise ValueError(f"prompt_lengths must be in [1, P={P}], got prompt_lengths={values.tolist()}")
-    check_token_ids("prompt", prompt_BP, model.config.vocab_size, lengths_B)
     return prompt_BP.astype(jnp.int32), lengths_B.astype(jnp.int32)
 
 
-def _check_cache(cache, config, batch_size: int) -> None:
-    """Raises unless ``cache`` is one `KVCache` per layer of ``config``, for ``batch_size`` rows."""
-    if not isinstance(cache, (tuple, list)) or not all(isinstance(c, KVCache) for c in cache):
-        raise TypeError(f"cache must be a tuple of KVCache (gqa_jax.models.init_cache), got {type(cache).__name__}")
-    if len(cache) != config.num_layers:
-        raise ValueError(f"cache must hold one KVCache per layer: len(cache)={len(cache)} != {config.num_layers=}")
-    expected = (batch_size, config.num_kv_heads, config.head_dim)
-    for i, layer in enumerate(cache):
-        got = (layer.key.shape[0], layer.key.shape[2], layer.key.shape[3])
-        if got != expected:
+def _vocab_size(model, params, prompt_BP: Array, lengths_B: Array, cache=None) -> int:
+    """``V`` of the model's logits: a `Decoder`'s config, or the shapes of one prefill call (traced, not run).
+
+    Raises:
+      TypeError: naming what ``model.apply`` returned, unless it is ``(logits
+        [B, P, V] float, cache)`` with the input cache's structure, shapes and
+        dtypes (``logits [B, P, V]`` alone without a cache).
+    """
+    if isinstance(model, Decoder):
+        return model.config.vocab_size  # its shapes are checked by its own calls; no extra trace
+    B, P = prompt_BP.shape
+    if cache is None:
+        logits = jax.eval_shape(lambda p, t: model.apply({"params": p}, t), params, prompt_BP)
+        new_cache = None
+    else:
+        out = jax.eval_shape(lambda p, t, c, n: model.apply({"params": p}, t, c, num_new=n), params, prompt_BP,
+                             cache, lengths_B)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(f"model.apply(variables, tokens, cache, num_new=...) must return (logits, cache), got "
+                            f"{jax.tree.map(lambda x: x.shape, out)}")
+        logits, new_cache = out
+        given = jax.tree.map(lambda x: (x.shape, x.dtype), cache)
+        returned = jax.tree.map(lambda x: (x.shape, x.dtype), new_cache)
+        if jax.tree.structure(cache) != jax.tree.structure(new_cache) or given != returned:
+            raise TypeError(f"model.apply must return a cache of the structure, shapes and dtypes it got: given "
+                            f"{given}, returned {returned}")
+    if not (hasattr(logits, "shape") and len(logits.shape) == 3 and logits.shape[:2] == (B, P)
+            and jnp.issubdtype(logits.dtype, jnp.floating)):
+        raise TypeError(f"model.apply must return float logits [B,P,V] with (B, P)={(B, P)}, got "
+                        f"{jax.tree.map(lambda x: (x.shape, x.dtype), logits)}")
+    return int(logits.shape[2])
+
+
+def _check_cache(model, cache, batch_size: int, prompt_length: int, max_new_tokens: int) -> None:
+    """Raises unless a `Decoder`'s cache is one `KVCache` per layer for ``batch_size`` rows, and every `KVCache`
+    in ``cache`` has room for ``prompt_length + max_new_tokens`` more tokens per row."""
+    if isinstance(model, Decoder):
+        config = model.config
+        if not isinstance(cache, (tuple, list)) or not all(isinstance(c, KVCache) for c in cache):
+            raise TypeError(
+                f"cache must be a tuple of KVCache (gqa_jax.models.init_cache), got {type(cache).__name__}"
+            )
+        if len(cache) != config.num_layers:
             raise ValueError(
-                f"cache[{i}].key must have shape [B,S,K,H]=({batch_size}, S, {config.num_kv_heads}, "
-                f"{config.head_dim}) for this prompt and model, got cache[{i}].key.shape={tuple(layer.key.shape)}"
+                f"cache must hold one KVCache per layer: len(cache)={len(cache)} != {config.num_layers=}"
+            )
+        expected = (batch_size, config.num_kv_heads, config.head_dim)
+        for i, layer in enumerate(cache):
+            got = (layer.key.shape[0], layer.key.shape[2], layer.key.shape[3])
+            if got != expected:
+                raise ValueError(
+                    f"cache[{i}].key must have shape [B,S,K,H]=({batch_size}, S, {config.num_kv_heads}, "
+                    f"{config.head_dim}) for this prompt and model, got cache[{i}].key.shape={tuple(layer.key.shape)}"
+                )
+    for layer in jax.tree.leaves(cache, is_leaf=lambda x: isinstance(x, KVCache)):
+        if not isinstance(layer, KVCache):
+            continue
+        used = concrete_value(layer.lengths)
+        used = 0 if used is None else int(used.max())
+        if used + prompt_length + max_new_tokens > layer.capacity:
+            raise ValueError(
+                f"the cache cannot hold the prompts and new tokens: cache lengths (max {used}) + prompt length "
+                f"P={prompt_length} + {max_new_tokens=} = {used + prompt_length + max_new_tokens} > cache "
+                f"capacity={layer.capacity}"
             )
 
 
@@ -294,32 +376,34 @@ def _generate_uncached(model, params, prompt_BP, lengths_B, rng, end_token, pad_
 
 
 def generate(
-    model: Decoder,
+    model,
     params,
     prompt,
     prompt_lengths=None,
     *,
     max_new_tokens: int,
-    cache: Cache | None = None,
+    cache=None,
     sampling: Sampling = Sampling(),
     end_token: int | None = None,
     pad_token: int = 0,
     rng=None,
 ) -> Generation:
-    """Generates up to ``max_new_tokens`` tokens per row through a KV cache.
+    """Generates up to ``max_new_tokens`` tokens per row through the model's cache.
 
     Args:
-      model: the `Decoder`, or a `gqa_jax.nnx.Decoder` (run through the linen
-        definition with its own weights: the same parameter tree).
-      params: the linen model's ``params`` collection; None for an NNX model.
+      model: a model of the protocol (module docstring), e.g. the
+        `gqa_jax.models.Decoder`, or a `gqa_jax.nnx.Decoder` (run through the
+        linen definition with its own weights: the same parameter tree).
+      params: the model's ``params`` collection (``apply`` gets ``{"params":
+        params}``); None for an NNX model.
       prompt: int ``[B, P]`` prompts, right-padded (the padding may hold any int).
       prompt_lengths: optional int ``[B]`` real prompt lengths, each in
         ``[1, P]``; default ``P``.
       max_new_tokens: the most tokens generated per row.
-      cache: optional cache from `gqa_jax.models.init_cache` (empty, or
-        holding earlier tokens that the prompts continue). It is donated: do
-        not use it after the call; use ``Generation.cache``. Default: a new
-        one of capacity ``P + max_new_tokens``.
+      cache: optional cache (for a `Decoder`: from `gqa_jax.models.init_cache`),
+        empty or holding earlier tokens that the prompts continue. It is
+        donated: do not use it after the call; use ``Generation.cache``.
+        Default: ``model.init_cache(B, P + max_new_tokens)``.
       sampling: greedy by default.
       end_token: a row stops after producing it (None: rows run to
         ``max_new_tokens``).
@@ -330,32 +414,30 @@ def generate(
       A `Generation`.
 
     Raises:
-      ValueError: for bad prompts or lengths, or a cache that cannot hold
-        ``P + max_new_tokens`` more tokens per row.
-      TypeError: an NNX model with ``params``.
+      ValueError: for bad prompts or lengths, token ids outside the model's
+        vocabulary, or a `gqa_jax.KVCache` that cannot hold ``P +
+        max_new_tokens`` more tokens per row.
+      TypeError: for a model outside the protocol (naming what it lacks or
+        what its ``apply`` returned), or an NNX model with ``params``.
     """
     model, params = linen_decoder(model, params)
-    prompt_BP, lengths_B = _check_prompt(model, prompt, prompt_lengths, max_new_tokens, sampling)
+    _check_model(model, needs_init_cache=cache is None)
+    prompt_BP, lengths_B = _check_prompt(prompt, prompt_lengths, max_new_tokens, sampling)
     B, P = prompt_BP.shape
     if cache is None:
-        cache = init_cache(model.config, B, P + max_new_tokens)
-    _check_cache(cache, model.config, B)
-    used = concrete_value(cache[0].lengths)
-    used = 0 if used is None else int(used.max())
-    if used + P + max_new_tokens > cache[0].capacity:
-        raise ValueError(
-            f"the cache cannot hold the prompts and new tokens: cache lengths (max {used}) + prompt length P={P} "
-            f"+ {max_new_tokens=} = {used + P + max_new_tokens} > cache capacity={cache[0].capacity}"
-        )
+        cache = model.init_cache(B, P + max_new_tokens)
+    _check_cache(model, cache, B, P, max_new_tokens)
+    cache = tuple(cache) if isinstance(cache, list) else cache
+    vocab_size = _vocab_size(model, params, _zero_padding(prompt_BP, lengths_B), lengths_B, cache)
+    check_token_ids("prompt", prompt_BP, vocab_size, lengths_B)
     return _generate_cached(
-        model, params, prompt_BP, lengths_B, tuple(cache), _check_rng(rng, sampling),
-        *_token_ids(end_token, pad_token, model.config.vocab_size), max_new_tokens=int(max_new_tokens),
-        sampling=sampling,
+        model, params, prompt_BP, lengths_B, cache, _check_rng(rng, sampling),
+        *_token_ids(end_token, pad_token, vocab_size), max_new_tokens=int(max_new_tokens), sampling=sampling,
     )
 
 
 def generate_without_cache(
-    model: Decoder,
+    model,
     params,
     prompt,
     prompt_lengths=None,
@@ -370,12 +452,15 @@ def generate_without_cache(
 
     Same arguments (no cache) and, for the same ``rng``, the same tokens as
     `generate` up to floating-point rounding; quadratically more work. It is
-    the baseline that cached decoding is measured against.
+    the baseline that cached decoding is measured against. The model needs
+    only ``model.apply(variables, tokens) -> logits [B, T, V]``.
     """
     model, params = linen_decoder(model, params)
-    prompt_BP, lengths_B = _check_prompt(model, prompt, prompt_lengths, max_new_tokens, sampling)
+    _check_model(model, needs_init_cache=False)
+    prompt_BP, lengths_B = _check_prompt(prompt, prompt_lengths, max_new_tokens, sampling)
+    vocab_size = _vocab_size(model, params, _zero_padding(prompt_BP, lengths_B), lengths_B)
+    check_token_ids("prompt", prompt_BP, vocab_size, lengths_B)
     return _generate_uncached(
         model, params, prompt_BP, lengths_B, _check_rng(rng, sampling),
-        *_token_ids(end_token, pad_token, model.config.vocab_size), max_new_tokens=int(max_new_tokens),
-        sampling=sampling,
+        *_token_ids(end_token, pad_token, vocab_size), max_new_tokens=int(max_new_tokens), sampling=sampling,
     )

@@ -303,7 +303,7 @@ CLASSES = [
              _generation(sampling={"temperature": 1.0})),
     BadInput("top_k_past_vocab", ValueError, r"top_k=50 must be <= the vocabulary size V=11",
              _generation(sampling=Sampling(1.0, top_k=50), rng=jax.random.key(0))),
-    BadInput("model_type", TypeError, r"model must be a gqa_jax.models.Decoder, got model of type str",
+    BadInput("model_type", TypeError, r"model must follow the decoding protocol .*got model of type str without apply",
              _generation(model="llama")),
     BadInput("sampling_settings", ValueError, r"(temperature|top_k|top_p) must be .*got \1=(nan|inf|True)", {
         "Sampling(temperature=nan)": lambda: Sampling(temperature=float("nan")),

@@ -214,7 +214,7 @@ class Block(nn.Module):
 
 
 def embed_tokens(config: DecoderConfig, embedding_VD, tokens_BT) -> Array:
-    """``embedding[tokens]`` in ``config.dtype``, times ``sqrt(D)`` (rounded to that dtype) with ``scale_embeddings``."""
+    """``embedding[tokens]`` in ``config.dtype``; times ``sqrt(D)`` (in that dtype) with ``scale_embeddings``."""
     x_BTD = jnp.take(jnp.asarray(embedding_VD, config.dtype), tokens_BT, axis=0)
     if config.scale_embeddings:
         x_BTD = x_BTD * jnp.asarray(np.sqrt(config.model_dim), config.dtype)
@@ -335,7 +335,8 @@ def check_token_ids(name: str, tokens_BT, vocab_size: int, num_real=None) -> Non
     if bad.any():
         row, col = map(int, np.argwhere(bad)[0])
         raise ValueError(
-            f"{name} token ids must be in [0, vocab_size={vocab_size}), got {name}[{row}, {col}]={int(tokens[row, col])}"
+            f"{name} token ids must be in [0, vocab_size={vocab_size}), "
+            f"got {name}[{row}, {col}]={int(tokens[row, col])}"
         )
 
 
