@@ -22,6 +22,11 @@ class TestTritonFlashInterpret(FlashKernelCases):
     def flash(self, q, k, v, bias=None, **rules):
         return flash_attention(q, k, v, bias=bias, interpret=True, **rules)
 
+    @pytest.mark.slow  # backward kernels in interpret mode: each case compiles and runs several seconds on a CPU
+    @pytest.mark.parametrize("case", GRAD_CASES, ids=str)
+    def test_gradients(self, case):
+        super().test_gradients(case)
+
 
 @pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU to run the compiled Triton kernels")
 class TestTritonFlashCompiled(FlashKernelCases):

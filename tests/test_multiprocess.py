@@ -97,6 +97,7 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow  # ~40 s of CPU (80 s wall on a loaded 2-core machine): two processes compile every step
+@pytest.mark.slow  # two JAX processes and one reference process
 def test_two_processes_of_four_cpu_devices_equal_one_process():
     outputs = run_processes_on_cpu_devices(SCRIPT, num_processes=2, devices_per_process=4)
     for output in outputs:

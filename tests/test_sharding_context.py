@@ -78,6 +78,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 4 simulated devices in a subprocess
 def test_context_parallel_equals_unsharded_on_4_devices():
     result = run_on_cpu_devices(SCRIPT, 4)
     assert result.stdout.count("ok ") == 17, result.stdout

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import tpu
-from tests.kernel_cases import GRAD_TOLERANCE, DecodeKernelCases, FlashKernelCases, assert_close
+from tests.kernel_cases import GRAD_CASES, GRAD_TOLERANCE, DecodeKernelCases, FlashKernelCases, assert_close
 from tests.reference import reference_attention
 
 # Small tiles, so that the short sequences of the cases span several of them; the
@@ -56,6 +56,11 @@ class TestFlashInterpret(FlashKernelCases):
     def flash(self, q, k, v, bias=None, **rules):
         blocks = LONG_BLOCKS if min(q.shape[1], k.shape[1]) > LONG else SMALL_BLOCKS
         return _flash(q, k, v, bias, rules, block_sizes=blocks, interpret=True)
+
+    @pytest.mark.slow  # backward kernels in interpret mode: each case compiles and runs several seconds on a CPU
+    @pytest.mark.parametrize("case", GRAD_CASES, ids=str)
+    def test_gradients(self, case):
+        super().test_gradients(case)
 
 
 @NEEDS_TPU
@@ -120,6 +125,7 @@ def _random(rng, *shapes):
     return [jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in shapes]
 
 
+@pytest.mark.slow  # a forward and backward pass in interpret mode
 def test_flash_never_reads_invisible_tiles():
     # Every visible key of both rows lies in the key tile [128, 256); the other tiles hold NaN.
     # Were any of them computed, NaN would reach the output or the gradients.
@@ -150,6 +156,7 @@ def test_decode_never_reads_past_lengths_or_before_window():
     assert_close(out, ref, "float32")
 
 
+@pytest.mark.slow  # a backward pass in interpret mode
 def test_flash_bias_gradient_with_shared_batch():
     B, T, S, N, K, H = 2, 40, 150, 4, 2, 64
     q, k, v, cotangent = _random(np.random.default_rng(9), (B, T, N, H), (B, S, K, H), (B, S, K, H), (B, T, N, H))
@@ -165,6 +172,7 @@ def test_flash_bias_gradient_with_shared_batch():
         assert_close(g, np.asarray(e), "float32", GRAD_TOLERANCE["float32"], what=name)
 
 
+@pytest.mark.slow  # a backward pass in interpret mode
 def test_decode_gradients_match_xla():
     B, T, S, N, K, H = 2, 3, 200, 4, 2, 64
     q, k, v, cotangent = _random(np.random.default_rng(11), (B, T, N, H), (B, S, K, H), (B, S, K, H), (B, T, N, H))
