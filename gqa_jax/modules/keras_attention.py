@@ -294,7 +294,7 @@ def keras_attention(
     options = keras_attention_kwargs(
         layer,
         use_causal_mask=use_causal_mask,
-        query_offset=cache_update_index if cache is not None else (query_offset or 0),
+        query_offset=cache_update_index if cache is not None else (0 if query_offset is None else query_offset),
         deterministic=deterministic,
         return_attention_scores=return_attention_scores or layer.sow_weights,
         dropout_rng=dropout_rng,
@@ -332,7 +332,8 @@ def _rotate(layer, q, k, positions, kv_positions, position_offset, query_offset)
     if q.ndim != 4:
         raise ValueError(f"rope and qk_transform need rank-3 inputs [B,T,D], got query heads of shape {q.shape}")
     T = q.shape[1]
-    q_positions = token_positions(positions, position_offset + (query_offset or 0), T, "positions")
+    first = position_offset if query_offset is None else position_offset + jnp.asarray(query_offset)
+    q_positions = token_positions(positions, first, T, "positions")
     k_positions = None
     if k is not None:
         if kv_positions is None and positions is not None and k.shape[1] == T:
