@@ -16,14 +16,38 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-# Our parameter names and the Keras attributes of the matching sublayers.
+# Our parameter names and the Keras attributes of the matching sublayers: Keras'
+# private names, then keras-hub's public ones (Gemma's attention).
 _SUBLAYERS = {
-    "query": "_query_dense",
-    "key": "_key_dense",
-    "value": "_value_dense",
-    "attention_output": "_output_dense",
-    "gate": "_gate_dense",
+    "query": ("_query_dense", "query_dense"),
+    "key": ("_key_dense", "key_dense"),
+    "value": ("_value_dense", "value_dense"),
+    "attention_output": ("_output_dense", "output_dense"),
+    "gate": ("_gate_dense", "gate_dense"),
 }
+
+
+def _sublayer(keras_layer, attributes):
+    for attribute in attributes:
+        sublayer = getattr(keras_layer, attribute, None)
+        if sublayer is not None:
+            return sublayer
+    return None
+
+
+def _kernel_order(equation: str) -> tuple[int, ...] | None:
+    """The transpose of a Keras ``EinsumDense`` kernel into ours: contracted input axes first, then output axes.
+
+    ``"btd,ndh->btnh"`` (keras-hub Gemma's ``[N, D, H]`` query kernel) gives
+    ``(1, 0, 2)``; Keras' own equations are already in our order (None).
+    """
+    inputs, output = equation.replace(" ", "").split("->")
+    x, kernel = inputs.split(",")
+    target = [c for c in x if c in kernel] + [c for c in output if c in kernel]
+    if sorted(target) != sorted(kernel):
+        raise ValueError(f"cannot map the EinsumDense kernel of equation={equation!r} onto [inputs..., outputs...]")
+    order = tuple(kernel.index(c) for c in target)
+    return None if order == tuple(range(len(kernel))) else order
 
 
 def _array(variable) -> jnp.ndarray:
@@ -37,9 +61,11 @@ def keras_params(keras_layer) -> dict:
     """The params tree of our layer from a built Keras attention layer.
 
     Works for ``keras.layers.GroupQueryAttention``, ``keras.layers.MultiHeadAttention``
-    and subclasses (keras-hub's ``CachedMultiHeadAttention``); their
-    ``EinsumDense`` sublayers have our kernel shapes, so only names change
-    hands. Keras is imported only when this is called.
+    and subclasses (keras-hub's ``CachedMultiHeadAttention``), and keras-hub's
+    Llama / Gemma attention (``_query_dense`` or public ``query_dense``
+    names). Kernels whose ``EinsumDense`` equation orders the axes otherwise
+    (Gemma's ``[N, D, H]`` query) are transposed into ours (``[D, N, H]``).
+    Keras is imported only when this is called.
 
     Args:
       keras_layer: a built layer (called once, or ``build()`` run).
@@ -52,20 +78,23 @@ def keras_params(keras_layer) -> dict:
     Raises:
       ValueError: the layer is not built.
       TypeError: the layer has no query/key/value/output sublayers.
+      ValueError: a kernel equation that does not map onto our layout.
     """
     if not getattr(keras_layer, "built", False):
         raise ValueError(f"build the Keras layer first (call it once), got built=False for {keras_layer!r}")
     params = {}
-    for name, attribute in _SUBLAYERS.items():
-        sublayer = getattr(keras_layer, attribute, None)
+    for name, attributes in _SUBLAYERS.items():
+        sublayer = _sublayer(keras_layer, attributes)
         if sublayer is None:
             if name == "gate":
                 continue
             raise TypeError(
-                f"{type(keras_layer).__name__} has no {attribute} sublayer; expected a Keras "
-                "GroupQueryAttention or MultiHeadAttention"
+                f"{type(keras_layer).__name__} has no {attributes[0]} sublayer (nor {attributes[1]}); expected a Keras "
+                "GroupQueryAttention or MultiHeadAttention, or a keras-hub attention layer"
             )
-        params[name] = {"kernel": _array(sublayer.kernel)}
+        kernel = _array(sublayer.kernel)
+        order = _kernel_order(sublayer.equation) if hasattr(sublayer, "equation") else None
+        params[name] = {"kernel": kernel if order is None else jnp.transpose(kernel, order)}
         if getattr(sublayer, "bias", None) is not None:
             params[name]["bias"] = _array(sublayer.bias)
     return params
