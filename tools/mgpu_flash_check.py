@@ -62,6 +62,8 @@ CASES = [
     ("full_h64_bkv256", (1, 1024, 1024, 8, 2, 64), BF16, {}, (64, 256, 2)),
     ("full_bkv64_s3", (1, 1024, 1024, 8, 2, 128), BF16, {}, (64, 64, 3)),
     ("causal_bkv64_s4", (1, 1024, 1024, 8, 2, 128), BF16, dict(is_causal=True), (64, 64, 4)),
+    # Values near bf16's max (issue 17): uniform in +-1e38; the float32 accumulator must not overflow.
+    ("bf16_values_near_max", (1, 512, 4096, 4, 2, 128), BF16, dict(is_causal=True, value_scale=1e38), None),
 ]
 
 # Gradients through the custom VJP (Triton backward fed our lse): name, dims, dtype, rules keywords
@@ -131,16 +133,20 @@ def _kwargs(kw):
 def check_case(name, dims, dtype, kw, blocks, key: int):
     B, T, S, N, K, H = dims
     rng = np.random.default_rng(key)
+    kw = dict(kw)
+    value_scale = kw.pop("value_scale", None)
     q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32)).astype(dtype)
                for shape in ((B, T, N, H), (B, S, K, H), (B, S, K, H)))
+    if value_scale is not None:
+        v = jnp.asarray(rng.uniform(-value_scale, value_scale, (B, S, K, H)).astype(np.float32)).astype(dtype)
     kw = _kwargs(kw)
     fn = jax.jit(lambda q, k, v: mgpu.flash_attention(q, k, v, block_sizes=_blocks(blocks), return_residuals=True,
                                                       **kw))
     out, lse = jax.block_until_ready(fn(q, k, v))
     ref_out, ref_lse = jax.jit(lambda q, k, v: reference(q, k, v, **kw))(q, k, v)
-    out32 = np.asarray(out, np.float32)
-    ref_out, ref_lse, lse = np.asarray(ref_out), np.asarray(ref_lse), np.asarray(lse)
-    nan = bool(np.isnan(out32).any() or np.isnan(lse).any())
+    out32 = np.asarray(out, np.float64)  # float64 norms: values near 1e38 would overflow float32 squares
+    ref_out, ref_lse, lse = np.asarray(ref_out, np.float64), np.asarray(ref_lse), np.asarray(lse)
+    nan = bool(not np.isfinite(out32).all() or np.isnan(lse).any())  # any inf in the output counts
     rel = float(np.linalg.norm(out32 - ref_out) / max(np.linalg.norm(ref_out), 1e-30))
     dead = ref_lse >= 0.5 * DEAD_LSE
     live = ~dead

@@ -34,7 +34,10 @@ rows); tiles outside it are never loaded. For each consumer the tiles its
 rows all see fully (``rules.kv_full_range``) run without mask arithmetic; the
 others are masked (causal/window, key length, query length). Masked logits are
 ``-inf`` and the running max starts at a finite floor, so a row that has seen
-nothing keeps ``p == 0`` and ``l == 0`` and never meets ``inf - inf``. The
+nothing keeps ``p == 0`` and ``l == 0`` and never meets ``inf - inf``. In
+bf16, ``p`` is taken against ``m + P_SHIFT`` (so ``p <= 2^-32`` and the float32
+accumulator of ``p * v`` cannot overflow for values near bf16's max; the lse
+adds the shift back); fp16 values cannot overflow it. The
 exponent is ``exp2`` with ``scale * log2(e)`` folded into one FMA. Causal
 query tiles run longest-first. Sequences are zero-padded to the tiles and the
 padding masked by lengths.
@@ -70,6 +73,10 @@ PRODUCER_REGISTERS = 40
 # Floor of the running row max: finite, so exp2(m_old - m_new) is never inf - inf.
 M_FLOOR = -1e30
 RCP_LN2 = 1.0 / math.log(2.0)
+# bf16 only: p = exp2(logit - (m + P_SHIFT)) <= 2^-P_SHIFT, so the float32 sum of p * v stays finite for values
+# near bf16's max (~2^128) over up to 2^(P_SHIFT - 1) keys; lse adds it back. fp16 needs none (its max is 65504)
+# and its p would lose range; bf16 keeps float32's exponent range, so p loses no precision.
+P_SHIFT = {jnp.dtype(jnp.bfloat16): 32.0, jnp.dtype(jnp.float16): 0.0}
 BACKWARDS = ("mosaic", "triton")  # the backward kernels behind the custom_vjp
 
 
@@ -391,6 +398,7 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_
     bq, bkv, stages = blocks.block_q, blocks.block_kv, blocks.max_concurrent_steps
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
+    shift = P_SHIFT[jnp.dtype(dtype)]
     batch = lax.axis_index("batch")
     head = lax.axis_index("heads")
     tile = lax.axis_index("q_tiles")
@@ -457,7 +465,7 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_
             # Base-2 online softmax; scale2 > 0 commutes with the max, so p is one FMA per logit.
             m_new = jnp.maximum(m, s.max(axis=1) * scale2)
             alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new + shift if shift else m_new, s.shape, [0]))
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             l = l * alpha
             p16 = p.astype(dtype)
@@ -497,7 +505,7 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_
         l_safe = jnp.where(live, l, 1.0)
         acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
         qo[...] = acc.astype(dtype)
-        lse_smem.at[wg][...] = jnp.where(live, m + jnp.log(l_safe) * RCP_LN2, DEAD_LSE)
+        lse_smem.at[wg][...] = jnp.where(live, m + (jnp.log(l_safe) * RCP_LN2 + shift), DEAD_LSE)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(qo, out_ref.at[batch, pl.ds(wg_start, bq), head])
         plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(wg_start, bq)])
