@@ -106,9 +106,6 @@ def _on_hopper() -> bool:
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="the Mosaic-GPU kernel compiles only on an NVIDIA Hopper GPU (9.x)")
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 17: the Mosaic-GPU forward keeps unshifted weights, so its float32 p @ v accumulator overflows "
-    "for bf16 values near the max (the shift of the Triton/TPU kernels is not yet validated there)"))
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_mosaic_gpu_values_near_the_bfloat16_max_stay_finite(is_causal):
     rng = np.random.default_rng(12)

@@ -69,5 +69,5 @@ def test_keras_params_needs_a_built_attention_layer():
         gqa_jax.keras_params(keras.layers.MultiHeadAttention(num_heads=2, key_dim=4))
     dense = keras.layers.Dense(3, kernel_initializer="zeros")
     dense.build((2, 4))
-    with pytest.raises(TypeError, match="Dense has no _query_dense sublayer"):
+    with pytest.raises(TypeError, match="Dense has no _query_dense"):
         gqa_jax.keras_params(dense)
