@@ -29,6 +29,7 @@ import pytest
 import gqa_jax
 from pallas_kernels import gpu, tpu
 from pallas_kernels.gpu import flash_attention_mgpu
+from tests.devices import on_hopper
 from tests.reference import reference_attention, reference_attention_grads
 
 B, T, S, N, K, H = 2, 6, 8, 2, 1, 8
@@ -100,12 +101,7 @@ def test_values_near_the_dtype_max_stay_finite(name, dtype, with_bias):
 
 
 
-def _on_hopper() -> bool:
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
-
-
-@pytest.mark.skipif(not _on_hopper(), reason="the Mosaic-GPU kernel compiles only on an NVIDIA Hopper GPU (9.x)")
+@pytest.mark.skipif(not on_hopper(), reason="the Mosaic-GPU kernel compiles only on an NVIDIA Hopper GPU (9.x)")
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_mosaic_gpu_values_near_the_bfloat16_max_stay_finite(is_causal):
     rng = np.random.default_rng(12)

@@ -22,6 +22,7 @@ from pallas_kernels.gpu.decode_attention import (
     decode_attention,
     default_block_sizes,
 )
+from tests.devices import has_gpu
 from tests.kernel_cases import (
     DECODE_CASES,
     GRAD_TOLERANCE,
@@ -34,14 +35,7 @@ from tests.kernel_cases import (
 from tests.reference import reference_attention
 
 
-def _has_gpu() -> bool:
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
-needs_gpu = pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+needs_gpu = pytest.mark.skipif(not has_gpu(), reason="needs an NVIDIA GPU")
 # Small tiles and an odd split count: several splits per row, some of them empty.
 SPLIT = dict(block_sizes=DecodeBlockSizes(block_k=32, num_splits=3))
 

@@ -8,14 +8,8 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.gpu import BlockSizes, flash_attention
+from tests.devices import has_gpu
 from tests.kernel_cases import FLASH_CASES, GRAD_CASES, TOLERANCE_TF32, FlashKernelCases, make_inputs
-
-
-def _has_gpu() -> bool:
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
 
 
 class TestTritonFlashInterpret(FlashKernelCases):
@@ -28,7 +22,7 @@ class TestTritonFlashInterpret(FlashKernelCases):
         super().test_gradients(case)
 
 
-@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU to run the compiled Triton kernels")
+@pytest.mark.skipif(not has_gpu(), reason="needs an NVIDIA GPU to run the compiled Triton kernels")
 class TestTritonFlashCompiled(FlashKernelCases):
     f32_tolerance = TOLERANCE_TF32
 

@@ -26,6 +26,7 @@ from gqa_jax import dispatch
 from gqa_jax.implementations import pallas_mosaic_gpu
 from pallas_kernels.gpu import flash_attention_mgpu as mgpu
 from pallas_kernels.gpu import flash_attention_mgpu_backward as mgpu_bwd
+from tests.devices import on_hopper
 from tests.kernel_cases import FLASH_CASES, GRAD_CASES, FlashKernelCases, make_inputs
 
 # Cases the kernel refuses: a bias, segment ids, a head dim outside 64/128/256, Hv != H.
@@ -34,14 +35,6 @@ REFUSED = frozenset({
     "scale_and_value_dim", "grad_segments_window_softcap", "grad_bias_bf16",
 })
 SERVED = [c for c in FLASH_CASES if c.name not in REFUSED]
-
-
-def _on_hopper() -> bool:
-    try:
-        device = jax.devices()[0]
-    except RuntimeError:
-        return False
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
 def _as_bf16(case):
@@ -158,7 +151,7 @@ def test_dispatch_puts_it_first_on_gpus_and_falls_back_off_hopper(monkeypatch):
     q = jnp.zeros((1, 256, 4, 128), jnp.bfloat16)
     request = gqa_jax.make_request(q, q[:, :, :2], q[:, :, :2], is_causal=True)
     chosen = dispatch.choose(request)
-    assert chosen.name == ("pallas_mosaic_gpu" if _on_hopper() else "pallas_triton")
+    assert chosen.name == ("pallas_mosaic_gpu" if on_hopper() else "pallas_triton")
     with pytest.raises(ValueError, match="pallas_mosaic_gpu: .*bias"):
         dispatch.choose(gqa_jax.make_request(q, q, q, bias=np.zeros((256, 256), np.float32)), "pallas_mosaic_gpu")
 
@@ -182,7 +175,7 @@ def test_head_dim_64_causal_forward_is_triton_and_its_gradients_mosaic(is_causal
     assert gradients == ["mosaic_gpu_v2"] * 3, gradients  # Mosaic forward, dQ and dK/dV kernels
 
 
-@pytest.mark.skipif(not _on_hopper(), reason="needs an NVIDIA Hopper GPU (compute capability 9.x) to run Mosaic GPU")
+@pytest.mark.skipif(not on_hopper(), reason="needs an NVIDIA Hopper GPU (compute capability 9.x) to run Mosaic GPU")
 class TestMosaicFlashCompiled(FlashKernelCases):
     refused = REFUSED
     f32_cases_as = "bfloat16"

@@ -20,6 +20,7 @@ from gqa_jax import KVCache
 from gqa_jax.implementations import cudnn, pallas_mosaic_gpu, pallas_tpu, pallas_triton
 from gqa_jax.quantization import dequantize, quantize
 from pallas_kernels.gpu.decode_attention import DecodeBlockSizes, decode_attention
+from tests.devices import has_gpu
 from tests.kernel_cases import DECODE_CASES, GRAD_TOLERANCE, TOLERANCE, TOLERANCE_TF32, assert_close, make_inputs
 from tests.reference import reference_attention
 
@@ -28,16 +29,9 @@ DTYPE_IDS = ["int8", "fp8"]
 SPLIT = DecodeBlockSizes(block_k=32, num_splits=3)
 
 
-def _has_gpu() -> bool:
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
-needs_gpu = pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+needs_gpu = pytest.mark.skipif(not has_gpu(), reason="needs an NVIDIA GPU")
 # Float32 tolerance of the Triton kernel: compiled products may run as TF32.
-TRITON_F32_TOLERANCE = TOLERANCE_TF32 if _has_gpu() else TOLERANCE["float32"]
+TRITON_F32_TOLERANCE = TOLERANCE_TF32 if has_gpu() else TOLERANCE["float32"]
 
 
 @pytest.fixture
@@ -45,7 +39,7 @@ def triton(monkeypatch):
     """``implementation="pallas_triton"`` works here: compiled on a GPU, in interpret mode (platform faked) elsewhere."""
     from gqa_jax import dispatch
 
-    if not _has_gpu():
+    if not has_gpu():
         monkeypatch.setattr(dispatch, "current_platform", lambda: "gpu")
         monkeypatch.setattr(pallas_triton, "interpret", True)
 
@@ -208,7 +202,7 @@ def test_gradients_match_xla(triton):
 
     grads = jax.jit(jax.grad(loss("pallas_triton"), (0, 1, 2)))(q, ks, vs)
     expected = jax.jit(jax.grad(loss("xla"), (0, 1, 2)))(q, ks, vs)
-    tol = TOLERANCE_TF32 if _has_gpu() else GRAD_TOLERANCE["float32"]
+    tol = TOLERANCE_TF32 if has_gpu() else GRAD_TOLERANCE["float32"]
     for name, g, e in zip(("query", "key_scale", "value_scale"), grads, expected):
         assert_close(g, np.asarray(e), "float32", tol, what=f"d{name}")
 
