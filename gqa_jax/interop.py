@@ -5,11 +5,15 @@ with `gqa_jax.nnx.load_linen_params(nnx_layer, keras_params(keras_layer))`.
 
 Example::
 
+    import keras  # on its JAX backend: KERAS_BACKEND=jax
+    import gqa_jax
+
+    x = np.random.default_rng(0).standard_normal((2, 5, 32)).astype(np.float32)  # [B, T, D]
     keras_layer = keras.layers.GroupQueryAttention(head_dim=16, num_query_heads=8, num_key_value_heads=2)
-    keras_layer(x, x)  # builds it
+    want = keras_layer(x, x)  # builds it
     params = keras_params(keras_layer)
     ours = gqa_jax.GroupedQueryAttention(head_dim=16, num_query_heads=8, num_key_value_heads=2)
-    y = ours.apply({"params": params}, x, x)
+    y = ours.apply({"params": params}, x, x)  # == want
 """
 
 from __future__ import annotations

@@ -140,6 +140,10 @@ class RotaryEmbedding:
 
     Example::
 
+        rng = np.random.default_rng(0)
+        q_BTNH = rng.standard_normal((2, 5, 8, 64), np.float32)
+        k_BTKH = rng.standard_normal((2, 5, 2, 64), np.float32)
+        positions_BT = jnp.array([[0], [3]]) + jnp.arange(5)    # row 1 starts at position 3
         rope = RotaryEmbedding(theta=500000.0, scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 8192))
         q_BTNH = rope.apply(q_BTNH, positions_BT)
         k_BTKH = rope.apply(k_BTKH, positions_BT)
@@ -290,7 +294,12 @@ def apply_rope(x: Array, positions, *, theta: float = 10000.0) -> Array:
 
     Example::
 
-        positions = cache.lengths[:, None] + jnp.arange(T)   # [B, T]
+        B, T = 2, 3
+        rng = np.random.default_rng(0)
+        q = rng.standard_normal((B, T, 8, 64), np.float32)       # [B, T, N, H]
+        k = rng.standard_normal((B, T, 2, 64), np.float32)       # [B, T, K, H]
+        lengths = jnp.array([5, 2])                               # tokens already cached per row
+        positions = lengths[:, None] + jnp.arange(T)              # [B, T]
         q = apply_rope(q, positions, theta=500000.0)
         k = apply_rope(k, positions, theta=500000.0)
     """

@@ -1,6 +1,6 @@
 """``python -m gqa_jax.bench``: our kernels against the peers, side by side in one process.
 
-Examples::
+Usage (shell)::
 
     python -m gqa_jax.bench                # every prefill and decode shape (GPU)
     python -m gqa_jax.bench --quick        # tiny shapes, CPU smoke run (interpret mode)

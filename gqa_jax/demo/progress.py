@@ -49,7 +49,7 @@ class ProgressBar:
 
         bar = ProgressBar(total=100, label="train", unit="step")
         for step in range(100):
-            ...
+            loss = 1.0 / (step + 1)  # one training step
             bar.update(step + 1, f"loss {loss:.3f}")
         bar.close()
 

@@ -31,10 +31,17 @@ class CachedMultiHeadAttention(MultiHeadAttention):
 
     Example::
 
+        B, max_len, D = 2, 8, 32
+        rng = np.random.default_rng(0)
+        prompt = rng.standard_normal((B, 3, D), np.float32)
         layer = CachedMultiHeadAttention(num_heads=4, key_dim=16)
+        variables = layer.init(jax.random.key(1), prompt, prompt)
         cache = jnp.zeros((B, 2, max_len, 4, 16))
-        out, cache = layer.apply(variables, x_t, x_t, cache=cache, cache_update_index=t,
-                                 use_causal_mask=True)
+        out, cache = layer.apply(variables, prompt, prompt, cache=cache, cache_update_index=0,
+                                 use_causal_mask=True)                   # prefill: slots 0..2
+        x_t = rng.standard_normal((B, 1, D), np.float32)
+        out, cache = layer.apply(variables, x_t, x_t, cache=cache, cache_update_index=3,
+                                 use_causal_mask=True)                   # out: [B, 1, D]
     """
 
     def __call__(

@@ -64,10 +64,14 @@ class GroupedQueryAttention(KerasAttentionLayer):
 
     Example::
 
+        from flax import nnx
+
+        x = np.random.default_rng(0).standard_normal((2, 6, 64), np.float32)   # [B, T, 64]
         layer = GroupedQueryAttention(16, 8, 2, in_features=64, rngs=nnx.Rngs(0))
-        y = layer(x, use_causal_mask=True)                     # x: [B, T, 64]
-        layer.init_cache(batch_size=B, max_length=128)
-        y = layer(prompt, decode=True, use_causal_mask=True)   # then one or more tokens per call
+        y = layer(x, use_causal_mask=True)                         # [B, T, 64]
+        layer.init_cache(batch_size=2, max_length=16)
+        y = layer(x[:, :4], decode=True, use_causal_mask=True)     # a 4-token prompt
+        y = layer(x[:, 4:], decode=True, use_causal_mask=True)     # then one or more tokens per call
     """
 
     def __init__(

@@ -13,9 +13,17 @@ linen. `with_logical_constraint` pins an activation to the same table.
 
 Example::
 
+    import flax.linen as nn
+    from flax import nnx
+    import gqa_jax.nnx
+
+    model = gqa_jax.nnx.GroupedQueryAttention(16, 8, 2, in_features=64, rngs=nnx.Rngs(0))
+    mesh = jax.make_mesh((1, 1), ("data", "model"))   # e.g. (4, 2) on 8 devices
     rules = logical_axis_rules()          # batch -> data, heads/mlp/vocab -> model
     shardings = nn.logical_to_mesh_sharding(nnx.get_partition_spec(nnx.state(model)), mesh, rules)
-    x_BTD = with_logical_constraint(x_BTD, ("batch", "length", "embed"), rules=rules)
+    nnx.update(model, jax.device_put(nnx.state(model), shardings))   # query kernel: P(None, "model", None)
+    x_BTD = jnp.ones((2, 6, 64))
+    x_BTD = with_logical_constraint(x_BTD, ("batch", "length", "embed"), rules=rules, mesh=mesh)
 """
 
 from __future__ import annotations
