@@ -55,6 +55,7 @@ import numpy as np
 from gqa_jax.kv_cache import KVCache
 from gqa_jax.models import Decoder, check_token_ids
 from gqa_jax.nnx.decoder import linen_decoder
+from gqa_jax.paged_kv_cache import PagedKVCache
 from gqa_jax.request import concrete_value
 from pallas_kernels.arguments import positive_int
 from pallas_kernels.rules import check_int32_range
@@ -237,13 +238,15 @@ def _vocab_size(model, params, prompt_BP: Array, lengths_B: Array, cache=None) -
 
 
 def _check_cache(model, cache, batch_size: int, prompt_length: int, max_new_tokens: int) -> None:
-    """Raises unless a `Decoder`'s cache is one `KVCache` per layer for ``batch_size`` rows, and every `KVCache`
-    in ``cache`` has room for ``prompt_length + max_new_tokens`` more tokens per row."""
+    """Raises unless a `Decoder`'s cache is one `KVCache` (or `PagedKVCache`) per layer for ``batch_size`` rows,
+    and every cache in ``cache`` has room (and a paged one the free pages) for ``prompt_length + max_new_tokens``
+    more tokens per row."""
     if isinstance(model, Decoder):
         config = model.config
-        if not isinstance(cache, (tuple, list)) or not all(isinstance(c, KVCache) for c in cache):
+        if not isinstance(cache, (tuple, list)) or not all(isinstance(c, (KVCache, PagedKVCache)) for c in cache):
             raise TypeError(
-                f"cache must be a tuple of KVCache (gqa_jax.models.init_cache), got {type(cache).__name__}"
+                f"cache must be a tuple of KVCache (gqa_jax.models.init_cache) or PagedKVCache, got "
+                f"{type(cache).__name__}"
             )
         if len(cache) != config.num_layers:
             raise ValueError(
@@ -251,14 +254,24 @@ def _check_cache(model, cache, batch_size: int, prompt_length: int, max_new_toke
             )
         expected = (batch_size, config.num_kv_heads, config.head_dim)
         for i, layer in enumerate(cache):
+            if isinstance(layer, PagedKVCache):
+                got = (layer.batch_size, layer.key_pages.shape[2], layer.key_pages.shape[3])
+                if got != expected:
+                    raise ValueError(
+                        f"cache[{i}] must hold (B, K, H)={expected} for this prompt and model, got "
+                        f"cache[{i}].page_table.shape={tuple(layer.page_table.shape)}, "
+                        f"cache[{i}].key_pages.shape={tuple(layer.key_pages.shape)}"
+                    )
+                continue
             got = (layer.key.shape[0], layer.key.shape[2], layer.key.shape[3])
             if got != expected:
                 raise ValueError(
                     f"cache[{i}].key must have shape [B,S,K,H]=({batch_size}, S, {config.num_kv_heads}, "
                     f"{config.head_dim}) for this prompt and model, got cache[{i}].key.shape={tuple(layer.key.shape)}"
                 )
-    for layer in jax.tree.leaves(cache, is_leaf=lambda x: isinstance(x, KVCache)):
-        if not isinstance(layer, KVCache):
+    caches = (KVCache, PagedKVCache)
+    for layer in jax.tree.leaves(cache, is_leaf=lambda x: isinstance(x, caches)):
+        if not isinstance(layer, caches):
             continue
         used = concrete_value(layer.lengths)
         used = 0 if used is None else int(used.max())
@@ -268,6 +281,14 @@ def _check_cache(model, cache, batch_size: int, prompt_length: int, max_new_toke
                 f"P={prompt_length} + {max_new_tokens=} = {used + prompt_length + max_new_tokens} > cache "
                 f"capacity={layer.capacity}"
             )
+        if isinstance(layer, PagedKVCache):
+            needed, free = (concrete_value(x) for x in (layer.pages_needed(prompt_length + max_new_tokens),
+                                                         layer.num_free))
+            if needed is not None and free is not None and needed.sum() > free:
+                raise ValueError(
+                    f"the page pool cannot hold the prompts and new tokens: P={prompt_length} + {max_new_tokens=} "
+                    f"more tokens per row need {int(needed.sum())} pages, num_free={int(free)}"
+                )
 
 
 def _check_rng(rng, sampling: Sampling):
@@ -415,8 +436,9 @@ def generate(
 
     Raises:
       ValueError: for bad prompts or lengths, token ids outside the model's
-        vocabulary, or a `gqa_jax.KVCache` that cannot hold ``P +
-        max_new_tokens`` more tokens per row.
+        vocabulary, or a `gqa_jax.KVCache` (or `gqa_jax.paged_kv_cache.PagedKVCache`:
+        row capacity or free pages) that cannot hold ``P + max_new_tokens``
+        more tokens per row.
       TypeError: for a model outside the protocol (naming what it lacks or
         what its ``apply`` returned), or an NNX model with ``params``.
     """

@@ -1,0 +1,401 @@
+"""Decode attention over a paged KV cache for NVIDIA GPUs: Pallas with the Triton lowering.
+
+A paged cache keeps every row's keys and values in one pool of pages,
+``key_pages [P, page_size, K, H]`` and ``value_pages [P, page_size, K, Hv]``,
+shared by all rows: key ``s`` of row ``b`` sits in page ``page_table[b, s //
+page_size]`` at slot ``s % page_size``. Rows grow a page at a time, so no row
+reserves memory for a capacity it never reaches (`gqa_jax.PagedKVCache` does
+the bookkeeping).
+
+The kernel is the split-K decode kernel of
+`pallas_kernels.gpu.decode_attention` (GQA packing of the ``G*T`` query rows
+of a KV head into one program, loops bounded by each row's visible key range,
+float32 base-2 softmax statistics merged across splits, its block-size table
+and split heuristic) with one change: a tile of ``block_k`` keys is a gather.
+Each program holds its row of the page table; for the keys of a tile it reads
+their page ids (``block_k`` int32, a few bytes per key of ``H`` values), turns
+them into rows of the pool seen as ``[P * page_size, K, H]`` and loads those
+rows, masked at the row's bound like the dense tiles. Tiles and pages are
+independent: a tile may span several pages or part of one, so any page size
+works and the tile size stays the one the dense kernel measured fastest. Page
+ids are clamped into ``[0, P)``: a wrong page table gives wrong values, never
+a read outside the pool.
+
+Grid ``(B, K, row_blocks, num_splits)``. Outputs are in the input dtype; rows
+that see no key give zeros. The backward pass is the flash-attention backward
+on the row's pages gathered to a dense cache (decoding rarely
+differentiates; gradients are correct, not tuned).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.arguments import KERNEL_DTYPES, check_qkv, next_power_of_two, row_vector
+from pallas_kernels.gpu.decode_attention import (
+    OVERFLOW_SHIFT,
+    DecodeBlockSizes,
+    _base2_logits,
+    _combine_splits,
+    _convert,
+    _row_offsets,
+    _store,
+    default_block_sizes,
+)
+from pallas_kernels.gpu.flash_attention import flash_attention_core
+from pallas_kernels.numerics import MASK_VALUE
+from pallas_kernels.rules import Rules, check_int32_range, concrete_value
+
+
+def gather_pages(pages, page_table):
+    """Each row's pages in order, as a dense cache: ``pages[page_table]`` reshaped to ``[B, M * page_size, ...]``.
+
+    Args:
+      pages: ``[P, page_size, ...]``.
+      page_table: int ``[B, M]``; entries are clamped into ``[0, P)`` (unused
+        entries, e.g. -1, read some page that lengths then mask).
+
+    Returns:
+      ``[B, M * page_size, ...]`` in the pages' dtype.
+    """
+    B, M = page_table.shape
+    rows = pages[jnp.clip(page_table, 0, pages.shape[0] - 1)]
+    return rows.reshape(B, M * pages.shape[1], *pages.shape[2:])
+
+
+def check_page_table(page_table, batch: int) -> jax.Array:
+    """``page_table`` as int32 ``[B, M]`` after checking its rank, batch size and dtype.
+
+    Raises:
+      ValueError: for a shape other than ``[B, M]`` with ``M >= 1``, or host
+        values outside int32.
+      TypeError: for a non-integer dtype.
+    """
+    check_int32_range("page_table", page_table)
+    page_table = jnp.asarray(page_table)
+    if not jnp.issubdtype(page_table.dtype, jnp.integer):
+        raise TypeError(f"page_table must be an integer array, got page_table.dtype={page_table.dtype}")
+    if page_table.ndim != 2 or page_table.shape[0] != batch or page_table.shape[1] < 1:
+        raise ValueError(f"page_table must have shape [B, M]=({batch}, M >= 1), got "
+                         f"page_table.shape={tuple(page_table.shape)}")
+    return page_table.astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------
+# Public wrapper.
+
+
+def paged_decode_attention(
+    query,
+    key_pages,
+    value_pages,
+    page_table,
+    lengths,
+    *,
+    scale: float | None = None,
+    is_causal: bool = True,
+    query_offset=None,
+    local_window_size: int | tuple[int, int] | None = None,
+    logits_soft_cap: float | None = None,
+    block_sizes: DecodeBlockSizes | None = None,
+    interpret: bool = False,
+):
+    """Attention of a few new queries to a paged KV cache with per-row lengths.
+
+    Semantics are those of `pallas_kernels.gpu.decode_attention.decode_attention`
+    on the dense cache ``gather_pages(key_pages, page_table)`` (capacity ``S = M
+    * page_size``): query head ``n`` reads KV head ``n // G``; query ``t`` of
+    row ``b`` sits at ``lengths[b] - T + t`` unless ``query_offset`` says
+    otherwise; keys ``s < lengths[b]`` are valid; a row of length 0 gives
+    zeros. Pages holding no key below a row's length are never read.
+
+    Args:
+      query: ``[B, T, N, H]``; T is small (1 to 16).
+      key_pages: ``[P, page_size, K, H]`` with ``N % K == 0``, the query's
+        dtype (bfloat16, float16 or float32).
+      value_pages: ``[P, page_size, K, Hv]``, the same dtype.
+      page_table: int ``[B, M]``: row ``b``'s ``j``-th page. Entries for the
+        pages of keys ``>= lengths[b]`` are not read (-1 is fine); when known
+        here (not traced) the others must be in ``[0, P)``.
+      lengths: int scalar or ``[B]`` valid keys per row, in ``[0, M * page_size]``.
+      scale: logit scale; default ``1 / sqrt(H)``.
+      is_causal: queries see keys at positions ``<=`` their own.
+      query_offset: optional int scalar or ``[B]`` position of each row's
+        first query; default ``lengths - T``.
+      local_window_size: int or ``(left, right)``: a query at position ``p``
+        sees keys in ``[p - left, p + right]``.
+      logits_soft_cap: ``cap * tanh(logits / cap)`` on the scaled logits.
+      block_sizes: tuning overrides (`DecodeBlockSizes`; ``block_k`` keys per
+        tile, independent of ``page_size``); fields left None are picked by
+        `pallas_kernels.gpu.decode_attention.default_block_sizes`.
+      interpret: run the kernel in the Pallas interpreter (CPU).
+
+    Returns:
+      ``[B, T, N, Hv]`` in the query dtype. Differentiable (flash backward on
+      the gathered pages).
+
+    Raises:
+      ValueError: for inconsistent shapes or rules, a pool of ``P *
+        page_size >= 2**31`` slots, or a known page id outside ``[0, P)``
+        for a page that holds valid keys.
+      TypeError: for dtypes that differ or are not served.
+
+    Example::
+
+        out = paged_decode_attention(q_BTNH, cache.key_pages, cache.value_pages, cache.page_table, lengths)
+    """
+    query, key_pages, value_pages = jnp.asarray(query), jnp.asarray(key_pages), jnp.asarray(value_pages)
+    for name, pages, letters in (("key_pages", key_pages, "P,page_size,K,H"),
+                                 ("value_pages", value_pages, "P,page_size,K,Hv")):
+        if pages.ndim != 4:
+            raise ValueError(f"{name} must have rank 4 [{letters}], got {name}.shape={tuple(pages.shape)}")
+    if value_pages.shape[:3] != key_pages.shape[:3]:
+        raise ValueError(f"value_pages [P,page_size,K,Hv] must match key_pages [P,page_size,K,H] on P, page_size "
+                         f"and K, got {key_pages.shape=}, {value_pages.shape=}")
+    if query.ndim != 4:
+        raise ValueError(f"query must have rank 4 [B,T,N,H], got query.shape={tuple(query.shape)}")
+    B = query.shape[0]
+    P, page_size, K, H = key_pages.shape
+    page_table = check_page_table(page_table, B)
+    if P * page_size >= 2**31:
+        raise ValueError(f"the pool must have < 2**31 slots (int32 row ids), got num_pages P={P} * {page_size=}")
+    # The rows as dense caches [B, M * page_size, K, H]: what the rules and the tensor checks see.
+    S = page_table.shape[1] * page_size
+    dense_key = jax.ShapeDtypeStruct((B, S, K, H), key_pages.dtype)
+    dense_value = jax.ShapeDtypeStruct((B, S, K, value_pages.shape[3]), value_pages.dtype)
+    check_qkv(query, dense_key, dense_value, names=("query", "key_pages", "value_pages"), dtypes=KERNEL_DTYPES)
+    rules = Rules.create(
+        query, dense_key, scale=scale, is_causal=is_causal, query_offset=query_offset,
+        key_value_seq_lengths=row_vector("lengths", lengths, B), local_window_size=local_window_size,
+        logits_soft_cap=logits_soft_cap,
+    )
+    _check_page_ids(page_table, rules.kv_len, P, page_size)
+    T, N = query.shape[1:3]
+    overrides = block_sizes or DecodeBlockSizes()
+    blocks = default_block_sizes(
+        B, S, K, T * (N // K), max(H, value_pages.shape[3]), key_pages.dtype, num_splits=overrides.num_splits,
+        block_k=overrides.block_k, num_warps=overrides.num_warps, num_stages=overrides.num_stages,
+    )
+    if overrides.block_rows is not None:
+        blocks = dataclasses.replace(blocks, block_rows=overrides.block_rows)
+    return _paged_decode(query, key_pages, value_pages, page_table, rules, rules.statics(), blocks, bool(interpret))
+
+
+def _check_page_ids(page_table, lengths, num_pages: int, page_size: int) -> None:
+    """Raises ``ValueError`` for a known page id outside ``[0, P)`` among the pages that hold valid keys."""
+    table, known = concrete_value(page_table), concrete_value(lengths)
+    if table is None or known is None:
+        return
+    used = np.arange(table.shape[1])[None, :] * page_size < known[:, None]
+    bad = used & ((table < 0) | (table >= num_pages))
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"page_table entries of pages that hold keys must be in [0, P={num_pages}), got "
+                         f"page_table[{row}, {col}]={int(table[row, col])} with lengths[{row}]={int(known[row])}")
+
+
+# ---------------------------------------------------------------------------
+# Differentiable core.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _paged_decode(query, key_pages, value_pages, page_table, rules: Rules, statics: Rules, blocks: DecodeBlockSizes,
+                  interpret: bool):
+    return _paged_forward(query, key_pages, value_pages, page_table, rules, statics, blocks, interpret)
+
+
+def _paged_decode_fwd(query, key_pages, value_pages, page_table, rules, statics, blocks, interpret):
+    out = _paged_forward(query, key_pages, value_pages, page_table, rules, statics, blocks, interpret)
+    return out, (query, key_pages, value_pages, page_table, rules)
+
+
+def _paged_decode_bwd(statics, blocks, interpret, residuals, d_out):
+    """The flash-attention backward on the gathered pages; the gather's transpose sums into the pool."""
+    query, key_pages, value_pages, page_table, rules = residuals
+
+    def dense(q, k_pages, v_pages):
+        k, v = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)
+        return flash_attention_core(q, k, v, rules, interpret=interpret)
+
+    _, pullback = jax.vjp(dense, query, key_pages, value_pages)
+    return (*pullback(d_out), None, None)
+
+
+_paged_decode.defvjp(_paged_decode_fwd, _paged_decode_bwd)
+
+
+# ---------------------------------------------------------------------------
+# pallas_call builder.
+
+
+@functools.partial(jax.jit, static_argnames=("statics", "blocks", "interpret"))
+def _paged_forward(query, key_pages, value_pages, page_table, rules: Rules, statics: Rules, blocks: DecodeBlockSizes,
+                   interpret: bool):
+    B, T, N, H = query.shape
+    P, page_size, K, Hv = value_pages.shape
+    M = page_table.shape[1]
+    splits = blocks.num_splits
+    row_blocks = -(-T * (N // K) // blocks.block_rows)
+    head_padded = next_power_of_two(max(H, 16))
+    value_padded = next_power_of_two(max(Hv, 16))
+    tokens = B * T * N
+    kv_len = jnp.clip(rules.lengths(T, M * page_size)[1], 0, M * page_size)
+
+    def whole(size):
+        return pl.BlockSpec((size,), lambda b, k, r, s: (0,))
+
+    row_spec = pl.BlockSpec((None,), lambda b, k, r, s: (b,))
+    in_specs = [
+        row_spec,
+        row_spec,
+        pl.BlockSpec((None, M), lambda b, k, r, s: (b, 0)),
+        whole(tokens * H),
+        # The whole pool of one KV head, as rows [P * page_size, H]: tiles gather their rows from it.
+        pl.BlockSpec((P * page_size, None, head_padded), lambda b, k, r, s: (0, k, 0)),
+        pl.BlockSpec((P * page_size, None, value_padded), lambda b, k, r, s: (0, k, 0)),
+    ]
+    if splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((tokens * Hv,), query.dtype)]
+    else:
+        out_shape = [
+            jax.ShapeDtypeStruct((splits * tokens * Hv,), jnp.float32),
+            jax.ShapeDtypeStruct((splits * tokens,), jnp.float32),
+            jax.ShapeDtypeStruct((splits * tokens,), jnp.float32),
+        ]
+    kernel = functools.partial(
+        _paged_decode_kernel,
+        rules=statics,
+        q_len=T,
+        num_heads=N,
+        group=N // K,
+        head_dim=H,
+        value_head_dim=Hv,
+        page_size=page_size,
+        num_pages=P,
+        blocks=blocks,
+    )
+    results = pl.pallas_call(
+        kernel,
+        grid=(B, K, row_blocks, splits),
+        in_specs=in_specs,
+        out_specs=[whole(x.shape[0]) for x in out_shape],
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="gqa_paged_decode_attention",
+    )(kv_len, rules.q_offset, page_table, query.reshape(-1), key_pages.reshape(P * page_size, K, H),
+      value_pages.reshape(P * page_size, K, Hv))
+    if splits == 1:
+        return results[0].reshape(B, T, N, Hv)
+    acc, m, l = results
+    out = _combine_splits(acc.reshape(splits, B, T, N, Hv), m.reshape(splits, B, T, N), l.reshape(splits, B, T, N))
+    return out.astype(query.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Kernel body.
+
+
+def _paged_decode_kernel(
+    lengths_ref,  # [] keys of this row (clamped to M * page_size)
+    offsets_ref,  # [] position of this row's first query
+    page_table_ref,  # [M] this row's page ids
+    q_ref,  # [B*T*N*H] the whole query, flat
+    k_ref,  # [P * page_size, Hp] the key pool of one KV head, as rows
+    v_ref,  # [P * page_size, Hvp]
+    *out_refs,  # (out [B*T*N*Hv],) or (acc [splits*B*T*N*Hv], m [splits*B*T*N], l [splits*B*T*N]), flat
+    rules: Rules,
+    q_len: int,
+    num_heads: int,
+    group: int,
+    head_dim: int,
+    value_head_dim: int,
+    page_size: int,
+    num_pages: int,
+    blocks: DecodeBlockSizes,
+):
+    products_dtype = q_ref.dtype
+    shift = 0.0 if products_dtype == jnp.float16 else OVERFLOW_SHIFT
+    block_rows, block_k, num_splits = blocks.block_rows, blocks.block_k, blocks.num_splits
+    batch_row, kv_head, row_block, split = (pl.program_id(axis) for axis in range(4))
+    length, offset = lengths_ref[()], offsets_ref[()]
+    last_page = page_table_ref.shape[0] - 1
+
+    # Packed query rows of this KV head, t-major: row = t * G + g reads head kv_head * G + g.
+    num_rows = q_len * group
+    first_row = row_block * block_rows
+    rows = first_row + jnp.arange(block_rows, dtype=jnp.int32)
+    t = lax.div(rows, group)
+    real = rows < num_rows
+    token = (batch_row * q_len + t) * num_heads + kv_head * group + rows - t * group  # flat (b, t, n)
+    q_pos = offset + t
+    last_row = jnp.minimum(first_row + block_rows, num_rows) - 1
+    lo, hi = rules.kv_range(offset + lax.div(first_row, group), offset + lax.div(last_row, group), length)
+    # This split's run of the tiles that cover [lo, hi).
+    first_tile = lax.div(lo, block_k)
+    num_tiles = jnp.where(hi > lo, lax.div(hi + block_k - 1, block_k) - first_tile, 0)
+    per_split = lax.div(num_tiles + num_splits - 1, num_splits)
+    start = first_tile + split * per_split
+    stop = jnp.minimum(start + per_split, first_tile + num_tiles)
+
+    q_offsets, q_mask = _row_offsets(0, token, head_dim, real)
+    q = plgpu.load(q_ref.at[q_offsets], mask=q_mask, other=0.0)
+
+    def body(tile, carry):
+        acc, m_prev, l_prev = carry
+        k_pos = tile * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        in_range = k_pos < hi
+        # Pool rows of the tile's keys: page id * page_size + slot.
+        page = plgpu.load(page_table_ref.at[jnp.minimum(lax.div(k_pos, page_size), last_page)], mask=in_range,
+                          other=0)
+        pool_rows = jnp.clip(page, 0, num_pages - 1) * page_size + lax.rem(k_pos, page_size)
+        k = _convert(_gather_rows(k_ref, pool_rows, in_range, head_dim), products_dtype)
+        qk = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        s = _base2_logits(qk, rules.scale, rules.soft_cap)
+        mask = in_range[None, :]
+        rule = rules.visible(q_pos[:, None], k_pos[None, :])
+        if rule is not None:
+            mask = mask & rule
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        correction = jnp.exp2(m_prev - m_next)
+        p = jnp.where(mask, jnp.exp2(s - (m_next[:, None] + shift)), 0.0)
+        v = _convert(_gather_rows(v_ref, pool_rows, in_range, value_head_dim), products_dtype)
+        pv = lax.dot_general(p.astype(products_dtype), v, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+        return acc * correction[:, None] + pv, m_next, l_prev * correction + jnp.sum(p, axis=1)
+
+    init = (
+        jnp.zeros((block_rows, v_ref.shape[-1]), jnp.float32),
+        jnp.full((block_rows,), MASK_VALUE, jnp.float32),
+        jnp.zeros((block_rows,), jnp.float32),
+    )
+    acc, m, l = lax.fori_loop(start, stop, body, init)
+
+    if num_splits == 1:
+        (out_ref,) = out_refs
+        out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+        _store(out_ref, *_row_offsets(0, token, value_head_dim, real), out.astype(out_ref.dtype))
+    else:
+        acc_ref, m_ref, l_ref = out_refs
+        split_base = split * (m_ref.shape[0] // num_splits)  # B*T*N tokens per split
+        _store(acc_ref, *_row_offsets(split_base * value_head_dim, token, value_head_dim, real), acc)
+        _store(m_ref, split_base + token, real, m)
+        _store(l_ref, split_base + token, real, l)
+
+
+def _gather_rows(ref, rows, in_range, width: int):
+    """Rows ``rows`` (int32 ``[block_k]``) of a ``[R, width_padded]`` ref; zero where not ``in_range``, past ``width``."""
+    columns = jnp.arange(ref.shape[-1], dtype=jnp.int32)
+    mask = in_range[:, None]
+    if width != ref.shape[-1]:
+        mask = mask & (columns < width)[None, :]
+    return plgpu.load(ref.at[rows[:, None], columns[None, :]], mask=mask, other=0.0)
