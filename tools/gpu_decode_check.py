@@ -5,6 +5,7 @@ Run from the repository root (about 3-4 minutes on an H100)::
     PYTHONPATH=. python tools/gpu_decode_check.py              # tests, sweep, table
     PYTHONPATH=. python tools/gpu_decode_check.py --no-tests --shapes S32768
     PYTHONPATH=. python tools/gpu_decode_check.py --no-tests --cache int8   # our kernel on an int8 cache
+    PYTHONPATH=. python tools/gpu_decode_check.py --paged                   # the paged kernel against the dense one
 
 1. Runs the compiled cases of ``tests/test_gpu_decode.py`` (pytest ``-k compiled``).
 2. Measures copy bandwidth (``x + 1`` on a 1 GiB bf16 array: bytes read + written).
@@ -23,6 +24,13 @@ With ``--cache int8`` (or ``fp8``) our kernel and the XLA path read the same
 cache quantized (`gqa_jax.quantization`, before timing) while cuDNN reads the
 bf16 one; GB/s then counts the bf16 bytes, so every ratio is a time ratio
 (issue 16's target: int8 >= 1.7x cuDNN at B >= 8).
+
+With ``--paged``: the compiled cases of ``tests/test_paged_kv_cache.py``,
+then, on `PAGED_SHAPES`, the paged decode kernel
+(`pallas_kernels.gpu.paged_decode_attention`) on the same cache laid out in
+pages of 64 and 128 tokens (each row's pages shuffled through the pool), at
+tiles of 64 and 128 keys, checked against and timed beside our dense decode
+kernel (issue 16's target: paged within 10% of dense at page size >= 64).
 """
 
 from __future__ import annotations
@@ -40,7 +48,8 @@ import gqa_jax
 from gqa_jax.bench import decode
 from gqa_jax.bench.timing import environment, time_fn
 from gqa_jax.quantization import quantize
-from pallas_kernels.gpu.decode_attention import decode_attention, default_block_sizes, gpu_sm_count
+from pallas_kernels.gpu.decode_attention import DecodeBlockSizes, decode_attention, default_block_sizes, gpu_sm_count
+from pallas_kernels.gpu.paged_decode_attention import paged_decode_attention
 
 
 SHAPES = decode.FULL_SHAPES
@@ -48,16 +57,19 @@ TILES = [(block_k, stages, warps) for block_k in (64, 128) for stages in (2, 3) 
 REPS = 5
 TOLERANCE = 2e-2  # relative error of a bf16 output against the XLA path
 CACHES = {"bf16": None, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
+PAGED_SHAPES = [decode.DecodeShape(8, 8192, 32, 8), decode.DecodeShape(8, 8192, 32, 8, ragged=True)]
+PAGE_SIZES = (64, 128)
+PAGED_TILES = (64, 128)
 
 
 def _short(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}".splitlines()[0][:100]
 
 
-def run_compiled_tests() -> int:
+def run_compiled_tests(path: str = "tests/test_gpu_decode.py") -> int:
     import pytest
 
-    return int(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_gpu_decode.py", "-k", "compiled"]))
+    return int(pytest.main(["-q", "-p", "no:cacheprovider", path, "-k", "compiled"]))
 
 
 def _relative_error(out, ref) -> float:
@@ -166,17 +178,63 @@ def print_table(rows: list[dict], copy_gbs: float) -> None:
         print(f"{r['shape']}: default config {r['default_config']}")
 
 
+def paged_rows(shape: decode.DecodeShape) -> list[dict]:
+    """The paged kernel at each page size and tile against our dense kernel on one shape: times and errors."""
+    q, k, v, lengths = decode.make_inputs(shape, jax.random.key(0))
+    dense = jax.jit(decode_attention)
+    dense_out = dense(q, k, v, lengths)
+    dense_seconds = time_fn(dense, [(q, k, v, lengths)], reps=REPS)
+    kv_bytes = shape.kv_bytes(q.dtype.itemsize)
+    print(f"{shape.name}: dense kernel {dense_seconds * 1e6:.1f} us", flush=True)
+    rows = []
+    for page_size in PAGE_SIZES:
+        k_pages, v_pages, table = decode.to_pages(k, v, page_size, jax.random.key(1))
+        args = (q, k_pages, v_pages, table, lengths)
+        for block_k in PAGED_TILES:
+            fn = jax.jit(functools.partial(paged_decode_attention, block_sizes=DecodeBlockSizes(block_k=block_k)))
+            row = {"shape": shape.name, "page": page_size, "block_k": block_k, "dense_us": dense_seconds * 1e6}
+            try:
+                row["error"] = _relative_error(fn(*args), dense_out)
+                if row["error"] <= TOLERANCE:
+                    row["paged_us"] = time_fn(fn, [args], reps=REPS) * 1e6
+                    row["gbs"] = kv_bytes / row["paged_us"] / 1e3
+            except Exception as e:  # a tile this device cannot run
+                row["failed"] = _short(e)
+            print(f"  {row}", flush=True)
+            rows.append(row)
+    return rows
+
+
+def print_paged_table(rows: list[dict]) -> None:
+    print("\npaged vs dense decode kernel (bf16, T=1; paged/dense: ratio of times, target <= 1.10)")
+    header = ("shape", "page", "block_k", "dense us", "paged us", "paged/dense", "GB/s", "rel err")
+    lines = [header] + [(
+        r["shape"], r["page"], r["block_k"], _fmt(r["dense_us"], ".1f"), _fmt(r.get("paged_us"), ".1f"),
+        _fmt(r["paged_us"] / r["dense_us"] if r.get("paged_us") else None, ".3f"), _fmt(r.get("gbs")),
+        r.get("failed") or _fmt(r.get("error"), ".1e")) for r in rows]
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(str(cell).rjust(width) for cell, width in zip(line, widths)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-tests", action="store_true", help="skip the compiled test cases")
     parser.add_argument("--shapes", nargs="*", help="substrings of shape names to sweep (default: all)")
     parser.add_argument("--cache", choices=tuple(CACHES), default="bf16",
                         help="the cache our kernel and XLA read (cuDNN reads bf16); int8/fp8: ratios are time ratios")
+    parser.add_argument("--paged", action="store_true", help="the paged decode kernel against the dense one")
     options = parser.parse_args(argv)
     print(" ".join(f"{key}={value}" for key, value in environment().items()), flush=True)
     if jax.default_backend() != "gpu":
         print("needs an NVIDIA GPU; nothing to do")
         return 1
+    if options.paged:
+        status = 0 if options.no_tests else run_compiled_tests("tests/test_paged_kv_cache.py")
+        print_paged_table([row for shape in PAGED_SHAPES for row in paged_rows(shape)])
+        if status:
+            print(f"compiled tests FAILED (pytest exit code {status})")
+        return status
     status = 0 if options.no_tests else run_compiled_tests()
     copy_gbs = decode.copy_bandwidth(functools.partial(time_fn, reps=REPS))
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s", flush=True)

@@ -5,7 +5,10 @@ up to each row's length) and its fraction of the copy bandwidth measured in
 the same run. Our kernel also runs on the same cache quantized to int8 and
 float8_e4m3fn (`gqa_jax.quantization`, quantized once before timing); those
 rows count the same bf16 bytes, so their GB/s is a bf16-equivalent rate and
-their ratio to a peer is the ratio of times per step.
+their ratio to a peer is the ratio of times per step. On the ragged shapes
+it also runs on the same cache laid out in a pool of pages
+(`pallas_kernels.gpu.paged_decode_attention`, each row's pages shuffled
+through the pool, laid out once before timing).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 
 import gqa_jax
 from gqa_jax.quantization import quantize
+from pallas_kernels.gpu.paged_decode_attention import paged_decode_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +64,9 @@ QUICK_SHAPES = [DecodeShape(2, 256, 4, 2, H=64, ragged=True)]
 TRITON = "gqa_jax pallas_triton"
 # Our kernel on the cache quantized to these dtypes.
 QUANTIZED = {"gqa_jax pallas_triton int8 cache": jnp.int8, "gqa_jax pallas_triton fp8 cache": jnp.float8_e4m3fn}
-OURS = (TRITON, *QUANTIZED)
+# Our paged kernel on the cache in pages of these sizes (ragged shapes).
+PAGED = {"gqa_jax paged p64": 64, "gqa_jax paged p128": 128}
+OURS = (TRITON, *QUANTIZED, *PAGED)
 # --quick runs our kernel in interpret mode: a correctness smoke run, not a speed; no ratio is printed for it.
 INTERPRETED = "gqa_jax pallas_triton (interpret mode)"
 CUDNN_CAPACITY = "jax.nn cudnn (capacity lengths)"
@@ -94,6 +100,32 @@ def _quantized(dtype):
     return build
 
 
+def to_pages(k, v, page_size: int, key) -> tuple:
+    """``k, v [B, S, K, H]`` as pools ``[B * S / page_size, page_size, K, H]`` and a page table ``[B, S / page_size]``
+    that puts each row's pages at random places in the pool (``S`` a multiple of ``page_size``)."""
+    B, S = k.shape[:2]
+    table = jax.random.permutation(key, B * S // page_size).reshape(B, S // page_size).astype(jnp.int32)
+    pool = lambda x: jnp.zeros_like(x).reshape(-1, page_size, *x.shape[2:]).at[table.reshape(-1)].set(  # noqa: E731
+        x.reshape(-1, page_size, *x.shape[2:]))
+    return pool(k), pool(v), table
+
+
+def _paged(page_size: int):
+    """Our paged kernel: ``(fn, prepare)``; ``prepare`` lays the cache out in pages once, untimed."""
+    def build(shape: DecodeShape, interpret: bool):
+        if interpret:
+            raise ValueError("compiled GPU kernels only")
+        if not shape.ragged:
+            raise ValueError("only for ragged shapes")
+
+        @jax.jit
+        def prepare(q, k, v, n):
+            return q, *to_pages(k, v, page_size, jax.random.key(1)), n
+
+        return paged_decode_attention, prepare
+    return build
+
+
 def _jax_nn(implementation: str, capacity: bool = False):
     def build(shape: DecodeShape, interpret: bool) -> Callable:
         if capacity and not shape.ragged:
@@ -123,6 +155,7 @@ def implementations(quick: bool) -> dict[str, Callable]:
     impls = {INTERPRETED if quick else TRITON: _ours, "jax.nn xla": _jax_nn("xla")}
     if not quick:
         impls.update({name: _quantized(dtype) for name, dtype in QUANTIZED.items()})
+        impls.update({name: _paged(size) for name, size in PAGED.items()})
         impls["jax.nn cudnn"] = _jax_nn("cudnn")
         impls[CUDNN_CAPACITY] = _jax_nn("cudnn", capacity=True)
         impls["jax pallas decode op"] = _jax_pallas_decode_op
