@@ -8,6 +8,9 @@ CPU in a fresh namespace that holds ``jax``, ``jnp`` (``jax.numpy``), ``np``
 (``numpy``) and the public names the module defines; anything else the
 example imports itself, as a reader would. Shell commands go under another
 heading (``Usage (shell)::``) and are not run here.
+
+The README's ``Layers`` and ``Models`` snippets run here too (the ``Flax NNX``
+one runs in ``tests/test_examples.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import pytest
 
 import gqa_jax
 import pallas_kernels
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 # Modules whose examples are being rewritten by another change; collect them once it lands.
 PENDING = {
@@ -122,3 +127,18 @@ def test_examples_are_collected():
 @pytest.mark.parametrize(("module_name", "block"), EXAMPLES)
 def test_docstring_example_runs(module_name, block):
     exec(compile(block, f"<example in {module_name}>", "exec"), _namespace(module_name))
+
+
+def readme_python_blocks(section: str) -> list[str]:
+    """The python blocks of the README's ``## section``, before its first ``###`` subsection."""
+    text = README.read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.slow  # about 15 s of compiling on one CPU core each
+@pytest.mark.parametrize("section", ["Layers", "Models"])
+def test_readme_snippet_runs(section):
+    if section == "Models":
+        pytest.importorskip("transformers", reason="the Models snippet builds a transformers model")
+    (block,) = readme_python_blocks(section)
+    exec(compile(block, f"{README}:{section}", "exec"), {"__name__": f"readme_{section}"})
