@@ -7,16 +7,19 @@ multi-query attention with a head dim apart from ``D / N``, and Gemma 2's
 sandwich norms, soft-caps and alternating local/global layers. Our
 `gqa_jax.models.Decoder` logits must equal the backbone's hidden states
 projected by its token embedding (what keras-hub's ``*CausalLM`` returns), in
-float32; settings the decoder does not compute are refused by name.
+float32, in one pass and (the windowed families) through the decoder's cache;
+settings the decoder does not compute are refused by name.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import numpy as np
 import pytest
 
-from gqa_jax.models import Decoder
+from gqa_jax.models import Decoder, init_cache
 
 keras = pytest.importorskip("keras")
 if keras.backend.backend() != "jax":
@@ -70,21 +73,39 @@ def _keras_hub_logits(backbone, tokens):
     return jax.jit(forward)(tokens, np.ones(tokens.shape, np.int32))
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_decoder_logits_match_keras_hub(family):
+@functools.lru_cache(maxsize=None)
+def _ported(family: str):
+    """``(config, params, tokens, keras-hub logits)`` for the family's backbone, built once per test process."""
     cls_name, fields = FAMILIES[family]
     seed = sum(map(ord, family))
     backbone = _backbone(cls_name, seed, **fields)
     tokens = np.random.default_rng(seed).integers(0, SIZES["vocabulary_size"], (B, T), dtype=np.int32)
     config, params = params_from_keras_hub(backbone)
+    return config, params, tokens, np.asarray(_keras_hub_logits(backbone, tokens))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_decoder_logits_match_keras_hub(family):
+    config, params, tokens, expected = _ported(family)
     logits = jax.jit(lambda p, t: Decoder(config).apply({"params": p}, t))(params, tokens)
     assert logits.shape == (B, T, SIZES["vocabulary_size"])
-    np.testing.assert_allclose(logits, _keras_hub_logits(backbone, tokens), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "mistral_window"])
+def test_cached_prefill_and_steps_match_keras_hub(family):
+    """A 5-token prefill into the decoder's cache, then two 2-token steps: keras-hub's full-pass logits."""
+    config, params, tokens, expected = _ported(family)
+    cached = jax.jit(lambda p, t, c: Decoder(config).apply({"params": p}, t, c))
+    cache = init_cache(config, B, T)
+    for start, stop in ((0, 5), (5, 7), (7, 9)):
+        logits, cache = cached(params, tokens[:, start:stop], cache)
+        np.testing.assert_allclose(logits, expected[:, start:stop], rtol=1e-4, atol=1e-4)
 
 
 def test_gemma2_config_reads_the_layers():
     """The settings that keras-hub's Gemma 2 runs: windows on the even layers, caps, (1 + w) sandwich norms."""
-    config, _ = params_from_keras_hub(_backbone(*FAMILIES["gemma2"][:1], 0, **FAMILIES["gemma2"][1]))
+    config, *_ = _ported("gemma2")
     assert config.layer_types == ("sliding_attention", "full_attention") and config.sliding_window == 3
     assert (config.attn_logit_soft_cap, config.final_logit_soft_cap) == (5.0, 3.0)
     assert config.sandwich_norms and config.norm_offset == 1.0 and config.tie_embeddings
