@@ -21,6 +21,38 @@ from pallas_kernels.rules import check_int32_range
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
+def _varying(tree) -> frozenset:
+    """The ``shard_map`` axes any array of ``tree`` varies over (empty outside ``shard_map``)."""
+    return frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in jax.tree.leaves(tree)))
+
+
+def out_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:
+    """A kernel output's ``jax.ShapeDtypeStruct``, varying over the ``shard_map`` axes its inputs vary over.
+
+    Under ``jax.shard_map(..., check_vma=True)`` (the default) a Pallas call
+    must declare over which manual mesh axes each output varies; a kernel's
+    output varies over the union of its inputs' axes, which is what this gives
+    (nothing outside ``shard_map``).
+
+    Args:
+      shape: the output shape.
+      dtype: the output dtype.
+      *like: the kernel's inputs: arrays, pytrees of arrays, or None.
+    """
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=_varying(like)))
+
+
+def vary_like(x, *like):
+    """``x`` (a pytree) cast to vary over the ``shard_map`` axes ``like`` varies over, where it does not yet.
+
+    For values built without the inputs' axes: constants in ``lax.cond``
+    branches, and the outputs of ``plgpu.kernel``, which traces its kernel with
+    ``check_vma`` off and drops the axes `out_struct` declares.
+    """
+    missing = _varying(like) - _varying(x)
+    return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
+
+
 def round_up(x: int, multiple: int) -> int:
     """The smallest multiple of ``multiple`` that is ``>= x``."""
     return -(-x // multiple) * multiple

@@ -143,6 +143,27 @@ def test_block_sizes_validate_and_fit_shared_memory():
         mgpu.MosaicBlockSizes(max_concurrent_steps=5)
     with pytest.raises(ValueError, match="shared memory"):
         mgpu.MosaicBlockSizes(block_kv=256, max_concurrent_steps=4).check(256, 2)
+    with pytest.raises(TypeError, match="persistent=1"):
+        mgpu.MosaicBlockSizes(persistent=1)
+    with pytest.raises(ValueError, match="shared memory"):  # the persistent grid's separate output tile
+        mgpu.MosaicBlockSizes(block_kv=64, persistent=True).check(256, 2)
+    assert mgpu.MosaicBlockSizes.for_call(128, is_causal=False).persistent
+    assert not mgpu.MosaicBlockSizes.for_call(128, is_causal=True).persistent
+    assert not mgpu.MosaicBlockSizes.for_call(256, is_causal=False).persistent
+    mgpu.MosaicBlockSizes.for_call(256, is_causal=False).check(256, 2)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_both_grids_lower_for_both_masks(is_causal, persistent):
+    # Defaults pick one grid per mask; the other must lower too (callers may pin it).
+    q = jax.ShapeDtypeStruct((2, 300, 8, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 500, 2, 64), jnp.bfloat16)
+    blocks = mgpu.MosaicBlockSizes(persistent=persistent)
+    fn = jax.jit(lambda q, k, v: mgpu.flash_attention(q, k, v, is_causal=is_causal, block_sizes=blocks,
+                                                      key_value_seq_lengths=jnp.array([500, 123])))
+    calls = set(re.findall(r"custom_call @([\w$.]+)", jax.export.export(fn, platforms=["cuda"])(q, kv, kv).mlir_module()))
+    assert calls == {"mosaic_gpu_v2"}, calls
 
 
 def test_dispatch_puts_it_first_on_gpus_and_falls_back_off_hopper(monkeypatch):

@@ -62,6 +62,13 @@ CASES = [
     ("full_h64_bkv256", (1, 1024, 1024, 8, 2, 64), BF16, {}, (64, 256, 2)),
     ("full_bkv64_s3", (1, 1024, 1024, 8, 2, 128), BF16, {}, (64, 64, 3)),
     ("causal_bkv64_s4", (1, 1024, 1024, 8, 2, 128), BF16, dict(is_causal=True), (64, 64, 4)),
+    # The persistent grid: more work items than SMs, so each CTA runs several (ring and ping-pong across items).
+    ("persistent_full_len", (2, 2048, 2048, 16, 2, 128), BF16,
+     dict(key_value_seq_lengths=[2048, 1500], query_seq_lengths=[2048, 1000]), (64, 128, 2, True)),
+    ("persistent_causal_off", (4, 1024, 1024, 16, 4, 128), BF16,
+     dict(is_causal=True, query_offset=[0, 0, 7, 0], key_value_seq_lengths=[1024, 0, 1024, 512]), (64, 128, 2, True)),
+    ("persistent_h64_short", (4, 512, 300, 32, 4, 64), BF16, dict(key_value_seq_lengths=[300, 1, 257, 128]),
+     (64, 128, 2, True)),
     # Values near bf16's max (issue 17): uniform in +-1e38; the float32 accumulator must not overflow.
     ("bf16_values_near_max", (1, 512, 4096, 4, 2, 128), BF16, dict(is_causal=True, value_scale=1e38), None),
 ]
@@ -121,6 +128,22 @@ def reference(q, k, v, *, scale=None, is_causal=False, query_offset=None, query_
 
 def _blocks(spec):
     return None if spec is None else mgpu.MosaicBlockSizes(*spec)
+
+
+def parse_variant(text):
+    """``BQxBKVxSTAGES[-p]``: the `MosaicBlockSizes` fields; ``-p`` = the persistent grid."""
+    sizes, _, flags = text.partition("-")
+    return tuple(int(x) for x in sizes.split("x")) + ("p" in flags,)
+
+
+def _tokamax_mosaic():
+    try:
+        import tokamax
+        from absl import flags
+    except ImportError:
+        return None
+    flags.FLAGS.mark_as_parsed()  # tokamax reads absl flags; keep it off our command line
+    return tokamax
 
 
 def _kwargs(kw):
@@ -187,13 +210,17 @@ def bench(names, variants, peers):
             fns = {}
             for spec in variants:
                 blocks = _blocks(spec)
-                fns["mgpu " + "x".join(map(str, spec))] = jax.jit(
+                fns["mgpu " + "x".join(map(str, spec[:3])) + ("-p" if spec[3] else "")] = jax.jit(
                     lambda q, k, v, blocks=blocks, c=causal: mgpu.flash_attention(q, k, v, is_causal=c,
                                                                                   block_sizes=blocks))
             if peers:
                 fns["cudnn"] = jax.jit(lambda q, k, v, c=causal: jax.nn.dot_product_attention(
                     q, k, v, is_causal=c, implementation="cudnn"))
                 fns["triton"] = jax.jit(lambda q, k, v, c=causal: triton_flash(q, k, v, is_causal=c))
+                tokamax = _tokamax_mosaic()
+                if tokamax is not None:
+                    fns["tokamax mosaic"] = jax.jit(lambda q, k, v, c=causal: tokamax.dot_product_attention(
+                        q, k, v, is_causal=c, implementation="mosaic"))
             ref = None
             for impl, fn in fns.items():
                 try:
@@ -218,7 +245,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default="all", help="all, none, or comma-separated case names")
     parser.add_argument("--bench", default="all", help="all, none, or comma-separated bench shape names")
-    parser.add_argument("--variants", default="64x128x2", help="block_q x block_kv x stages, comma-separated")
+    parser.add_argument("--variants", default="64x128x2",
+                        help="block_q x block_kv x stages[-p] (parse_variant), comma-separated")
     parser.add_argument("--no-peers", action="store_true", help="time only our variants")
     parser.add_argument("--progress", default="", help="JSON-lines file of finished cases: skipped on a rerun")
     parser.add_argument("--case-timeout", type=float, default=0.0, help="seconds; a case past it is a HANG, exit 3")
@@ -272,7 +300,7 @@ def main():
 
     rows = []
     if args.bench != "none":
-        variants = [tuple(int(x) for x in v.split("x")) for v in args.variants.split(",")]
+        variants = [parse_variant(v) for v in args.variants.split(",")]
         rows = bench(args.bench, variants, not args.no_peers)
 
     print(f"\n== correctness (jax {jax.__version__}, {dev.device_kind}) ==")

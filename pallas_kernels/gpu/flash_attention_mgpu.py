@@ -16,18 +16,30 @@ the Mosaic-GPU backward (`pallas_kernels.gpu.flash_attention_mgpu_backward`,
 head dims 64 and 128) and the Triton backward kernels (`flash_backward`, the
 fallback) take this forward's residuals.
 
-Design (after FlashAttention-3 and jax's ``attention_mgpu`` example). One CTA
-per ``(query head, 2 * block_q query rows, batch row)``, three warpgroups:
+Design (after FlashAttention-3, jax's ``attention_mgpu`` example and
+tokamax's sm90 kernel). A work item is ``(query head, 2 * block_q query rows,
+batch row)``, heads varying fastest (the query heads of one KV head run side
+by side and share its tiles in L2); a CTA of three warpgroups runs one item,
+or, with the persistent grid (`MosaicBlockSizes.persistent`, the default
+without causal masking), one CTA per SM walks the items:
 
-* a producer warpgroup (few registers) copies K and V tiles with TMA into a
-  ring of ``max_concurrent_steps`` shared-memory slots, each guarded by a
-  "ready" barrier (TMA completion) and a "consumed" barrier (both consumers
-  done with it);
+* a producer warpgroup (few registers) whose first warp copies K and V tiles
+  with TMA into a ring of ``max_concurrent_steps`` shared-memory slots; each
+  slot has a "ready" mbarrier (TMA completion) and a "consumed" named
+  hardware barrier (`pallas_kernels.gpu.mgpu_barriers`: both consumers
+  arrive, the TMA warp syncs before it refills the slot); the ring runs on
+  from one item into the next;
 * two consumer warpgroups, each owning ``block_q`` query rows, run
   ``wgmma`` for ``Q K^T`` (Q and K from shared memory) and ``P V`` (P from
-  registers), with the online softmax in float32 registers in between. A
-  schedule barrier ping-pongs the two consumers, so one's softmax overlaps the
-  other's matrix products.
+  registers), with the online softmax in float32 registers in between. Two
+  named barriers ping-pong them as in FlashAttention-3 (each lets the other
+  go once its ``Q K^T`` is issued and waits for its turn before ``P V``), so
+  one's softmax overlaps the other's matrix products.
+
+Pallas's automatic barriers around shared-memory accesses are off
+(``unsafe_no_auto_barriers``): no thread reads and writes the same shared
+memory, and `plgpu.commit_smem` / `plgpu.wait_smem_to_gmem` order the output
+tile's writes and TMA store.
 
 Both consumers walk the key tiles the CTA can see (``rules.kv_range`` of its
 rows); tiles outside it are never loaded. For each consumer the tiles its
@@ -55,8 +67,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.arguments import check_qkv, pad_axis, round_up
+from pallas_kernels.arguments import check_qkv, out_struct, pad_axis, round_up, vary_like
 from pallas_kernels.gpu import flash_attention_mgpu_backward as mgpu_backward
+from pallas_kernels.gpu import mgpu_barriers as bars
 from pallas_kernels.gpu.flash_attention import flash_backward
 from pallas_kernels.gpu.mgpu_tiles import cta_kv_blocks, full_kv_blocks
 from pallas_kernels.numerics import DEAD_LSE, LOG2E
@@ -88,17 +101,23 @@ class MosaicBlockSizes:
       block_q: query rows per consumer warpgroup (a CTA covers ``2 * block_q``).
       block_kv: keys per K/V tile.
       max_concurrent_steps: K/V tiles in flight (shared-memory ring slots).
+      persistent: one CTA per SM walking the work items (the K/V ring runs on
+        from one item into the next, and the next query tile loads while this
+        one's output is stored), instead of one CTA per item.
     """
 
     block_q: int = 64
     block_kv: int = 128
     max_concurrent_steps: int = 2
+    persistent: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "max_concurrent_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"{name}={value!r} must be an int")
+        if not isinstance(self.persistent, bool):
+            raise TypeError(f"persistent={self.persistent!r} must be a bool")
         if self.block_q != 64:
             raise ValueError(f"block_q={self.block_q} must be 64 (one wgmma M tile per consumer warpgroup)")
         if self.block_kv not in (64, 128, 192, 256):
@@ -107,17 +126,23 @@ class MosaicBlockSizes:
             raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be in [2, 4]")
 
     @classmethod
-    def for_head_dim(cls, head_dim: int) -> "MosaicBlockSizes":
-        """Defaults for a head dim (H200 sweep: tools/mgpu_flash_check.py)."""
-        if head_dim <= 64:
-            return cls(block_q=64, block_kv=128, max_concurrent_steps=2)
+    def for_call(cls, head_dim: int, is_causal: bool) -> "MosaicBlockSizes":
+        """Defaults (H200, bf16, tools/mgpu_flash_check.py on the bench shapes).
+
+        The persistent grid for non-causal calls at head dims 64 and 128
+        (B8 S1024 N32 K4 H128 576 against 525 TFLOP/s, B4 S2048 N16 K2 H64 410
+        against 391, the long shapes within 2%); causal calls one CTA per item,
+        longest rows first (persistent measured 271 against 300 at H64, 573
+        against 588 at B1 S16384). Head dim 256 has no shared memory for a
+        separate output tile.
+        """
         if head_dim <= 128:
-            return cls(block_q=64, block_kv=128, max_concurrent_steps=2)
+            return cls(block_q=64, block_kv=128, max_concurrent_steps=2, persistent=not is_causal)
         return cls(block_q=64, block_kv=64, max_concurrent_steps=2)
 
     def smem_bytes(self, head_dim: int, itemsize: int) -> int:
         """Shared memory of the Q/O tiles, the K/V ring and the lse rows."""
-        q = NUM_CONSUMERS * self.block_q * head_dim * itemsize
+        q = NUM_CONSUMERS * self.block_q * head_dim * itemsize * (2 if self.persistent else 1)
         kv = 2 * self.max_concurrent_steps * self.block_kv * head_dim * itemsize
         return q + kv + NUM_CONSUMERS * self.block_q * 4 + SMEM_OVERHEAD
 
@@ -171,7 +196,7 @@ def flash_attention(
       kv_segment_ids: not supported yet (raises).
       local_window_size: int or ``(left, right)``.
       logits_soft_cap: ``cap * tanh(logits / cap)``.
-      block_sizes: tiles; default `MosaicBlockSizes.for_head_dim`.
+      block_sizes: tiles; default `MosaicBlockSizes.for_call`.
       return_residuals: also return the log-sum-exp (`pallas_kernels.residuals`:
         natural log, float32 ``[B, N, T]``, ``-inf`` for rows that see no key);
         forward only.
@@ -215,7 +240,7 @@ def flash_attention_core(query, key, value, rules: Rules, *, block_sizes: Mosaic
       key: ``[B, S, K, H]``.
       value: ``[B, S, K, H]``.
       rules: the validated rules of the call (no segment ids).
-      block_sizes: forward tiles; default `MosaicBlockSizes.for_head_dim`.
+      block_sizes: forward tiles; default `MosaicBlockSizes.for_call`.
       backward: ``"mosaic"``, ``"triton"`` or ``"auto"`` (`choose_backward`).
 
     Returns:
@@ -335,11 +360,11 @@ def forward(query, key, value, rules: Rules, block_sizes: MosaicBlockSizes | Non
       key: ``[B, S, K, H]``.
       value: ``[B, S, K, H]``.
       rules: the validated rules of the call (no segment ids).
-      block_sizes: tiles; default `MosaicBlockSizes.for_head_dim`.
+      block_sizes: tiles; default `MosaicBlockSizes.for_call`.
     """
     B, T, N, H = query.shape
     S = key.shape[1]
-    blocks = block_sizes or MosaicBlockSizes.for_head_dim(H)
+    blocks = block_sizes or MosaicBlockSizes.for_call(H, rules.is_causal)
     blocks.check(H, jnp.dtype(query.dtype).itemsize)
     T_pad = round_up(T, NUM_CONSUMERS * blocks.block_q)
     S_pad = round_up(S, blocks.block_kv)
@@ -359,33 +384,51 @@ def _forward_call(rules: Rules, blocks: MosaicBlockSizes, offset, q_len, kv_len,
     B, T_pad, N, H = q.shape
     K = k.shape[2]
     rows = NUM_CONSUMERS * blocks.block_q
-    num_q_tiles = T_pad // rows
+    work = (N, T_pad // rows, B)  # one work item per (query head, 2 * block_q rows, batch row); heads vary fastest
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     stages = blocks.max_concurrent_steps
+    q_tile = plgpu.SMEM((NUM_CONSUMERS, blocks.block_q, H), q.dtype, transforms=tiled)
     scratch = [
-        plgpu.SMEM((NUM_CONSUMERS, blocks.block_q, H), q.dtype, transforms=tiled),
+        q_tile,
         plgpu.SMEM((stages, blocks.block_kv, H), k.dtype, transforms=tiled),
         plgpu.SMEM((stages, blocks.block_kv, H), v.dtype, transforms=tiled),
         plgpu.SMEM((NUM_CONSUMERS, blocks.block_q), jnp.float32),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=NUM_CONSUMERS),
-        plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=NUM_CONSUMERS),
     ]
-    kernel = functools.partial(_forward_kernel, rules=rules.statics(), blocks=blocks, num_groups=N // K,
-                               num_q_tiles=num_q_tiles)
-    return plgpu.kernel(
+    if blocks.persistent:
+        # A grid of one CTA per SM walking the work items; the output tile has its own buffer so the next
+        # item's query tile can load while this one's output is stored.
+        scratch.append(q_tile)
+        num_ctas = min(math.prod(work), num_sms())
+        grid, grid_names = (num_ctas,), ("ctas",)
+    else:
+        num_ctas = None
+        grid, grid_names = work, ("heads", "q_tiles", "batch")
+    kernel = functools.partial(_forward_kernel, rules=rules.statics(), blocks=blocks, num_groups=N // K, work=work,
+                               num_ctas=num_ctas)
+    args = (offset, q_len, kv_len, q, k, v)
+    outputs = plgpu.kernel(
         kernel,
-        out_type=(jax.ShapeDtypeStruct((B, T_pad, N, H), q.dtype), jax.ShapeDtypeStruct((B, N, T_pad), jnp.float32)),
+        out_type=(out_struct((B, T_pad, N, H), q.dtype, args), out_struct((B, N, T_pad), jnp.float32, args)),
         scratch_types=scratch,
-        grid=(N, num_q_tiles, B),
-        grid_names=("heads", "q_tiles", "batch"),
+        grid=grid,
+        grid_names=grid_names,
         num_threads=NUM_CONSUMERS + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(offset, q_len, kv_len, q, k, v)
+        # No automatic barriers around shared-memory accesses: no thread reads and writes the same shared
+        # memory (wgmma and TMA read it asynchronously; `commit_smem` orders the output writes before the TMA
+        # store, and `wait_smem_to_gmem` the store's reads before the next writes).
+        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True),
+    )(*args)
+    return vary_like(outputs, args)
+
+
+def num_sms() -> int:
+    """Streaming multiprocessors of the default GPU (132 on H100/H200 SXM when lowering on a machine without one)."""
+    device = jax.devices()[0]
+    return int(getattr(device, "core_count", 0) or 132) if device.platform == "gpu" else 132
 
 
 # ---------------------------------------------------------------------------
@@ -393,142 +436,202 @@ def _forward_call(rules: Rules, blocks: MosaicBlockSizes, offset, q_len, kv_len,
 
 
 def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
-                    qo_smem, k_smem, v_smem, lse_smem, k_ready, v_ready, q_ready, k_consumed, v_consumed, schedule,
-                    *, rules: Rules, blocks: MosaicBlockSizes, num_groups: int, num_q_tiles: int):
+                    q_smem, k_smem, v_smem, lse_smem, k_ready, v_ready, q_ready, *o_smem,
+                    rules: Rules, blocks: MosaicBlockSizes, num_groups: int, work: tuple[int, int, int],
+                    num_ctas: int | None):
     bq, bkv, stages = blocks.block_q, blocks.block_kv, blocks.max_concurrent_steps
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
     shift = P_SHIFT[jnp.dtype(dtype)]
-    batch = lax.axis_index("batch")
-    head = lax.axis_index("heads")
-    tile = lax.axis_index("q_tiles")
-    if rules.is_causal:
-        tile = num_q_tiles - 1 - tile
+    num_heads, num_q_tiles, _ = work
     wg = lax.axis_index("wg")
-    offset, q_len, kv_len = offset_ref[batch], q_len_ref[batch], kv_len_ref[batch]
-    cta_start = tile * (NUM_CONSUMERS * bq)
-    blk_lo, blk_hi = cta_kv_blocks(rules, cta_start, NUM_CONSUMERS * bq, bkv, offset, q_len, kv_len)
-    num_steps = blk_hi - blk_lo
+    o_smem = o_smem[0] if o_smem else q_smem  # not persistent: the output goes out through the query buffer
 
-    def slot_of(j):
-        return lax.rem(j - blk_lo, stages)
+    # Named barriers: the consumers' ping-pong (two ids), then "K consumed" and "V consumed" per ring slot.
+    sched_id = bars.FIRST_FREE_ID
+    k_consumed_id = sched_id + 2
+    v_consumed_id = k_consumed_id + stages
+    consumer_threads = NUM_CONSUMERS * 128
+    ring_threads = consumer_threads + 32  # both consumers arrive, the producer's TMA warp syncs
 
-    def schedule_barrier():
-        plgpu.barrier_arrive(schedule)
-        plgpu.barrier_wait(schedule)
+    def let_other_go():
+        bars.arrive(sched_id + 1 - wg, consumer_threads)
+
+    def wait_my_turn():
+        bars.sync(sched_id + wg, consumer_threads)
+
+    if num_ctas is None:
+        first_item = None
+        num_items = 1
+        grid_index = tuple(lax.axis_index(name) for name in ("heads", "q_tiles", "batch"))
+    else:
+        first_item = lax.axis_index("ctas")
+        num_items = lax.div(math.prod(work) - 1 - first_item, num_ctas) + 1
+
+    def item_of(i):
+        """``(head, q tile, batch, offset, q_len, kv_len, first row, key tiles [lo, hi))`` of this CTA's item ``i``."""
+        if first_item is None:
+            head, tile, batch = grid_index
+        else:
+            index = first_item + i * num_ctas
+            head, rest = lax.rem(index, num_heads), lax.div(index, num_heads)
+            tile, batch = lax.rem(rest, num_q_tiles), lax.div(rest, num_q_tiles)
+        if rules.is_causal:
+            tile = num_q_tiles - 1 - tile  # longest rows first
+        offset, q_len, kv_len = offset_ref[batch], q_len_ref[batch], kv_len_ref[batch]
+        cta_start = tile * (NUM_CONSUMERS * bq)
+        blk_lo, blk_hi = cta_kv_blocks(rules, cta_start, NUM_CONSUMERS * bq, bkv, offset, q_len, kv_len)
+        return head, batch, offset, q_len, kv_len, cta_start, blk_lo, blk_hi
+
+    def for_each_item(body):
+        """Runs ``body(i, steps) -> steps`` over this CTA's items; ``steps`` counts K/V tiles through the ring
+        before item ``i`` (None for the one item of a CTA that is not persistent)."""
+        if first_item is None:
+            body(0, None)
+        else:
+            lax.fori_loop(0, num_items, body, jnp.int32(0))
+
+    def ring_step(steps, j, blk_lo):
+        """The ring position of key tile ``j`` of an item whose tiles start at ``blk_lo``."""
+        return j - blk_lo if steps is None else steps + (j - blk_lo)
 
     @pl.when(wg < NUM_CONSUMERS)
     def _consumer():
         plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
-        qo = qo_smem.at[wg]
-        wg_start = cta_start + wg * bq
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(wg_start, bq), head], qo, q_ready.at[wg])
-        f_lo, f_hi = full_kv_blocks(rules, wg_start, bq, bkv, offset, q_len, kv_len, blk_lo, blk_hi)
-        if rules.soft_cap is None:
-            pre_scale, scale2 = None, rules.scale * LOG2E
-        else:
-            pre_scale, scale2 = rules.scale / rules.soft_cap, rules.soft_cap * LOG2E
+        q_tile, o_tile = q_smem.at[wg], o_smem.at[wg]
 
-        m = plgpu.layout_cast(jnp.full((bq,), M_FLOOR, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l = plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        acc = plgpu.layout_cast(jnp.full((bq, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
-        plgpu.barrier_wait(q_ready.at[wg])
+        def load_q(i):
+            head, batch, *_, cta_start, _, _ = item_of(i)
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(cta_start + wg * bq, bq), head], q_tile, q_ready.at[wg])
 
-        @pl.when(num_steps > 0)
-        def _():
-            plgpu.barrier_wait(k_ready.at[0])
+        load_q(0)
 
-        pl.when(wg == 1)(schedule_barrier)
-
-        def body(j, carry, *, masked: bool):
-            acc, m, l = carry
-            slot = slot_of(j)
-
-            def qk_product(acc_ref):
-                plgpu.wgmma(acc_ref, qo, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                schedule_barrier()
-                return acc_ref[...]
-
-            s = pl.run_scoped(qk_product, plgpu.ACC((bq, bkv), jnp.float32))
-            plgpu.barrier_arrive(k_consumed.at[slot])
-            if pre_scale is not None:
-                s = jnp.tanh(s * pre_scale)
-            if masked:
-                row = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
-                col = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
-                k_idx = col + j * bkv
-                visible = (k_idx < kv_len) & (row < q_len - wg_start)
-                positional = rules.visible(row + (offset + wg_start), k_idx)
-                if positional is not None:
-                    visible = visible & positional
-                s = jnp.where(visible, s, -jnp.inf)
-            # Base-2 online softmax; scale2 > 0 commutes with the max, so p is one FMA per logit.
-            m_new = jnp.maximum(m, s.max(axis=1) * scale2)
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new + shift if shift else m_new, s.shape, [0]))
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            l = l * alpha
-            p16 = p.astype(dtype)
-
-            def end_softmax():
-                plgpu.barrier_arrive(schedule)
-                plgpu.barrier_wait(v_ready.at[slot])
-                plgpu.barrier_wait(schedule)
-
-            # The order of the row sum and the barriers matters for speed (as in jax's example).
-            if head_dim <= 128:
-                l = l + p.sum(axis=1)
-                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-                end_softmax()
+        def item(i, steps):
+            head, batch, offset, q_len, kv_len, cta_start, blk_lo, blk_hi = item_of(i)
+            wg_start = cta_start + wg * bq
+            f_lo, f_hi = full_kv_blocks(rules, wg_start, bq, bkv, offset, q_len, kv_len, blk_lo, blk_hi)
+            if rules.soft_cap is None:
+                pre_scale, scale2 = None, rules.scale * LOG2E
             else:
-                end_softmax()
-                l = l + p.sum(axis=1)
+                pre_scale, scale2 = rules.scale / rules.soft_cap, rules.soft_cap * LOG2E
 
-            def pv_product(acc_ref):
-                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+            def slot_of(j):
+                return lax.rem(ring_step(steps, j, blk_lo), stages)
 
-                @pl.when(j + 1 < blk_hi)
-                def _():
-                    plgpu.barrier_wait(k_ready.at[slot_of(j + 1)])
+            m = plgpu.layout_cast(jnp.full((bq,), M_FLOOR, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            l = plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc = plgpu.layout_cast(jnp.full((bq, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+            plgpu.barrier_wait(q_ready.at[wg])
 
-            acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_consumed.at[slot])
-            return acc, m_new, l
+            @pl.when(blk_hi > blk_lo)
+            def _():
+                plgpu.barrier_wait(k_ready.at[slot_of(blk_lo)])
 
-        carry = (acc, m, l)
-        carry = lax.fori_loop(blk_lo, f_lo, functools.partial(body, masked=True), carry)
-        carry = lax.fori_loop(f_lo, f_hi, functools.partial(body, masked=False), carry)
-        acc, m, l = lax.fori_loop(f_hi, blk_hi, functools.partial(body, masked=True), carry)
-        pl.when(wg == 0)(schedule_barrier)
+            pl.when(wg == 1)(wait_my_turn)
 
-        live = m > 0.5 * M_FLOOR
-        l_safe = jnp.where(live, l, 1.0)
-        acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
-        qo[...] = acc.astype(dtype)
-        lse_smem.at[wg][...] = jnp.where(live, m + (jnp.log(l_safe) * RCP_LN2 + shift), DEAD_LSE)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo, out_ref.at[batch, pl.ds(wg_start, bq), head])
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(wg_start, bq)])
+            def body(j, carry, *, masked: bool):
+                acc, m, l = carry
+                slot = slot_of(j)
+
+                def qk_product(acc_ref):
+                    plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    let_other_go()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk_product, plgpu.ACC((bq, bkv), jnp.float32))
+                bars.arrive(k_consumed_id + slot, ring_threads)
+                if pre_scale is not None:
+                    s = jnp.tanh(s * pre_scale)
+                if masked:
+                    row = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
+                    col = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+                    k_idx = col + j * bkv
+                    visible = (k_idx < kv_len) & (row < q_len - wg_start)
+                    positional = rules.visible(row + (offset + wg_start), k_idx)
+                    if positional is not None:
+                        visible = visible & positional
+                    s = jnp.where(visible, s, -jnp.inf)
+                # Base-2 online softmax; scale2 > 0 commutes with the max, so p is one FMA per logit.
+                m_new = jnp.maximum(m, s.max(axis=1) * scale2)
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new + shift if shift else m_new, s.shape, [0]))
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l = l * alpha
+                p16 = p.astype(dtype)
+
+                def end_softmax():
+                    plgpu.barrier_wait(v_ready.at[slot])
+                    wait_my_turn()
+
+                # The order of the row sum and the barriers matters for speed (as in jax's example).
+                if head_dim <= 128:
+                    l = l + p.sum(axis=1)
+                    acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+                    end_softmax()
+                else:
+                    end_softmax()
+                    l = l + p.sum(axis=1)
+
+                def pv_product(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+                    @pl.when(j + 1 < blk_hi)
+                    def _():
+                        plgpu.barrier_wait(k_ready.at[slot_of(j + 1)])
+
+                acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
+                bars.arrive(v_consumed_id + slot, ring_threads)
+                return acc, m_new, l
+
+            carry = (acc, m, l)
+            carry = lax.fori_loop(blk_lo, f_lo, functools.partial(body, masked=True), carry)
+            carry = lax.fori_loop(f_lo, f_hi, functools.partial(body, masked=False), carry)
+            acc, m, l = lax.fori_loop(f_hi, blk_hi, functools.partial(body, masked=True), carry)
+            if first_item is None:
+                pl.when(wg == 0)(let_other_go)
+            else:
+                # Wait for the other consumer as well: its last "my turn" must pass before this one's next
+                # arrival, or two arrivals would meet one barrier phase.
+                pl.when(wg == 0)(lambda: bars.sync(sched_id + 1, consumer_threads))
+                pl.when(i + 1 < num_items)(functools.partial(load_q, i + 1))  # the query tile is free again
+
+            live = m > 0.5 * M_FLOOR
+            l_safe = jnp.where(live, l, 1.0)
+            acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read their tiles
+            o_tile[...] = acc.astype(dtype)
+            lse_smem.at[wg][...] = jnp.where(live, m + (jnp.log(l_safe) * RCP_LN2 + shift), DEAD_LSE)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_tile, out_ref.at[batch, pl.ds(wg_start, bq), head])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(wg_start, bq)])
+            return None if steps is None else steps + (blk_hi - blk_lo)
+
+        for_each_item(item)
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == NUM_CONSUMERS)
     def _producer():
         plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
-        kv_head = lax.div(head, jnp.array(num_groups, head.dtype))
 
-        def issue(step, slot):
-            keys = (batch, pl.ds((blk_lo + step) * bkv, bkv), kv_head)
-            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+        def item(i, steps):
+            head, batch, *_, blk_lo, blk_hi = item_of(i)
+            kv_head = lax.div(head, jnp.array(num_groups, head.dtype))
 
-        for slot in range(stages):
-            pl.when(slot < num_steps)(functools.partial(issue, slot, slot))
+            @pl.loop(blk_lo, blk_hi)
+            def _(j):
+                step = ring_step(steps, j, blk_lo)
+                slot = lax.rem(step, stages)
+                keys = (batch, pl.ds(j * bkv, bkv), kv_head)
+                refill = step >= stages  # the slot held tile step - stages: wait until both consumers are done
 
-        @pl.loop(stages, jnp.maximum(num_steps, stages))
-        def _(step):
-            slot = lax.rem(step, stages)
-            keys = (batch, pl.ds((blk_lo + step) * bkv, bkv), kv_head)
-            plgpu.barrier_wait(k_consumed.at[slot])
-            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
-            plgpu.barrier_wait(v_consumed.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+                pl.when(refill)(lambda: bars.sync(k_consumed_id + slot, ring_threads))
+                plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+                pl.when(refill)(lambda: bars.sync(v_consumed_id + slot, ring_threads))
+                plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+
+            return None if steps is None else steps + (blk_hi - blk_lo)
+
+        # One warp issues the copies: the named barriers count exactly its 32 threads.
+        @plgpu.warp_map
+        def _(warp):
+            pl.when(warp == 0)(lambda: for_each_item(item))
