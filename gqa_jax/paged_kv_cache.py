@@ -352,9 +352,10 @@ class PagedKVCache:
             gather the pages to a dense cache and call
             `gqa_jax.dot_product_attention`; None (default): the kernel on a
             GPU when ``T <= 16``, the query dtype is bfloat16, float16 or
-            float32 and ``kwargs`` holds only ``scale``, ``local_window_size``,
-            ``logits_soft_cap`` (an ``implementation`` that is not None counts
-            as another keyword), else the dense path.
+            float32 and ``kwargs`` sets only ``scale``, ``local_window_size``
+            and ``logits_soft_cap`` (keywords given as None count as unset, so
+            ``implementation=None`` does not pin the dense path), else the
+            dense path.
           **kwargs: any other keyword of `gqa_jax.dot_product_attention`
             (``implementation``, ``local_window_size``, ``logits_soft_cap``
             ...); the kernel takes the three above.
@@ -383,11 +384,10 @@ class PagedKVCache:
                     f"the newest num_new={count_value.tolist()} queries must already be in the cache "
                     f"(call update first), got cache lengths={lengths_value.tolist()}"
                 )
-        if kwargs.get("implementation", ...) is None:
-            kwargs.pop("implementation")
         positional = is_causal or kwargs.get("local_window_size") is not None
         offset = self.lengths - count if positional else None
-        other = sorted(set(kwargs) - KERNEL_KEYWORDS)
+        given = {name: value for name, value in kwargs.items() if value is not None}
+        other = sorted(set(given) - KERNEL_KEYWORDS)
         if paged_kernel is None:
             paged_kernel = (jax.default_backend() == "gpu" and T <= MAX_DECODE_QUERIES and not other
                             and query.dtype in KERNEL_DTYPES)
@@ -402,7 +402,7 @@ class PagedKVCache:
                              f"{other}; use paged_kernel=False or None")
         out = paged_decode_attention(query, self.key_pages, self.value_pages, self.page_table, self.stored_lengths,
                                      is_causal=is_causal, query_offset=offset,
-                                     interpret=jax.default_backend() != "gpu", **kwargs)
+                                     interpret=jax.default_backend() != "gpu", **given)
         if num_new is None:
             return out
         return jnp.where((jnp.arange(T) < count[:, None])[:, :, None, None], out, jnp.zeros((), out.dtype))

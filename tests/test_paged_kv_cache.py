@@ -76,10 +76,11 @@ def test_matches_dense_cache_over_ragged_decode(page_size):
 
 
 def test_kernel_through_attend_matches_dense_cache():
-    """`attend(paged_kernel=True)` (interpret mode here) over ragged steps, a window and a soft-cap."""
+    """`attend(paged_kernel=True)` (interpret mode here) over ragged steps, a window and a soft-cap (keywords given as
+    None, as a model passes them, count as unset)."""
     rng = np.random.default_rng(1)
     paged, dense = _paged(page_size=4), KVCache.init(B, 24, K, H)
-    options = dict(local_window_size=(6, 0), logits_soft_cap=3.0)
+    options = dict(local_window_size=(6, 0), logits_soft_cap=3.0, scale=None, implementation=None)
     for num_new in STEPS[:4]:
         q, k, v, n = _step_inputs(rng, num_new)
         paged, dense = paged.update(k, v, num_new=n), dense.update(k, v, num_new=n)
