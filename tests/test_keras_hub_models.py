@@ -31,10 +31,10 @@ SIZES = dict(vocabulary_size=64, num_layers=2, num_query_heads=4, num_key_value_
              intermediate_dim=48)
 FAMILIES = {
     "llama": ("LlamaBackbone", dict(layer_norm_epsilon=1e-5)),
-    # Wavelengths 6.3, 167, 4443, 1.2e5 of the 8-wide heads against 64 / 4 and 64 / 1: kept, blended, divided.
+    # Wavelengths 6.3, 167, 4443, 1.2e5 of the 8-wide heads against 512 / 4 and 512 / 1: kept, blended, divided.
     "llama3_scaling_tied": ("Llama3Backbone", dict(
         rope_max_wavelength=500000, rope_frequency_adjustment_factor=8.0, rope_low_freq_factor=1.0,
-        rope_high_freq_factor=4.0, rope_pretraining_sequence_length=64, tie_word_embeddings=True)),
+        rope_high_freq_factor=4.0, rope_pretraining_sequence_length=512, tie_word_embeddings=True)),
     "mistral_window": ("MistralBackbone", dict(sliding_window=3, head_dim=16)),
     "qwen2_biases_linear_rope": ("QwenBackbone", dict(rope_scaling_factor=2.0)),
     "gemma_mqa": ("GemmaBackbone", dict(num_key_value_heads=1, head_dim=16, intermediate_dim=64)),
