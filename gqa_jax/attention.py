@@ -36,10 +36,13 @@ def dot_product_attention(
     kv_sharding=None,
     key_scale=None,
     value_scale=None,
+    sinks=None,
+    num_sink_tokens: int = 0,
 ):
     """Scaled dot-product attention with grouped key/value heads.
 
-    ``softmax(mask(cap(scale * Q K^T) + bias)) V`` per head, where query head
+    ``softmax(mask(cap(scale * Q K^T) + bias)) V`` per head (with ``sinks``, each
+    head's softmax denominator gains ``exp(sinks[n])``), where query head
     ``n`` reads key/value head ``n // G`` (``G = N // K``): multi-head attention
     when ``K == N``, multi-query when ``K == 1``. A superset of
     `jax.nn.dot_product_attention`; where both apply they agree (except on rows
@@ -70,6 +73,13 @@ def dot_product_attention(
         of its own segment.
       local_window_size: int or ``(left, right)``: a query at position ``p``
         sees keys in ``[p - left, p + right]``.
+      num_sink_tokens: int ``k >= 0``: keys at positions ``< k`` stay visible
+        outside the window (StreamingLLM's "keep the first k tokens"); causal
+        and lengths still apply to them. Needs ``local_window_size`` when
+        positive. Served by ``"xla"``, ``"pallas_triton"`` (which skips the
+        tiles between the sink tokens and the window) and ``"pallas_tpu"``;
+        ``"cudnn"`` refuses it, ``"pallas_mosaic_gpu"`` leaves it to
+        ``"pallas_triton"``.
       logits_soft_cap: ``cap * tanh(logits / cap)`` on the scaled logits,
         before bias and masks.
       dropout_rate: probability of dropping an attention weight (needs
@@ -93,11 +103,17 @@ def dot_product_attention(
         decode-shaped calls, ``"pallas_triton"``; the others refuse it.
       value_scale: float ``[B, S, K]``, required with a quantized value:
         applied to the weights before ``p . v``.
+      sinks: optional float ``[N]`` (any float dtype; float32 math) learned
+        sink logit per query head, as in gpt-oss: query head ``n``'s weights
+        are ``exp(l_s) / (sum_s' exp(l_s') + exp(sinks[n]))``; the sink has
+        no value, so the weights sum to less than 1. Differentiable; ``-inf``
+        is no sink. The returned weights exclude the sink. Served by
+        ``"xla"`` and ``"pallas_triton"``; the others refuse it.
 
     Returns:
       ``[B, T, N, Hv]`` in the query dtype, or ``(output, weights)`` with
       weights ``[B, N, T, S]`` when ``return_weights``. Rows with no visible
-      key give zeros.
+      key give zeros (with sinks too).
 
     Raises:
       ValueError, TypeError: for invalid arguments, or an implementation that
@@ -131,5 +147,7 @@ def dot_product_attention(
         kv_sharding=kv_sharding,
         key_scale=key_scale,
         value_scale=value_scale,
+        sinks=sinks,
+        num_sink_tokens=num_sink_tokens,
     )
     return run(request, implementation)

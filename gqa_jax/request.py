@@ -21,6 +21,7 @@ from gqa_jax.placement import Placement, placement_of
 from pallas_kernels.arguments import check_bias
 from pallas_kernels.quantized import check_tensors
 from pallas_kernels.rules import Rules, concrete_value
+from pallas_kernels.sinks import check_sinks
 
 Array = jax.Array
 
@@ -35,7 +36,8 @@ class AttentionRequest:
       query: ``[B, T, N, H]``.
       key: ``[B, S, K, H]``.
       value: ``[B, S, K, Hv]``.
-      rules: scale, causal, offsets, lengths, segments, window and soft-cap.
+      rules: scale, causal, offsets, lengths, segments, window (with its sink
+        tokens) and soft-cap.
       bias: additive float bias ``[B|1, N|1, T|1, S|1]`` or None.
       mask: boolean mask ``[B|1, N|1, T|1, S|1]`` (True = attend) or None.
       dropout_rate: probability of dropping an attention weight.
@@ -45,6 +47,7 @@ class AttentionRequest:
       key_scale: float32 ``[B, S, K]`` per-key scales of a quantized ``key``
         (int8 or float8_e4m3fn), or None for a float key.
       value_scale: float32 ``[B, S, K]`` scales of a quantized ``value``, or None.
+      sinks: float32 ``[N]`` sink logits (`pallas_kernels.sinks`), or None.
     """
 
     query: Array
@@ -59,6 +62,7 @@ class AttentionRequest:
     placement: Placement | None = None
     key_scale: Array | None = None
     value_scale: Array | None = None
+    sinks: Array | None = None
 
     @property
     def batch_size(self) -> int:
@@ -140,6 +144,16 @@ class AttentionRequest:
         """A quantized key/value cache (int8 or float8_e4m3fn values with per-key scales)."""
         return self.key_scale is not None
 
+    @property
+    def has_sinks(self) -> bool:
+        """Learned sink logits in the softmax denominator."""
+        return self.sinks is not None
+
+    @property
+    def has_sink_tokens(self) -> bool:
+        """Keys kept visible outside the sliding window (``num_sink_tokens > 0``)."""
+        return self.rules.sink_tokens > 0
+
 
 def _check_rate(dropout_rate, dropout_rng) -> float:
     if isinstance(dropout_rate, (bool, np.bool_)) or not isinstance(dropout_rate, (int, float, np.floating)):
@@ -174,6 +188,8 @@ def make_request(
     kv_sharding=None,
     key_scale=None,
     value_scale=None,
+    sinks=None,
+    num_sink_tokens: int = 0,
 ) -> AttentionRequest:
     """Validates the arguments of `gqa_jax.dot_product_attention` (see it for their meaning).
 
@@ -190,7 +206,7 @@ def make_request(
         query, key, scale=scale, is_causal=is_causal, query_offset=query_offset,
         query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, local_window_size=local_window_size,
-        logits_soft_cap=logits_soft_cap,
+        logits_soft_cap=logits_soft_cap, num_sink_tokens=num_sink_tokens,
     )
     B, T, N, _ = query.shape
     S = key.shape[1]
@@ -212,4 +228,5 @@ def make_request(
         placement=placement_of(query, key, q_sharding, kv_sharding),
         key_scale=key_scale,
         value_scale=value_scale,
+        sinks=check_sinks(sinks, N),
     )

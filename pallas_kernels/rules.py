@@ -5,7 +5,9 @@ Positions: query ``t`` of batch row ``b`` sits at ``q_offset[b] + t``; key
 agrees:
 
 * causal: ``key_pos <= query_pos``;
-* window ``(left, right)``: ``query_pos - left <= key_pos <= query_pos + right``;
+* window ``(left, right)``: ``query_pos - left <= key_pos <= query_pos + right``,
+  or ``key_pos < sink_tokens`` (the first keys stay visible: StreamingLLM's
+  attention-sink tokens; with causal they still obey causality);
 * lengths: ``t < q_len[b]`` and ``s < kv_len[b]``;
 * segments: ``q_segment_ids[b, t] == kv_segment_ids[b, s]``.
 
@@ -17,7 +19,10 @@ tensors plus one `Rules` and nothing else that a user chose.
 argument is accepted or refused identically everywhere. `Rules` is a pytree
 (static fields are metadata), so it passes through ``jit``, ``custom_vjp`` and
 ``shard_map`` unchanged. Kernels ask it `visible`, `kv_range` and `q_range`
-instead of re-deriving the rules.
+instead of re-deriving the rules. With sink tokens the visible keys of a tile
+are two runs, ``[0, sink_end)`` and ``[lo, hi)`` (`kv_ranges`); `kv_range`
+gives their hull, so a kernel that asks only it stays correct (it visits the
+gap between them, masked), and a kernel that asks `kv_ranges` skips the gap.
 
 This module imports only jax and numpy: ``pallas_kernels`` stands alone.
 """
@@ -165,6 +170,8 @@ class Rules:
       soft_cap: ``cap * tanh(logits / cap)`` on the scaled logits, or None (static).
       offset_is_default: the offset was derived, not given (static); an
         adapter for a library with top-left causal masks needs to know.
+      sink_tokens: keys at positions ``< sink_tokens`` pass the window rule
+        (static; 0 when off, only with a window).
     """
 
     q_offset: Array
@@ -177,6 +184,7 @@ class Rules:
     window: tuple[int, int] | None = None
     soft_cap: float | None = None
     offset_is_default: bool = True
+    sink_tokens: int = 0
 
     @classmethod
     def create(
@@ -193,6 +201,7 @@ class Rules:
         kv_segment_ids=None,
         local_window_size=None,
         logits_soft_cap: float | None = None,
+        num_sink_tokens: int = 0,
     ) -> "Rules":
         """Validates and defaults the rules for ``query [B, T, N, H]`` against ``key [B, S, K, H]``.
 
@@ -213,6 +222,9 @@ class Rules:
           kv_segment_ids: int ``[B, S]``.
           local_window_size: int or ``(left, right)`` of non-negative ints.
           logits_soft_cap: a positive finite float, or None.
+          num_sink_tokens: a non-negative int: keys at positions below it stay
+            visible outside the sliding window (StreamingLLM); needs
+            ``local_window_size`` when positive.
 
         Returns:
           The validated `Rules`.
@@ -229,6 +241,14 @@ class Rules:
         if not isinstance(is_causal, (bool, np.bool_)):
             raise TypeError(f"is_causal must be a bool, got {is_causal=}")
         window = normalize_window(local_window_size)
+        if not _is_int(num_sink_tokens):
+            raise TypeError(f"num_sink_tokens must be a non-negative int, got {num_sink_tokens=}")
+        if num_sink_tokens < 0:
+            raise ValueError(f"num_sink_tokens must be a non-negative int, got {num_sink_tokens=}")
+        if num_sink_tokens and window is None:
+            raise ValueError(
+                f"num_sink_tokens only matters with local_window_size, got {num_sink_tokens=}, {local_window_size=}"
+            )
         if logits_soft_cap is not None:
             if not isinstance(logits_soft_cap, numbers.Real) or isinstance(logits_soft_cap, (bool, np.bool_)):
                 raise TypeError(f"logits_soft_cap must be a positive float or None, got {logits_soft_cap=}")
@@ -273,6 +293,7 @@ class Rules:
             window=window,
             soft_cap=logits_soft_cap,
             offset_is_default=query_offset is None,
+            sink_tokens=int(num_sink_tokens),
         )
 
     # -- what is on ------------------------------------------------------------
@@ -339,11 +360,45 @@ class Rules:
         if self.window is not None:
             left, right = self.window
             in_window = (k_pos >= q_pos - left) & (k_pos <= q_pos + right)
+            if self.sink_tokens:
+                in_window = in_window | (k_pos < self.sink_tokens)
             mask = in_window if mask is None else mask & in_window
         return mask
 
+    def kv_ranges(self, q_first, q_last, kv_len):
+        """The key positions any query of a tile can see, as two runs: ``(sink_end, lo, hi)``.
+
+        Visible keys lie in ``[0, sink_end)`` (sink tokens; empty without them)
+        and ``[lo, hi)`` (the window); the runs may overlap.
+
+        Args:
+          q_first: position of the tile's first query (int scalar).
+          q_last: position of the tile's last query (int scalar).
+          kv_len: valid keys of the row (int scalar).
+
+        Returns:
+          int32 scalars, ``0 <= sink_end <= kv_len``, ``0 <= lo``, ``hi <= kv_len``; a run is empty when its end is
+          not past its start.
+        """
+        lo = jnp.zeros((), jnp.int32)
+        hi = jnp.asarray(kv_len, jnp.int32)
+        sink_end = jnp.zeros((), jnp.int32)
+        if self.sink_tokens:
+            sink_end = jnp.minimum(hi, self.sink_tokens)
+            if self.is_causal:
+                sink_end = jnp.maximum(jnp.minimum(sink_end, q_last + 1), 0)
+        if self.is_causal:
+            hi = jnp.minimum(hi, q_last + 1)
+        if self.window is not None:
+            left, right = self.window
+            lo = jnp.maximum(lo, q_first - left)
+            hi = jnp.minimum(hi, q_last + right + 1)
+        return sink_end.astype(jnp.int32), lo.astype(jnp.int32), hi.astype(jnp.int32)
+
     def kv_range(self, q_first, q_last, kv_len):
         """Half-open range ``[lo, hi)`` of key positions that any query of a tile can see.
+
+        With sink tokens, the hull of the two runs of `kv_ranges`.
 
         Args:
           q_first: position of the tile's first query (int scalar).
@@ -353,20 +408,19 @@ class Rules:
         Returns:
           ``(lo, hi)`` int32 scalars, ``0 <= lo``, ``hi <= kv_len``; empty when ``hi <= lo``.
         """
-        lo = jnp.zeros((), jnp.int32)
-        hi = jnp.asarray(kv_len, jnp.int32)
-        if self.is_causal:
-            hi = jnp.minimum(hi, q_last + 1)
-        if self.window is not None:
-            left, right = self.window
-            lo = jnp.maximum(lo, q_first - left)
-            hi = jnp.minimum(hi, q_last + right + 1)
-        return lo.astype(jnp.int32), hi.astype(jnp.int32)
+        sink_end, lo, hi = self.kv_ranges(q_first, q_last, kv_len)
+        if self.sink_tokens:
+            sinks = sink_end > 0
+            lo = jnp.where(sinks, 0, lo)
+            hi = jnp.where(sinks, jnp.maximum(hi, sink_end), hi)
+        return lo, hi
 
     def kv_full_range(self, q_first, q_last, kv_len):
         """Half-open range ``[lo, hi)`` of key positions that every query of a tile sees.
 
-        Segment ids are not considered (a kernel with segments masks every tile).
+        Segment ids are not considered (a kernel with segments masks every tile);
+        nor are sink tokens (they only add visible keys, so the range stays a
+        subset of what every query sees).
         """
         lo = jnp.zeros((), jnp.int32)
         hi = jnp.asarray(kv_len, jnp.int32)
@@ -389,20 +443,29 @@ class Rules:
 
         Returns:
           ``(lo, hi)`` int32 scalars, ``hi <= q_len``; ``lo`` may be negative
-          (clip it when indexing).
+          (clip it when indexing). A tile holding sink tokens is seen by every
+          query its causal rule allows.
         """
         lo = jnp.zeros((), jnp.int32)
         hi = jnp.asarray(q_len, jnp.int32)
         if self.is_causal:
             lo = jnp.maximum(lo, k_first - q_offset)
+        sink_lo = lo
         if self.window is not None:
             left, right = self.window
             lo = jnp.maximum(lo, k_first - right - q_offset)
             hi = jnp.minimum(hi, k_last + left + 1 - q_offset)
+        if self.sink_tokens:
+            sinks = k_first < self.sink_tokens
+            lo = jnp.where(sinks, sink_lo, lo)
+            hi = jnp.where(sinks, jnp.asarray(q_len, jnp.int32), hi)
         return lo.astype(jnp.int32), hi.astype(jnp.int32)
 
     def q_full_range(self, k_first, k_last, q_offset, q_len):
-        """Half-open range ``[lo, hi)`` of query indices that see every key of a tile (segments aside)."""
+        """Half-open range ``[lo, hi)`` of query indices that see every key of a tile (segments aside).
+
+        Sink tokens are not considered: the range stays a subset.
+        """
         lo = jnp.zeros((), jnp.int32)
         hi = jnp.asarray(q_len, jnp.int32)
         if self.is_causal:
@@ -441,5 +504,5 @@ class Rules:
 jax.tree_util.register_dataclass(
     Rules,
     data_fields=["q_offset", "q_len", "kv_len", "q_segment_ids", "kv_segment_ids"],
-    meta_fields=["scale", "is_causal", "window", "soft_cap", "offset_is_default"],
+    meta_fields=["scale", "is_causal", "window", "soft_cap", "offset_is_default", "sink_tokens"],
 )

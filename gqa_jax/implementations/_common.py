@@ -113,12 +113,13 @@ def per_device(request: AttentionRequest, kernel: Callable[[AttentionRequest], j
                                                ("q_offset", "q_len", "kv_len", "q_segment_ids", "kv_segment_ids")})
     heads = placement.spec()
 
-    def body(query, key, value, rules, bias, mask):
+    def body(query, key, value, rules, bias, mask, sinks):
         return kernel(dataclasses.replace(request, query=query, key=key, value=value, rules=rules, bias=bias,
-                                          mask=mask, placement=None))
+                                          mask=mask, sinks=sinks, placement=None))
 
-    in_specs = (heads, heads, heads, rule_specs, dense_spec(request.bias), dense_spec(request.mask))
-    inputs = (request.query, request.key, request.value, rules, request.bias, request.mask)
+    sinks_spec = None if request.sinks is None else P(placement.heads)
+    in_specs = (heads, heads, heads, rule_specs, dense_spec(request.bias), dense_spec(request.mask), sinks_spec)
+    inputs = (request.query, request.key, request.value, rules, request.bias, request.mask, request.sinks)
     if any(t == jax.sharding.AxisType.Explicit for t in placement.mesh.axis_types):
         # On explicit meshes every array's type carries its sharding: bring each to its spec (the small
         # per-row rules arrays are usually replicated).

@@ -35,6 +35,10 @@ def supports(request: AttentionRequest) -> str | None:
         return "does not support segment ids"
     if request.has_soft_cap:
         return "does not support logits_soft_cap"
+    if request.has_sinks:
+        return "does not support sinks"
+    if request.has_sink_tokens:
+        return "does not support num_sink_tokens"
     if request.dtype not in (jnp.bfloat16, jnp.float16):
         return f"needs bfloat16 or float16, got {request.dtype}"
     if request.head_dim != request.value_head_dim:

@@ -38,6 +38,12 @@ def supports(request: AttentionRequest) -> str | None:
         return "a quantized cache goes to the Triton decode kernel (decode-shaped) or XLA"
     if request.has_dense_masks:
         return "a bias or dense mask is not supported"
+    if request.has_sinks:
+        return "sinks are not supported (the Triton kernels serve them)"
+    if request.has_sink_tokens:
+        # The kernels are correct under sink tokens (they visit Rules.kv_range's hull, the gap included; tested on
+        # an H200); the Triton kernels skip the tiles between the sink tokens and the window.
+        return "num_sink_tokens goes to the Triton kernels (they skip the tiles between the sink tokens and the window)"
     if is_decode_shaped(request):
         return "decode-shaped calls go to the Triton decode kernel"
     return flash_attention_mgpu.unsupported_reason(request.query, request.key, request.value, request.rules, None)

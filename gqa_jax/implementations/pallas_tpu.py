@@ -25,6 +25,8 @@ interpret: bool = False
 def supports(request: AttentionRequest) -> str | None:
     if request.is_quantized:
         return f"does not serve a quantized cache (key.dtype={request.key.dtype}) yet"
+    if request.has_sinks:
+        return "does not support sinks yet"
     return kernel_refusal(request)
 
 

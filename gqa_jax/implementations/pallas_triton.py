@@ -2,9 +2,9 @@
 
 Decode-shaped requests (a few queries against a longer cache, no dense masks
 or segments) go to the split-K decode kernel, the rest to flash attention; a
-dense boolean mask becomes an additive ``-inf`` bias. The rules reach the
-kernel cores unchanged. A quantized cache is served by the decode kernel
-only (decode-shaped calls on one device); XLA serves the rest.
+dense boolean mask becomes an additive ``-inf`` bias. The rules (sink tokens
+included) and the sink logits reach the kernel cores unchanged. A quantized
+cache is served by the decode kernel only (decode-shaped calls on one device); XLA serves the rest.
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ def _local(request: AttentionRequest):
     if is_decode_shaped(request):
         # Padded queries are computed and then zeroed; their offsets already count them.
         out = gpu.decode_attention_core(q, k, v, dataclasses.replace(rules, q_len=None), key_scale=request.key_scale,
-                                        value_scale=request.value_scale, interpret=interpret)
+                                        value_scale=request.value_scale, sinks=request.sinks, interpret=interpret)
         return zero_invalid_rows(request, out) if rules.q_len is not None else out
-    return gpu.flash_attention_core(q, k, v, rules, bias=mask_as_bias(request), interpret=interpret)
+    return gpu.flash_attention_core(q, k, v, rules, bias=mask_as_bias(request), sinks=request.sinks,
+                                    interpret=interpret)
 
 
 IMPLEMENTATION = Implementation(name="pallas_triton", platforms=("gpu",), priority=20, supports=supports,

@@ -3,7 +3,8 @@
 It is the reference path of the library: it serves every request (masks,
 bias, dropout, returned weights, a quantized cache), never repeats K/V to N
 heads (queries are grouped to ``[B, T, K, G, H]`` instead), and is the
-fallback of every other implementation. A quantized cache is dequantized in
+fallback of every other implementation. Sink logits join each row's softmax
+denominator as one more entry with no value. A quantized cache is dequantized in
 the products: int8 / float8_e4m3fn keys are cast (exactly) to the query dtype
 and the logits scaled per key; the weights are scaled per key and multiply the
 values in float32.
@@ -38,20 +39,26 @@ def _grouped(x: Array | None, num_kv_heads: int) -> Array | None:
     return x.reshape(b, num_kv_heads, n // num_kv_heads, t, s)
 
 
-def masked_softmax(logits: Array, mask: Array | None) -> Array:
+def masked_softmax(logits: Array, mask: Array | None, sinks: Array | None = None) -> Array:
     """Float32 softmax over the last axis that gives zeros on fully masked rows.
 
     Entries where ``mask`` is False, and logits of ``-inf`` (from a bias), get
     zero weight; a row with no visible entry is all zeros, in values and in
-    gradients (never NaN).
+    gradients (never NaN). ``sinks`` (broadcastable to ``logits`` with a last
+    axis of 1) are logits of one more entry whose weight is not returned.
     """
     logits = logits.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, -jnp.inf)
-    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    if sinks is not None:
+        row_max = jnp.maximum(row_max, sinks)
+    row_max = jax.lax.stop_gradient(row_max)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     unnormalized = jnp.exp(logits - row_max)
     total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    if sinks is not None:
+        total = total + jnp.exp(sinks - row_max)
     return unnormalized / jnp.where(total == 0.0, 1.0, total)
 
 
@@ -75,7 +82,8 @@ def attention_weights(request: AttentionRequest) -> Array:
         logits = rules.soft_cap * jnp.tanh(logits / rules.soft_cap)
     if request.bias is not None:
         logits = logits + _grouped(request.bias, K).astype(jnp.float32)
-    return masked_softmax(logits, _grouped(request_mask(request), K))
+    sinks = None if request.sinks is None else request.sinks.reshape(1, K, N // K, 1, 1)
+    return masked_softmax(logits, _grouped(request_mask(request), K), sinks)
 
 
 def xla_attention(request: AttentionRequest):

@@ -9,9 +9,10 @@ kernel is built to read every needed cache byte once and no other:
   heads and all ``T`` tokens of its KV head; those ``G*T`` query rows are the M
   dimension of the tile matmuls (padded to 16, the smallest Triton dot).
 * Lengths bound the loop: a program visits only the tiles holding keys that
-  its queries can see (`pallas_kernels.masking.kv_range`: length, causal,
-  window) and masks its loads at that bound, so cache memory past a row's
-  length is never read and time follows the real lengths, not the capacity.
+  its queries can see (`pallas_kernels.rules.Rules.kv_ranges`: length, causal,
+  window, and the tiles of the sink tokens kept outside the window) and masks
+  its loads at that bound, so cache memory past a row's length is never read
+  and time follows the real lengths, not the capacity.
 * Split-K (flash-decoding): each row's visible range is cut into
   ``num_splits`` runs of tiles handled by separate programs, which write
   float32 partial softmax statistics that a small jnp reduction combines. The
@@ -22,6 +23,9 @@ kernel is built to read every needed cache byte once and no other:
   bf16) are loaded as they are and converted in registers; the logits are
   scaled per key after ``q . k`` and the probabilities per key before
   ``p . v`` (`pallas_kernels.quantized`: float32 scales ``[B, S, K]``).
+* Sink logits (`pallas_kernels.sinks`): split 0 of each row starts its
+  running max and sum at the sink, as a key with no value, so the split-K
+  merge counts it once.
 
 Grid ``(B, K, row_blocks, num_splits)``. Softmax statistics are float32 and
 in base 2 (``exp2``); the unnormalized probabilities are ``2**(s - m - c)``
@@ -49,6 +53,7 @@ from pallas_kernels.gpu.flash_attention import flash_attention_core
 from pallas_kernels.numerics import LOG2E, MASK_VALUE
 from pallas_kernels.quantized import check_tensors
 from pallas_kernels.rules import Rules
+from pallas_kernels.sinks import check_sinks
 
 # SMs of an H100 SXM, used when no GPU reports its own count.
 DEFAULT_SM_COUNT = 132
@@ -219,8 +224,10 @@ def decode_attention(
     query_offset=None,
     local_window_size: int | tuple[int, int] | None = None,
     logits_soft_cap: float | None = None,
+    num_sink_tokens: int = 0,
     key_scale=None,
     value_scale=None,
+    sinks=None,
     block_sizes: DecodeBlockSizes | None = None,
     interpret: bool = False,
 ):
@@ -249,9 +256,13 @@ def decode_attention(
       local_window_size: int or ``(left, right)``: a query at position ``p``
         sees keys in ``[p - left, p + right]``.
       logits_soft_cap: ``cap * tanh(logits / cap)`` on the scaled logits.
+      num_sink_tokens: keys at positions below it stay visible outside the
+        window (StreamingLLM; needs ``local_window_size``).
       key_scale: float ``[B, S, K]`` scales of a quantized key cache: key
         ``s`` is ``key_cache[b, s, k] * key_scale[b, s, k]``.
       value_scale: float ``[B, S, K]`` scales of a quantized value cache.
+      sinks: optional float ``[N]`` sink logit per query head
+        (`pallas_kernels.sinks`); differentiable.
       block_sizes: tuning overrides; fields left None are picked by
         `default_block_sizes`.
       interpret: run the kernel in the Pallas interpreter (CPU).
@@ -273,14 +284,15 @@ def decode_attention(
     rules = Rules.create(
         query, key_cache, scale=scale, is_causal=is_causal, query_offset=query_offset,
         key_value_seq_lengths=row_vector("lengths", lengths, query.shape[0]), local_window_size=local_window_size,
-        logits_soft_cap=logits_soft_cap,
+        logits_soft_cap=logits_soft_cap, num_sink_tokens=num_sink_tokens,
     )
     return decode_attention_core(query, key_cache, value_cache, rules, key_scale=key_scale, value_scale=value_scale,
-                                 block_sizes=block_sizes, interpret=interpret)
+                                 sinks=check_sinks(sinks, query.shape[2]), block_sizes=block_sizes,
+                                 interpret=interpret)
 
 
 def decode_attention_core(query, key_cache, value_cache, rules: Rules, *, key_scale=None, value_scale=None,
-                          block_sizes: DecodeBlockSizes | None = None, interpret: bool = False):
+                          sinks=None, block_sizes: DecodeBlockSizes | None = None, interpret: bool = False):
     """`decode_attention` on checked inputs: ``rules`` from `Rules.create` (no query lengths or segments).
 
     Args:
@@ -289,6 +301,7 @@ def decode_attention_core(query, key_cache, value_cache, rules: Rules, *, key_sc
       value_cache: ``[B, S, K, Hv]``.
       rules: the validated rules; ``kv_len`` None means every row holds ``S`` keys.
       key_scale, value_scale: float32 ``[B, S, K]`` for a quantized cache, else None.
+      sinks: None or float32 ``[N]`` sink logits (`pallas_kernels.sinks.check_sinks`).
       block_sizes: tuning overrides, as in `decode_attention`.
       interpret: run the kernel in the Pallas interpreter (CPU).
 
@@ -314,22 +327,24 @@ def decode_attention_core(query, key_cache, value_cache, rules: Rules, *, key_sc
         )
     lengths = jnp.clip(rules.lengths(T, S)[1], 0, S)
     return _decode(query, key_cache, value_cache, dataclasses.replace(rules, kv_len=lengths), key_scale, value_scale,
-                   rules.statics(), blocks, bool(interpret))
+                   sinks, rules.statics(), blocks, bool(interpret))
 
 
 # ---------------------------------------------------------------------------
 # Differentiable core.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _decode(query, key_cache, value_cache, rules: Rules, key_scale, value_scale, statics: Rules,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _decode(query, key_cache, value_cache, rules: Rules, key_scale, value_scale, sinks, statics: Rules,
             blocks: DecodeBlockSizes, interpret: bool):
-    return _decode_forward(query, key_cache, value_cache, rules, key_scale, value_scale, statics, blocks, interpret)
+    return _decode_forward(query, key_cache, value_cache, rules, key_scale, value_scale, sinks, statics, blocks,
+                           interpret)
 
 
-def _decode_fwd(query, key_cache, value_cache, rules, key_scale, value_scale, statics, blocks, interpret):
-    out = _decode_forward(query, key_cache, value_cache, rules, key_scale, value_scale, statics, blocks, interpret)
-    return out, (query, key_cache, value_cache, rules, key_scale, value_scale)
+def _decode_fwd(query, key_cache, value_cache, rules, key_scale, value_scale, sinks, statics, blocks, interpret):
+    out = _decode_forward(query, key_cache, value_cache, rules, key_scale, value_scale, sinks, statics, blocks,
+                          interpret)
+    return out, (query, key_cache, value_cache, rules, key_scale, value_scale, sinks)
 
 
 def _decode_bwd(statics, blocks, interpret, residuals, d_out):
@@ -338,20 +353,23 @@ def _decode_bwd(statics, blocks, interpret, residuals, d_out):
     A quantized cache is dequantized (float32) for it; its integer or float8
     values get no gradient, its scales get ``sum_h d(dequantized) * values``.
     """
-    query, key_cache, value_cache, rules, key_scale, value_scale = residuals
+    query, key_cache, value_cache, rules, key_scale, value_scale, sinks = residuals
     if key_scale is None:
         _, pullback = jax.vjp(
-            lambda q, k, v: flash_attention_core(q, k, v, rules, interpret=interpret), query, key_cache, value_cache
+            lambda q, k, v, sinks: flash_attention_core(q, k, v, rules, sinks=sinks, interpret=interpret),
+            query, key_cache, value_cache, sinks,
         )
-        return (*pullback(d_out), None, None, None)
+        d_query, d_key, d_value, d_sinks = pullback(d_out)
+        return d_query, d_key, d_value, None, None, None, d_sinks
     k, v = (x.astype(jnp.float32) for x in (key_cache, value_cache))
     _, pullback = jax.vjp(
-        lambda q, k_scale, v_scale: flash_attention_core(
-            q.astype(jnp.float32), k * k_scale[..., None], v * v_scale[..., None], rules, interpret=interpret),
-        query, key_scale, value_scale,
+        lambda q, k_scale, v_scale, sinks: flash_attention_core(
+            q.astype(jnp.float32), k * k_scale[..., None], v * v_scale[..., None], rules, sinks=sinks,
+            interpret=interpret),
+        query, key_scale, value_scale, sinks,
     )
-    d_query, d_key_scale, d_value_scale = pullback(d_out.astype(jnp.float32))
-    return d_query, None, None, None, d_key_scale, d_value_scale
+    d_query, d_key_scale, d_value_scale, d_sinks = pullback(d_out.astype(jnp.float32))
+    return d_query, None, None, None, d_key_scale, d_value_scale, d_sinks
 
 
 _decode.defvjp(_decode_fwd, _decode_bwd)
@@ -373,7 +391,7 @@ def _products_dtype(query_dtype, cache_dtype) -> jnp.dtype:
 
 
 @functools.partial(jax.jit, static_argnames=("statics", "blocks", "interpret"))
-def _decode_forward(query, key_cache, value_cache, rules: Rules, key_scale, value_scale, statics: Rules,
+def _decode_forward(query, key_cache, value_cache, rules: Rules, key_scale, value_scale, sinks, statics: Rules,
                     blocks: DecodeBlockSizes, interpret: bool):
     B, T, N, H = query.shape
     _, S, K, Hv = value_cache.shape
@@ -397,6 +415,8 @@ def _decode_forward(query, key_cache, value_cache, rules: Rules, key_scale, valu
     quantized = key_scale is not None
     if quantized:
         in_specs += [pl.BlockSpec((None, S, None), lambda b, k, r, s: (b, 0, k))] * 2
+    if sinks is not None:
+        in_specs.append(whole(N))
     if splits == 1:
         out_shape = [jax.ShapeDtypeStruct((tokens * Hv,), query.dtype)]
     else:
@@ -415,6 +435,7 @@ def _decode_forward(query, key_cache, value_cache, rules: Rules, key_scale, valu
         value_head_dim=Hv,
         blocks=blocks,
         quantized=quantized,
+        has_sinks=sinks is not None,
         products_dtype=_products_dtype(query.dtype, key_cache.dtype),
     )
     results = pl.pallas_call(
@@ -427,7 +448,7 @@ def _decode_forward(query, key_cache, value_cache, rules: Rules, key_scale, valu
         interpret=interpret,
         name="gqa_decode_attention",
     )(rules.kv_len, rules.q_offset, query.reshape(-1), key_cache, value_cache,
-      *((key_scale, value_scale) if quantized else ()))
+      *((key_scale, value_scale) if quantized else ()), *(() if sinks is None else (sinks,)))
     if splits == 1:
         return results[0].reshape(B, T, N, Hv)
     acc, m, l = results
@@ -458,7 +479,7 @@ def _decode_kernel(
     q_ref,  # [B*T*N*H] the whole query, flat
     k_ref,  # [S, Hp] this row's key cache of one KV head
     v_ref,  # [S, Hvp]
-    *refs,  # quantized: key and value scales [S]; then the outputs:
+    *refs,  # quantized: key and value scales [S]; with sinks: the sink logits [N]; then the outputs:
     # (out [B*T*N*Hv],) or (acc [splits*B*T*N*Hv], m [splits*B*T*N], l [splits*B*T*N]), flat
     rules: Rules,
     q_len: int,
@@ -468,9 +489,11 @@ def _decode_kernel(
     value_head_dim: int,
     blocks: DecodeBlockSizes,
     quantized: bool,
+    has_sinks: bool,
     products_dtype: jnp.dtype,
 ):
-    (k_scale_ref, v_scale_ref), out_refs = (refs[:2], refs[2:]) if quantized else ((None, None), refs)
+    (k_scale_ref, v_scale_ref), refs = (refs[:2], refs[2:]) if quantized else ((None, None), refs)
+    sink_ref, out_refs = (refs[0], refs[1:]) if has_sinks else (None, refs)
     shift = 0.0 if products_dtype == jnp.float16 else OVERFLOW_SHIFT
     block_rows, block_k, num_splits = blocks.block_rows, blocks.block_k, blocks.num_splits
     batch_row, kv_head, row_block, split = (pl.program_id(axis) for axis in range(4))
@@ -485,10 +508,9 @@ def _decode_kernel(
     token = (batch_row * q_len + t) * num_heads + kv_head * group + rows - t * group  # flat (b, t, n)
     q_pos = offset + t
     last_row = jnp.minimum(first_row + block_rows, num_rows) - 1
-    lo, hi = rules.kv_range(offset + lax.div(first_row, group), offset + lax.div(last_row, group), length)
-    # This split's run of the tiles that cover [lo, hi).
-    first_tile = lax.div(lo, block_k)
-    num_tiles = jnp.where(hi > lo, lax.div(hi + block_k - 1, block_k) - first_tile, 0)
+    first_tile, num_tiles, tile_of, hi = _visited_tiles(
+        rules, offset + lax.div(first_row, group), offset + lax.div(last_row, group), length, block_k)
+    # This split's run of the visited tiles.
     per_split = lax.div(num_tiles + num_splits - 1, num_splits)
     start = first_tile + split * per_split
     stop = jnp.minimum(start + per_split, first_tile + num_tiles)
@@ -496,9 +518,9 @@ def _decode_kernel(
     q_offsets, q_mask = _row_offsets(0, token, head_dim, real)
     q = plgpu.load(q_ref.at[q_offsets], mask=q_mask, other=0.0).astype(products_dtype)
 
-    def body(tile, carry):
+    def body(i, carry):
         acc, m_prev, l_prev = carry
-        k_start = tile * block_k
+        k_start = tile_of(i) * block_k
         k_pos = k_start + jnp.arange(block_k, dtype=jnp.int32)
         in_range = k_pos < hi
         k = _convert(_load_tile(k_ref, k_start, block_k, in_range, head_dim), products_dtype)
@@ -522,11 +544,14 @@ def _decode_kernel(
                              preferred_element_type=jnp.float32)
         return acc * correction[:, None] + pv, m_next, l_prev * correction + jnp.sum(p, axis=1)
 
-    init = (
-        jnp.zeros((block_rows, v_ref.shape[-1]), jnp.float32),
-        jnp.full((block_rows,), MASK_VALUE, jnp.float32),
-        jnp.zeros((block_rows,), jnp.float32),
-    )
+    m, l = jnp.full((block_rows,), MASK_VALUE, jnp.float32), jnp.zeros((block_rows,), jnp.float32)
+    if has_sinks:  # the sink: one key with no value, in split 0 only (the merge adds the splits)
+        head = kv_head * group + rows - t * group
+        sink = plgpu.load(sink_ref.at[head], mask=real, other=0.0) * LOG2E
+        first = split == 0
+        m = jnp.where(first, jnp.maximum(sink, MASK_VALUE), m)
+        l = jnp.where(first, jnp.exp2(sink - (m + shift)), l)
+    init = (jnp.zeros((block_rows, v_ref.shape[-1]), jnp.float32), m, l)
     acc, m, l = lax.fori_loop(start, stop, body, init)
 
     if num_splits == 1:
@@ -543,6 +568,26 @@ def _decode_kernel(
 
 # ---------------------------------------------------------------------------
 # Tile helpers.
+
+
+def _visited_tiles(rules: Rules, q_first, q_last, length, block_k: int):
+    """The key tiles a program visits: ``(first, count, tile_of, bound)``.
+
+    Visit ``i`` in ``[first, first + count)`` reads tile ``tile_of(i)``; keys
+    at ``bound`` and past it are never loaded. Without sink tokens the tiles
+    covering `Rules.kv_range`; with them, the sink tokens' tiles and then the
+    window's (`Rules.kv_ranges`), skipping the tiles between.
+    """
+    if not rules.sink_tokens:
+        lo, hi = rules.kv_range(q_first, q_last, length)
+        first = lax.div(lo, block_k)
+        return first, jnp.where(hi > lo, lax.div(hi + block_k - 1, block_k) - first, 0), lambda i: i, hi
+    sink_end, lo, hi = rules.kv_ranges(q_first, q_last, length)
+    sink_tiles = lax.div(sink_end + block_k - 1, block_k)
+    window_first = jnp.maximum(lax.div(lo, block_k), sink_tiles)
+    window_tiles = jnp.where(hi > lo, jnp.maximum(lax.div(hi + block_k - 1, block_k) - window_first, 0), 0)
+    return (jnp.zeros((), jnp.int32), sink_tiles + window_tiles,
+            lambda i: jnp.where(i < sink_tiles, i, window_first + i - sink_tiles), jnp.maximum(hi, sink_end))
 
 
 def _base2_logits(qk, scale: float, soft_cap: float | None):

@@ -8,8 +8,11 @@ registers.
 
 Masks are rules (`pallas_kernels.rules.Rules`), never dense ``[T,S]`` arrays:
 causal with per-row query offsets, query and key lengths, segment ids, a
-sliding window, and a logit soft-cap; an optional dense bias. Key tiles a
-query tile cannot see are not visited, and tiles every query sees are computed
+sliding window (with sink tokens kept visible outside it), and a logit
+soft-cap; an optional dense bias and optional sink logits per query head
+(`pallas_kernels.sinks`: the running max and sum start at the sink). Key tiles
+a query tile cannot see are not visited (with sink tokens: the tiles holding
+them, then the window's), and tiles every query sees are computed
 without any mask arithmetic. Rows that see no key give zeros, and zero
 gradients.
 
@@ -25,8 +28,9 @@ causal diagonal first), ``gqa_flash_dkdv`` (grid ``(K, B, S/block_k)``, loops
 over the ``G`` query heads and the visible query tiles) and ``gqa_flash_dq``
 (grid ``(N, B, T/block_q)``). The bias gradient, when a bias is given, is
 computed by XLA from the kernel's softmax statistics (and dropped by XLA when
-unused). `flash_backward` runs the two backward kernels from an external
-forward's output and log-sum-exp (the Mosaic-GPU forward uses it).
+unused), and so is the sinks' gradient. `flash_backward` runs the two backward
+kernels from an external forward's output and log-sum-exp (the Mosaic-GPU
+forward uses it).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from pallas_kernels.arguments import check_bias, check_qkv, is_power_of_two, nex
 from pallas_kernels.numerics import DEAD_LSE, LN2, LOG2E, LOWEST, prob_shift
 from pallas_kernels.residuals import forward_only, from_base2
 from pallas_kernels.rules import Rules
+from pallas_kernels.sinks import check_sinks, sink_gradient
 
 MIN_BLOCK = 16  # the smallest tile side tl.dot takes
 
@@ -139,6 +144,8 @@ def flash_attention(
     kv_segment_ids=None,
     local_window_size: int | tuple[int, int] | None = None,
     logits_soft_cap: float | None = None,
+    num_sink_tokens: int = 0,
+    sinks=None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
     return_residuals: bool = False,
@@ -163,11 +170,15 @@ def flash_attention(
       kv_segment_ids: int ``[B, S]``.
       local_window_size: int or ``(left, right)``.
       logits_soft_cap: ``cap * tanh(logits / cap)``.
+      num_sink_tokens: keys at positions below it stay visible outside the
+        window (needs ``local_window_size``).
+      sinks: optional float ``[N]`` sink logit per query head
+        (`pallas_kernels.sinks`); differentiable.
       block_sizes: tiles and launch parameters; default per head dim.
       interpret: run the kernels in Pallas interpret mode (CPU).
       return_residuals: also return the log-sum-exp (`pallas_kernels.residuals`:
         natural log, float32 ``[B, N, T]``, ``-inf`` for rows that see no key);
-        forward only.
+        forward only, not with ``sinks``.
 
     Returns:
       ``[B, T, N, Hv]`` in the query dtype, or ``(out, lse)``.
@@ -181,17 +192,18 @@ def flash_attention(
         query, key, scale=scale, is_causal=is_causal, query_offset=query_offset,
         query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, local_window_size=local_window_size,
-        logits_soft_cap=logits_soft_cap,
+        logits_soft_cap=logits_soft_cap, num_sink_tokens=num_sink_tokens,
     )
     B, T, N, _ = query.shape
     if bias is not None:
         bias = check_bias("bias", bias, B, N, T, key.shape[1])
-    return flash_attention_core(query, key, value, rules, bias=bias, block_sizes=block_sizes, interpret=interpret,
-                                return_residuals=return_residuals)
+    return flash_attention_core(query, key, value, rules, bias=bias, sinks=check_sinks(sinks, N),
+                                block_sizes=block_sizes, interpret=interpret, return_residuals=return_residuals)
 
 
-def flash_attention_core(query, key, value, rules: Rules, *, bias=None, block_sizes: BlockSizes | None = None,
-                         interpret: bool = False, return_residuals: bool = False):
+def flash_attention_core(query, key, value, rules: Rules, *, bias=None, sinks=None,
+                         block_sizes: BlockSizes | None = None, interpret: bool = False,
+                         return_residuals: bool = False):
     """`flash_attention` on inputs already checked: ``rules`` from `Rules.create`, bias rank 4.
 
     Args:
@@ -200,21 +212,29 @@ def flash_attention_core(query, key, value, rules: Rules, *, bias=None, block_si
       value: ``[B, S, K, Hv]``.
       rules: the validated rules of the call.
       bias: None or float ``[B|1, N|1, T|1, S|1]``.
+      sinks: None or float32 ``[N]`` sink logits (`pallas_kernels.sinks.check_sinks`).
       block_sizes: tiles and launch parameters; default per head dim.
       interpret: run the kernels in Pallas interpret mode (CPU).
       return_residuals: also return the natural log-sum-exp ``[B, N, T]`` (forward only).
 
     Returns:
       ``[B, T, N, Hv]`` in the query dtype, or ``(out, lse)``.
+
+    Raises:
+      ValueError: for ``return_residuals`` with ``sinks`` (partial results
+        merged by their lse would count the sink once per part).
     """
     T, Hv = query.shape[1], value.shape[-1]
     layout = _Layout.of(query, key, value, block_sizes)
     q, k, v, bias, padded_rules = layout.pad(query, key, value, bias, rules)
     if return_residuals:
+        if sinks is not None:
+            raise ValueError("return_residuals=True does not take sinks: merged partial results would count the "
+                             "sink once per part; add the sink after merging")
         q, k, v, bias = forward_only((q, k, v, bias))
-        out, stats = _forward(padded_rules.statics(), layout.blocks, interpret, padded_rules, q, k, v, bias)
+        out, stats = _forward(padded_rules.statics(), layout.blocks, interpret, padded_rules, q, k, v, bias, None)
         return out[:, :T, :, :Hv], _natural_lse(stats)[:, :, :T]
-    out = _flash(padded_rules.statics(), layout.blocks, interpret, padded_rules, q, k, v, bias)
+    out = _flash(padded_rules.statics(), layout.blocks, interpret, padded_rules, q, k, v, bias, sinks)
     return out[:, :T, :, :Hv]
 
 
@@ -255,8 +275,8 @@ def flash_backward(query, key, value, out, lse, d_out, rules: Rules, *, bias=Non
     if bias is not None:
         dead = lse_p >= 0.5 * DEAD_LSE
         stats = (jnp.where(dead, jnp.inf, lse_p * LN2), jnp.where(dead, jnp.inf, 0.0))
-    dq, dk, dv, dbias = _backward(padded_rules.statics(), layout.blocks, interpret, padded_rules, q, k, v, bias_p,
-                                  out_p, stats, do_p)
+    dq, dk, dv, dbias, _ = _backward(padded_rules.statics(), layout.blocks, interpret, padded_rules, q, k, v, bias_p,
+                                     None, out_p, stats, do_p)
     if dbias is not None:
         dbias = dbias[:, :, :T, :S]
         for axis in (2, 3):
@@ -305,20 +325,20 @@ class _Layout:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _flash(statics: Rules, blocks: BlockSizes, interpret, rules: Rules, q, k, v, bias):
-    out, _ = _forward(statics, blocks, interpret, rules, q, k, v, bias)
+def _flash(statics: Rules, blocks: BlockSizes, interpret, rules: Rules, q, k, v, bias, sinks):
+    out, _ = _forward(statics, blocks, interpret, rules, q, k, v, bias, sinks)
     return out
 
 
-def _flash_fwd(statics, blocks, interpret, rules, q, k, v, bias):
-    out, stats = _forward(statics, blocks, interpret, rules, q, k, v, bias)
-    return out, (rules, q, k, v, bias, out, stats)
+def _flash_fwd(statics, blocks, interpret, rules, q, k, v, bias, sinks):
+    out, stats = _forward(statics, blocks, interpret, rules, q, k, v, bias, sinks)
+    return out, (rules, q, k, v, bias, sinks, out, stats)
 
 
 def _flash_bwd(statics, blocks, interpret, residuals, do):
-    rules, q, k, v, bias, out, stats = residuals
-    dq, dk, dv, dbias = _backward(statics, blocks, interpret, rules, q, k, v, bias, out, stats, do)
-    return None, dq, dk, dv, dbias
+    rules, q, k, v, bias, sinks, out, stats = residuals
+    dq, dk, dv, dbias, dsinks = _backward(statics, blocks, interpret, rules, q, k, v, bias, sinks, out, stats, do)
+    return None, dq, dk, dv, dbias, dsinks
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -332,8 +352,11 @@ def _natural_lse(stats):
     return jnp.where(jnp.isposinf(lse), -jnp.inf, lse + r * LN2)
 
 
-def _backward(statics: Rules, blocks: BlockSizes, interpret, rules: Rules, q, k, v, bias, out, stats, do):
-    """``(dq, dk, dv, dbias)`` on padded inputs; ``stats`` as `_Softmax.finish` gives them."""
+def _backward(statics: Rules, blocks: BlockSizes, interpret, rules: Rules, q, k, v, bias, sinks, out, stats, do):
+    """``(dq, dk, dv, dbias, dsinks)`` on padded inputs; ``stats`` as `_Softmax.finish` gives them (sink included).
+
+    ``dbias`` and ``dsinks`` are None without a bias or sinks.
+    """
     lse, r = stats
     delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
     args = (rules.q_offset, rules.q_len, rules.kv_len, q, k, v, rules.q_segment_ids, rules.kv_segment_ids, bias,
@@ -347,7 +370,8 @@ def _backward(statics: Rules, blocks: BlockSizes, interpret, rules: Rules, q, k,
         dp = jnp.einsum("btkgh,bskh->bkgts", do.reshape(B, T, K, N // K, Hv).astype(jnp.float32),
                         v.astype(jnp.float32)).reshape(B, N, T, S)
         dbias = _bias_grad(statics, rules, q, k, bias, lse, r, lambda p: p * (dp - delta[..., None]))
-    return dq, dk, dv, dbias
+    dsinks = None if sinks is None else sink_gradient(sinks, _natural_lse(stats), delta)
+    return dq, dk, dv, dbias, dsinks
 
 
 def _bias_grad(statics: Rules, rules: Rules, q, k, bias, m, r, ds_fn):
@@ -411,7 +435,7 @@ def _query_major_specs(q, k, v, q_seg, bias, block_q: int, causal: bool):
     return specs, q_tile, stats
 
 
-def _forward(statics: Rules, blocks: BlockSizes, interpret, rules: Rules, q, k, v, bias):
+def _forward(statics: Rules, blocks: BlockSizes, interpret, rules: Rules, q, k, v, bias, sinks):
     """Output ``[B, T, N, Hv]`` and the row statistics ``(lse, r)`` of `_Softmax.finish`, ``[B, N, T]``."""
     B, T, N, _ = q.shape
     Hv = v.shape[-1]
@@ -419,17 +443,18 @@ def _forward(statics: Rules, blocks: BlockSizes, interpret, rules: Rules, q, k, 
     q_seg, kv_seg = rules.q_segment_ids, rules.kv_segment_ids
     in_specs, q_tile, stats = _query_major_specs(q, k, v, q_seg, bias, bq, statics.is_causal)
     num_stats = 1 if bias is None else 2
+    sink_spec = None if sinks is None else pl.BlockSpec((None,), lambda n, b, i: (n,))
     out, *row_stats = pl.pallas_call(
         functools.partial(_forward_kernel, rules=statics, blocks=blocks, num_q_blocks=T // bq),
         grid=(N, B, T // bq),
-        in_specs=in_specs,
+        in_specs=in_specs + [sink_spec],
         out_specs=[q_tile(Hv)] + [stats] * num_stats,
         out_shape=[jax.ShapeDtypeStruct((B, T, N, Hv), q.dtype)]
         + [jax.ShapeDtypeStruct((B, N, T), jnp.float32)] * num_stats,
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
         name="gqa_flash_forward",
-    )(rules.q_offset, rules.q_len, rules.kv_len, q, k, v, q_seg, kv_seg, bias)
+    )(rules.q_offset, rules.q_len, rules.kv_len, q, k, v, q_seg, kv_seg, bias, sinks)
     return out, (row_stats[0], row_stats[1] if bias is not None else None)
 
 
@@ -498,7 +523,7 @@ def _dq(statics: Rules, blocks: BlockSizes, offset, q_len, kv_len, q, k, v, q_se
 
 
 def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref,
-                    o_ref, lse_ref, r_ref=None, *, rules: Rules, blocks: BlockSizes, num_q_blocks: int):
+                    sink_ref, o_ref, lse_ref, r_ref=None, *, rules: Rules, blocks: BlockSizes, num_q_blocks: int):
     bq, bk = blocks.block_q, blocks.block_k
     softmax = _Softmax.of(bias_ref, v_ref.dtype)
     q_start = _q_tile(pl.program_id(2), num_q_blocks, rules.is_causal) * bq
@@ -521,12 +546,12 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_se
         return acc, m_new, l
 
     acc = jnp.zeros((bq, o_ref.shape[-1]), jnp.float32)
-    m = jnp.full((bq,), LOWEST, jnp.float32)
-    l = jnp.zeros((bq,), jnp.float32)
+    m, l = softmax.start(None if sink_ref is None else sink_ref[...], bq)
     tiles = _kv_blocks(q_start, bq, bk, offset, q_len, kv_len, rules, has_segments=q_seg_ref is not None)
-    acc, m, l = _three_phase_loop(*tiles, body, (acc, m, l))
+    acc, m, l = _kv_tile_loop(tiles, body, (acc, m, l))
 
-    # A visible key with a finite logit adds about 2**-shift to l; masked ones add exp2(-inf) = 0.
+    # A visible key with a finite logit adds about 2**-shift to l, and so does a finite sink (acc stays 0 for
+    # a row that sees no key: its output is 0); masked keys add exp2(-inf) = 0.
     live = (l > 0.0) & (q_start + jnp.arange(bq, dtype=jnp.int32) < q_len)
     l_safe = jnp.where(live, l, 1.0)
     o_ref[...] = jnp.where(live[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
@@ -617,7 +642,7 @@ def _dq_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_seg_ref
 
     dq = jnp.zeros((bq, q_ref.shape[-1]), jnp.float32)
     tiles = _kv_blocks(q_start, bq, bk, offset, q_len, kv_len, rules, has_segments=q_seg_ref is not None)
-    dq = _three_phase_loop(*tiles, body, dq)
+    dq = _kv_tile_loop(tiles, body, dq)
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
@@ -655,6 +680,20 @@ class _Softmax:
     @classmethod
     def of(cls, bias, value_dtype) -> "_Softmax":
         return cls(natural=bias is not None, shift=prob_shift(value_dtype))
+
+    def start(self, sink, rows: int):
+        """The running max and sum ``[rows]`` before the first key.
+
+        ``LOWEST`` and 0, or with a sink logit (natural, a scalar) those of
+        one key of that logit: the sink joins the denominator, never the
+        values. A sink of ``-inf`` gives ``LOWEST`` and 0.
+        """
+        m = jnp.full((rows,), LOWEST, jnp.float32)
+        if sink is None:
+            return m, jnp.zeros((rows,), jnp.float32)
+        s = jnp.full((rows, 1), sink * (1.0 if self.natural else LOG2E), jnp.float32)
+        m = self.running_max(m, s)
+        return m, self.forward_probs(s, m)[:, 0]
 
     def running_max(self, m, s):
         """The running max ``[bq]`` after logits ``s [bq, bk]``."""
@@ -756,16 +795,34 @@ def _three_phase_loop(blk_lo, f_lo, f_hi, blk_hi, body, carry):
 
 
 def _kv_blocks(q_start, block_q: int, block_k: int, offset, q_len, kv_len, rules: Rules, *, has_segments: bool):
-    """Key tiles a query tile visits: ``(blk_lo, f_lo, f_hi, blk_hi)``."""
+    """Key tiles a query tile visits: ``(sink_hi, blk_lo, f_lo, f_hi, blk_hi)``.
+
+    ``[0, sink_hi)`` are the tiles holding visible sink tokens (None without
+    sink tokens), then ``[blk_lo, blk_hi)`` the window's, from ``sink_hi`` on
+    (`_kv_tile_loop`).
+    """
     q_first = offset + q_start
     q_last = offset + jnp.minimum(q_start + block_q, q_len) - 1
-    lo, hi = rules.kv_range(q_first, q_last, kv_len)
+    sink_end, lo, hi = rules.kv_ranges(q_first, q_last, kv_len)
     live = (q_start < q_len) & (hi > lo)
     blk_lo = jnp.where(live, lax.div(lo, block_k), 0)
     blk_hi = jnp.where(live, _cdiv(hi, block_k), 0)
+    sink_hi = None
+    if rules.sink_tokens:
+        sink_hi = jnp.where(q_start < q_len, _cdiv(sink_end, block_k), 0)
+        blk_lo = jnp.maximum(blk_lo, sink_hi)
+        blk_hi = jnp.maximum(blk_hi, blk_lo)
     full_first, full_end = rules.kv_full_range(q_first, q_last, kv_len)
     f_lo, f_hi = _full_block_range(blk_lo, blk_hi, full_first, full_end, block_k, has_segments=has_segments)
-    return blk_lo, f_lo, f_hi, blk_hi
+    return sink_hi, blk_lo, f_lo, f_hi, blk_hi
+
+
+def _kv_tile_loop(tiles, body, carry):
+    """Runs ``body`` over the tiles of `_kv_blocks`: the sink tokens' (masked), then the window's three phases."""
+    sink_hi, *window = tiles
+    if sink_hi is not None:
+        carry = lax.fori_loop(0, sink_hi, functools.partial(body, masked=True), carry)
+    return _three_phase_loop(*window, body, carry)
 
 
 def _q_tile(i, num_q_blocks: int, causal: bool):
