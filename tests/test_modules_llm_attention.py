@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,3 +179,96 @@ def test_decode_mode_rotates_at_cache_positions(api, random_params, x, kind):
         outputs.append(out)
     np.testing.assert_array_equal(cache["cache_index"], [T, T])
     np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, **TOL)
+
+
+def _ragged_chunks(rng, x, chunks):
+    """``(inputs [B, t, D], num_new [B], done [B])`` per chunk: row ``b`` continues ``x[b]`` by ``chunks[i][b]`` tokens.
+
+    ``done``: the tokens of each row before the chunk; noise pads the rows.
+    """
+    done = np.zeros(B, int)
+    for counts in chunks:
+        width = max(counts)
+        inputs = rng.standard_normal((B, width, D)).astype(np.float32)
+        for b, n in enumerate(counts):
+            inputs[b, :n] = x[b, done[b]:done[b] + n]
+        yield inputs, np.asarray(counts, np.int32), done.copy()
+        done += counts
+
+
+def test_kv_cache_ragged_chunks_match_the_numpy_full_pass(api, random_params, x):
+    """A caller's `gqa_jax.KVCache`: ragged prefill, then ragged chunks; each valid output equals the full causal pass.
+
+    Gemma 2 / Mistral style options (rope, logit scale, soft-cap, window) at the cache positions; padded tokens are
+    not written and give the output bias only.
+    """
+    rng = np.random.default_rng(7)
+    options = dict(rope=gqa_jax.RotaryEmbedding(), scale=0.2, logits_soft_cap=3.0, local_window_size=(2, 0))
+    layer = api.GroupedQueryAttention(**GQA, **options)
+    params = random_params(layer, x, seed=8)
+    want, _ = numpy_layer(params, x, rope=(H, 10000.0, None), positions=np.arange(T)[None].repeat(B, 0),
+                          is_causal=True, query_offset=0, scale=0.2, logits_soft_cap=3.0, local_window_size=(2, 0))
+    step = jax.jit(lambda inputs, cache, num_new: layer.apply({"params": params}, inputs, use_causal_mask=True,
+                                                              cache=cache, num_new=num_new))
+    cache = gqa_jax.KVCache.init(B, T + 2, K, H)
+    for inputs, num_new, done in _ragged_chunks(rng, x, [(4, 2), (2, 1), (0, 3)]):
+        got, cache = step(inputs, cache, num_new)
+        for b in range(B):
+            np.testing.assert_allclose(got[b, :num_new[b]], want[b, done[b]:done[b] + num_new[b]], **TOL)
+            padded = got[b, num_new[b]:]
+            np.testing.assert_allclose(padded, 0.0 * padded + params["attention_output"]["bias"], **TOL)
+    np.testing.assert_array_equal(cache.lengths, [T, T])
+
+
+def test_kv_cache_refuses_an_index_other_heads_and_other_lengths(random_params, x):
+    layer = gqa_jax.GroupedQueryAttention(**GQA)
+    params = random_params(layer, x)
+    cache = gqa_jax.KVCache.init(B, T, K, H)
+    with pytest.raises(ValueError, match="cache_update_index"):
+        layer.apply({"params": params}, x, cache=cache, cache_update_index=0)
+    with pytest.raises(ValueError, match=r"KVCache must have key shape \[B,S,K,H\]=\(2, S, 2, 8\).*\(2, 6, 1, 8\)"):
+        layer.apply({"params": params}, x, cache=gqa_jax.KVCache.init(B, T, 1, H))
+    with pytest.raises(ValueError, match="query and value lengths must agree"):
+        layer.apply({"params": params}, x, x[:, :3], cache=cache)
+    with pytest.raises(ValueError, match="num_new is for decode=True or a cache=KVCache"):
+        layer.apply({"params": params}, x, num_new=np.array([1, 2]))
+
+
+@pytest.mark.parametrize("use_bias, use_output_bias", [(True, False), (False, True)])
+def test_output_bias_apart_from_the_qkv_biases(random_params, x, use_bias, use_output_bias):
+    """Qwen2's attention (q/k/v biases, none on the output) and the converse; the numbers follow the parameters."""
+    layer = gqa_jax.GroupedQueryAttention(**GQA, use_bias=use_bias, use_output_bias=use_output_bias)
+    params = random_params(layer, x, seed=9)
+    assert {name: sorted(p) for name, p in params.items()} == {
+        **{name: ["bias", "kernel"] if use_bias else ["kernel"] for name in ("query", "key", "value")},
+        "attention_output": ["bias", "kernel"] if use_output_bias else ["kernel"],
+    }
+    want, _ = numpy_layer(params, x, is_causal=True, query_offset=0)
+    np.testing.assert_allclose(layer.apply({"params": params}, x, use_causal_mask=True), want, **TOL)
+
+
+def test_logical_axes_name_every_projection_and_change_nothing_else(x):
+    from jax.sharding import PartitionSpec as P
+
+    from gqa_jax.sharding import logical_axis_rules
+
+    plain_layer = gqa_jax.GroupedQueryAttention(**GQA, use_gate=True)
+    layer = gqa_jax.GroupedQueryAttention(**GQA, use_gate=True, logical_axes=True)
+    boxed = layer.init(jax.random.key(0), x)
+    plain = plain_layer.init(jax.random.key(0), x)
+    heads = dict(kernel=P("embed", "q_heads", "head_dim"), bias=P("q_heads", "head_dim"))
+    kv_heads = dict(kernel=P("embed", "kv_heads", "head_dim"), bias=P("kv_heads", "head_dim"))
+    assert nn.get_partition_spec(boxed)["params"] == dict(
+        query=heads, gate=heads, key=kv_heads, value=kv_heads,
+        attention_output=dict(kernel=P("q_heads", "head_dim", "embed"), bias=P("embed")),
+    )
+    specs = nn.logical_to_mesh_axes(("embed", "kv_heads", "head_dim"), logical_axis_rules())
+    assert specs == P(None, "model", None)
+    # Without the option: plain arrays, P() everywhere; with it the same values, boxed.
+    assert not any(isinstance(leaf, nn.LogicallyPartitioned)
+                   for leaf in jax.tree.leaves(plain, is_leaf=lambda a: isinstance(a, nn.LogicallyPartitioned)))
+    assert all(spec == P() for spec in jax.tree.leaves(nn.get_partition_spec(plain)))
+    jax.tree.map(np.testing.assert_array_equal, nn.meta.unbox(boxed), plain)
+    want = plain_layer.apply(plain, x, use_causal_mask=True)
+    np.testing.assert_array_equal(layer.apply(boxed, x, use_causal_mask=True), want)
+    np.testing.assert_array_equal(layer.apply(nn.meta.unbox(boxed), x, use_causal_mask=True), want)

@@ -2,8 +2,9 @@
 
 - `DecoderConfig` (`gqa_jax.models.config`): sizes and the options of the
   Llama, Mistral, Qwen2 and Gemma 2 families.
-- `Decoder` (`gqa_jax.models.decoder`): the linen decoder (embedding, rotary
-  grouped-query attention blocks with gated MLPs, final norm, LM head);
+- `Decoder` (`gqa_jax.models.decoder`): the linen decoder (embedding, blocks
+  of rotary grouped-query attention, the library's `gqa_jax.GroupedQueryAttention`
+  with the decoder's parameter names, and gated MLPs, final norm, LM head);
   `init_cache` makes its per-layer `gqa_jax.KVCache` tuple. The same model in
   NNX is `gqa_jax.nnx.Decoder`.
 - `config_from_hf`, `params_from_hf` (`gqa_jax.models.hf`): a ``transformers``
@@ -28,11 +29,10 @@ from gqa_jax.models.decoder import (
     Decoder,
     MLP,
     RMSNorm,
-    attention_bias_shapes,
+    attention_fields,
     check_token_ids,
     init_cache,
     projection_init,
-    rotary_attention,
     token_positions,
 )
 from gqa_jax.models.hf import HF_MODEL_TYPES, config_from_hf, params_from_hf
@@ -46,12 +46,11 @@ __all__ = [
     "HF_MODEL_TYPES",
     "MLP",
     "RMSNorm",
-    "attention_bias_shapes",
+    "attention_fields",
     "check_token_ids",
     "config_from_hf",
     "init_cache",
     "params_from_hf",
     "projection_init",
-    "rotary_attention",
     "token_positions",
 ]

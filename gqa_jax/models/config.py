@@ -80,6 +80,11 @@ class DecoderConfig:
       param_dtype: parameter dtype.
       implementation: passed to `gqa_jax.dot_product_attention` (None: the
         fastest that serves each call on this platform).
+      logical_axes: declare every parameter with logical axis names (see
+        `gqa_jax.models.decoder`): ``init`` then returns
+        `flax.linen.LogicallyPartitioned` boxes that
+        `flax.linen.get_partition_spec` reads; ``apply`` takes boxed or plain
+        params (`flax.linen.meta.unbox`). Default False: plain arrays.
 
     Raises:
       ValueError, TypeError: naming the field and its value, for a size that
@@ -112,6 +117,7 @@ class DecoderConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     implementation: str | tuple[str, ...] | None = None
+    logical_axes: bool = False
 
     def __post_init__(self):
         sizes = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
@@ -136,7 +142,8 @@ class DecoderConfig:
             self.norm_offset
         ):
             raise ValueError(f"norm_offset must be a finite float, got norm_offset={self.norm_offset!r}")
-        for name in ("tie_embeddings", "attention_bias", "output_bias", "sandwich_norms", "scale_embeddings"):
+        for name in ("tie_embeddings", "attention_bias", "output_bias", "sandwich_norms", "scale_embeddings",
+                     "logical_axes"):
             if not _is_bool(getattr(self, name)):
                 raise TypeError(f"{name} must be True or False, got {name}={getattr(self, name)!r}")
         if self.num_heads % self.num_kv_heads:

@@ -1,12 +1,14 @@
 """The decoder: token embedding, ``num_layers`` pre-norm blocks, a final norm and an LM head.
 
-Each block is RMSNorm, rotary grouped-query self-attention (through
-`gqa_jax.project_heads`, `gqa_jax.rope.RotaryEmbedding`,
-`gqa_jax.dot_product_attention` / `gqa_jax.KVCache` and
-`gqa_jax.project_output`), a residual add, RMSNorm, a gated MLP and a residual
-add; `DecoderConfig`'s options add what the other families need (biases,
-sliding windows, soft-caps, Gemma's norms). Attention goes through dispatch,
-so the model uses the GPU/TPU kernels where they serve the call.
+Each block is RMSNorm, rotary grouped-query self-attention, a residual add,
+RMSNorm, a gated MLP and a residual add; `DecoderConfig`'s options add what
+the other families need (biases, sliding windows, soft-caps, Gemma's norms).
+The attention is the library's layer, `gqa_jax.GroupedQueryAttention`
+(`Attention` only names its parameters as below; `attention_fields` maps the
+config onto the layer's fields: ``rope``, ``scale``, ``logits_soft_cap``, the
+per-layer ``local_window_size``, q/k/v and output biases), with the model's
+`gqa_jax.KVCache` passed to its call. Attention goes through dispatch, so the
+model uses the GPU/TPU kernels where they serve the call.
 
 Parameters (``D`` model dim, ``N`` heads, ``K`` KV heads, ``H`` head dim,
 ``F`` MLP dim, ``V`` vocabulary), bracketed ones only with the option::
@@ -22,6 +24,14 @@ Parameters (``D`` model dim, ``N`` heads, ``K`` KV heads, ``H`` head dim,
     layers_{i}/(post_mlp_norm/scale [D])                                   sandwich_norms
     final_norm/scale [D]
     (lm_head/kernel [D, V])                                                 unless tie_embeddings
+
+With ``logical_axes`` every parameter carries logical axis names
+(`flax.linen.with_logical_partitioning`; `gqa_jax.sharding.logical_axis_rules`
+maps them): the attention's those of `gqa_jax.GroupedQueryAttention`
+(``query [embed, q_heads, head_dim]``, ``key``/``value [embed, kv_heads,
+head_dim]``, ``output [q_heads, head_dim, embed]``, the biases the trailing
+names), ``embedding [vocab, embed]``, ``gate``/``up [embed, mlp]``, ``down
+[mlp, embed]``, ``lm_head [embed, vocab]``, norm scales ``[embed]``.
 """
 
 from __future__ import annotations
@@ -33,10 +43,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gqa_jax.attention import dot_product_attention
 from gqa_jax.kv_cache import KVCache
 from gqa_jax.models.config import DecoderConfig
-from gqa_jax.projection import project_heads, project_output
+from gqa_jax.modules.attention_options import logically_partitioned
+from gqa_jax.modules.einsum_dense import einsum_dense
+from gqa_jax.modules.grouped_query_attention import GroupedQueryAttention, projection_initializers
 from gqa_jax.request import concrete_value
 
 Array = jax.Array
@@ -46,6 +57,11 @@ Cache = tuple[KVCache, ...]
 def projection_init(in_axes, out_axes):
     """The initializer of the attention projections: truncated normal, variance ``1 / fan_in``."""
     return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axes, out_axis=out_axes)
+
+
+def partitioned(config: DecoderConfig, init, axes):
+    """``init`` with the logical axis names ``axes`` when ``config.logical_axes``, else as is."""
+    return logically_partitioned(init, axes if config.logical_axes else None)
 
 
 def rms_norm(config: DecoderConfig, x, scale):
@@ -69,7 +85,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         """``x [B, T, D] -> [B, T, D]``."""
         cfg = self.config
-        scale = self.param("scale", norm_init(cfg), (cfg.model_dim,), cfg.param_dtype)
+        scale = self.param("scale", partitioned(cfg, norm_init(cfg), ("embed",)), (cfg.model_dim,), cfg.param_dtype)
         return rms_norm(cfg, x, scale)
 
 
@@ -78,94 +94,62 @@ def soft_cap(x, cap: float | None):
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-class Attention(nn.Module):
-    """Rotary grouped-query self-attention, with or without a `KVCache`.
-
-    Parameters ``query [D, N, H]``, ``key [D, K, H]``, ``value [D, K, H]``,
-    ``output [N, H, D]``; with ``config.attention_bias`` also ``query_bias
-    [N, H]``, ``key_bias`` and ``value_bias [K, H]``, with
-    ``config.output_bias`` ``output_bias [D]``.
-
-    Attributes:
-      config: the decoder's config.
-      window: this layer's sliding window (`DecoderConfig.window`), or None.
-    """
-
-    config: DecoderConfig
-    window: int | None = None
-
-    @nn.compact
-    def __call__(self, x, positions, cache: KVCache | None = None, num_new=None):
-        """Self-attention of ``x [B, T, D]``, queries and keys rotated to ``positions`` (int ``[B, T]`` or ``[1, T]``).
-
-        With a ``cache``, the keys/values of the first ``num_new`` (int ``[B]``,
-        default all ``T``) tokens of each row are written to it and the queries
-        attend over it.
-
-        Returns:
-          ``(out [B, T, D], cache)``.
-        """
-        cfg = self.config
-        D, N, K, H = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        in_init, out_init = projection_init(0, (1, 2)), projection_init((0, 1), 2)
-        weights = {
-            "query": self.param("query", in_init, (D, N, H), cfg.param_dtype),
-            "key": self.param("key", in_init, (D, K, H), cfg.param_dtype),
-            "value": self.param("value", in_init, (D, K, H), cfg.param_dtype),
-            "output": self.param("output", out_init, (N, H, D), cfg.param_dtype),
-        }
-        for name, shape in attention_bias_shapes(cfg).items():
-            weights[name] = self.param(name, nn.initializers.zeros, shape, cfg.param_dtype)
-        return rotary_attention(cfg, x, positions, weights, cache, num_new, window=self.window)
+# The decoder's names of the layer's projections (the others keep theirs).
+PARAMETER_NAMES = {"attention_output": "output"}
 
 
-def attention_bias_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
-    """The bias parameters of `Attention` under ``config``: name to shape."""
-    N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
-    shapes = {}
-    if config.attention_bias:
-        shapes.update(query_bias=(N, H), key_bias=(K, H), value_bias=(K, H))
-    if config.output_bias:
-        shapes["output_bias"] = (config.model_dim,)
-    return shapes
-
-
-def rotary_attention(config: DecoderConfig, x, positions, weights: dict, cache=None, num_new=None, *, window=None):
-    """The body of `Attention` (linen and NNX): projections, rotary embedding, attention, output projection.
+def attention_fields(config: DecoderConfig, window: int | None = None) -> dict:
+    """The fields of `gqa_jax.GroupedQueryAttention` (and `Attention`) that make one layer of the decoder's attention.
 
     Args:
-      config: the decoder's config (rotary embedding, logit scale and
-        soft-cap, implementation).
-      x: ``[B, T, D]``.
-      positions: int ``[B, T]`` or ``[1, T]``.
-      weights: ``query [D, N, H]``, ``key [D, K, H]``, ``value [D, K, H]``,
-        ``output [N, H, D]`` and the biases of `attention_bias_shapes`.
-      cache, num_new: as in `Attention.__call__`.
-      window: the layer's sliding window, or None.
-
-    Returns:
-      ``(out [B, T, D], cache)``.
+      config: the decoder's config: sizes, ``rope``, ``query_scale`` ->
+        ``scale``, ``attn_logit_soft_cap`` -> ``logits_soft_cap``,
+        ``attention_bias`` -> ``use_bias`` (q, k, v), ``output_bias`` ->
+        ``use_output_bias``, ``implementation``, dtypes, ``logical_axes``.
+      window: this layer's sliding window ``W`` (a query sees itself and the
+        ``W - 1`` keys before it: ``local_window_size=(W - 1, 0)``), or None.
     """
-    names = sorted(weights)
-    x_BTD, *cast = nn.dtypes.promote_dtype(x, *(weights[name] for name in names), dtype=config.dtype)
-    w = dict(zip(names, cast))
-    bias = lambda name: w.get(name + "_bias", 0)  # noqa: E731
-    rope = config.rope
-    q_BTNH = rope.apply(project_heads(x_BTD, w["query"]) + bias("query"), positions)
-    k_BTKH = rope.apply(project_heads(x_BTD, w["key"]) + bias("key"), positions)
-    v_BTKH = project_heads(x_BTD, w["value"]) + bias("value")
-    options = dict(
+    return dict(
+        head_dim=config.head_dim,
+        num_query_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        use_bias=config.attention_bias,
+        use_output_bias=config.output_bias,
+        kernel_init=projection_init(0, (1, 2)),
+        out_kernel_init=projection_init((0, 1), 2),
+        bias_init="zeros",
+        rope=config.rope,
         scale=config.query_scale,
         logits_soft_cap=config.attn_logit_soft_cap,
         local_window_size=None if window is None else (window - 1, 0),
         implementation=config.implementation,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        logical_axes=config.logical_axes,
     )
-    if cache is None:
-        out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, **options)
-    else:
-        cache = cache.update(k_BTKH, v_BTKH, num_new=num_new)
-        out_BTNH = cache.attend(q_BTNH, num_new=num_new, **options)
-    return project_output(out_BTNH, w["output"]) + bias("output"), cache
+
+
+class Attention(GroupedQueryAttention):
+    """`gqa_jax.GroupedQueryAttention` with the decoder's parameter names (built from `attention_fields`).
+
+    Parameters ``query [D, N, H]``, ``key [D, K, H]``, ``value [D, K, H]``,
+    ``output [N, H, D]``; with ``use_bias`` also ``query_bias [N, H]``,
+    ``key_bias`` and ``value_bias [K, H]``, with ``use_output_bias``
+    ``output_bias [D]``. Everything else (its call included) is the layer's:
+    ``attention(x, positions=..., use_causal_mask=True, cache=kv_cache,
+    num_new=n)`` returns ``(out [B, T, D], updated cache)``.
+    """
+
+    @nn.nowrap
+    def project(self, name: str, features: Sequence[int], x, contract: int = 1):
+        """The layer's projection ``name`` with a flat kernel ``PARAMETER_NAMES.get(name, name)`` and its ``_bias``."""
+        features = tuple(features)
+        kernel_init, bias_init = projection_initializers(self, name, contract, features)
+        x = jnp.asarray(x)
+        param = PARAMETER_NAMES.get(name, name)
+        kernel = self.param(param, kernel_init, x.shape[x.ndim - contract:] + features, self.param_dtype)
+        bias = None if bias_init is None else self.param(param + "_bias", bias_init, features, self.param_dtype)
+        return einsum_dense(x, kernel, bias, contract=contract, dtype=self.dtype, precision=self.precision)
 
 
 def activation(config: DecoderConfig):
@@ -182,11 +166,21 @@ class MLP(nn.Module):
     def __call__(self, x):
         """``x [B, T, D] -> [B, T, D]``."""
         cfg = self.config
-        dense = lambda features, name: nn.Dense(  # noqa: E731
-            features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name
-        )
-        hidden_BTF = activation(cfg)(dense(cfg.mlp_dim, "gate")(x)) * dense(cfg.mlp_dim, "up")(x)
-        return dense(cfg.model_dim, "down")(hidden_BTF)
+        hidden_BTF = activation(cfg)(dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "gate")(x))
+        hidden_BTF = hidden_BTF * dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "up")(x)
+        return dense(cfg, cfg.model_dim, ("mlp", "embed"), "down")(hidden_BTF)
+
+
+def dense(config: DecoderConfig, features: int, axes: tuple[str, str], name: str) -> nn.Dense:
+    """A bias-free `flax.linen.Dense` of the decoder (MLP, LM head); its kernel named ``axes`` with ``logical_axes``."""
+    return nn.Dense(
+        features,
+        use_bias=False,
+        kernel_init=partitioned(config, nn.linear.default_kernel_init, axes),
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        name=name,
+    )
 
 
 class Block(nn.Module):
@@ -202,12 +196,20 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, cache: KVCache | None = None, num_new=None):
-        """``x [B, T, D] -> ([B, T, D], cache)``; ``positions``, ``cache`` and ``num_new`` as in `Attention`."""
+        """``x [B, T, D] -> ([B, T, D], cache)`` for ``positions`` (int ``[B|1, T]``).
+
+        With a ``cache`` the keys/values of the first ``num_new`` (int ``[B]``,
+        default all ``T``) tokens of each row are written to it and the queries
+        attend over it; without one the attention is causal over ``x``.
+        """
         cfg = self.config
         post = (lambda name: RMSNorm(cfg, name=name)) if cfg.sandwich_norms else (lambda name: lambda y: y)
-        attended_BTD, cache = Attention(cfg, self.window, name="attention")(
-            RMSNorm(cfg, name="attention_norm")(x), positions, cache, num_new
+        attention = Attention(**attention_fields(cfg, self.window), name="attention")
+        attended = attention(
+            RMSNorm(cfg, name="attention_norm")(x), positions=positions, use_causal_mask=True, cache=cache,
+            num_new=num_new
         )
+        attended_BTD, cache = attended if cache is not None else (attended, None)
         x_BTD = x + post("post_attention_norm")(attended_BTD)
         x_BTD = x_BTD + post("post_mlp_norm")(MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x_BTD)))
         return x_BTD, cache
@@ -231,10 +233,15 @@ class Decoder(nn.Module):
 
     Example::
 
+        from gqa_jax.models import DecoderConfig
+
         config = DecoderConfig(vocab_size=256, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
         model = Decoder(config)
-        params = model.init(jax.random.key(0), tokens)["params"]
+        tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 256)  # [B, T]
+        params = model.init(jax.random.key(1), tokens)["params"]
         logits = model.apply({"params": params}, tokens)          # [B, T, V]
+        cache = model.init_cache(batch_size=2, max_length=32)    # one KVCache per layer
+        logits, cache = model.apply({"params": params}, tokens, cache, num_new=jnp.array([12, 5]))
     """
 
     config: DecoderConfig
@@ -261,7 +268,14 @@ class Decoder(nn.Module):
         """
         cfg = self.config
         tokens_BT, positions_BT = token_positions(cfg, tokens, cache, num_new)
-        embed = nn.Embed(cfg.vocab_size, cfg.model_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="embed")
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.model_dim,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=partitioned(cfg, nn.linear.default_embed_init, ("vocab", "embed")),
+            name="embed",
+        )
         x_BTD = embed_tokens(cfg, embed.embedding, tokens_BT)
         new_cache = []
         for i in range(cfg.num_layers):
@@ -273,9 +287,7 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             logits_BTV = embed.attend(x_BTD)
         else:
-            logits_BTV = nn.Dense(
-                cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="lm_head"
-            )(x_BTD)
+            logits_BTV = dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x_BTD)
         logits_BTV = final_logits(cfg, logits_BTV)
         return logits_BTV if cache is None else (logits_BTV, tuple(new_cache))
 

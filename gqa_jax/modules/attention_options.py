@@ -12,6 +12,11 @@ the attention's matrix products (`matmul_precision`), ``broadcast_dropout``
 drops the same weights in every batch row and head, ``sow_weights`` sows the
 weights into ``"intermediates"`` and ``attention_fn`` replaces the attention
 with a function of flax's signature (`flax_attention`).
+
+Logical partitioning (``logical_axes=True``): each projection's kernel and
+bias carry the logical axis names of `PROJECTION_AXES` through
+`flax.linen.with_logical_partitioning` (`logically_partitioned`), the names
+that `gqa_jax.sharding.logical_axis_rules` maps to mesh axes.
 """
 
 from __future__ import annotations
@@ -33,6 +38,26 @@ from gqa_jax.rope import RotaryEmbedding
 Array = jax.Array
 
 NORMALIZE_QK = (None, "rms", "layer")
+
+# Logical axis names of each projection's kernel; its bias has the trailing (not contracted) ones.
+PROJECTION_AXES = {
+    "query": ("embed", "q_heads", "head_dim"),
+    "gate": ("embed", "q_heads", "head_dim"),
+    "key": ("embed", "kv_heads", "head_dim"),
+    "value": ("embed", "kv_heads", "head_dim"),
+    "attention_output": ("q_heads", "head_dim", "embed"),
+}
+
+
+def logically_partitioned(init: Callable, axes) -> Callable:
+    """``init`` whose linen parameters carry the logical axis names ``axes`` (None: ``init`` as is).
+
+    ``init`` then makes `flax.linen.LogicallyPartitioned` boxes:
+    `flax.linen.get_partition_spec` reads the names, ``apply`` takes the boxed
+    or the plain arrays, and `flax.linen.meta.unbox` gives the plain ones.
+    Without a mesh and rules nothing else changes.
+    """
+    return init if axes is None else nn.with_logical_partitioning(init, tuple(axes))
 
 
 def check_attention_options(layer) -> None:

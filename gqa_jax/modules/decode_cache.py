@@ -4,7 +4,9 @@ The linen layers keep the cache in the ``"cache"`` collection, the NNX layers
 as ``nnx.Cache`` state; both hold the same three arrays, ``cached_key [B, S,
 K, H]``, ``cached_value [B, S, K, Hv]`` and ``cache_index`` int32 ``[B]``, and
 call `decode_attention` between reading and writing them (`linen_decode`,
-`nnx_decode`).
+`nnx_decode`). A caller that keeps the cache itself (a model's generation
+loop) passes a `gqa_jax.KVCache` to the layer's call instead
+(`KVCacheAttend`), and gets the updated cache back.
 """
 
 from __future__ import annotations
@@ -41,14 +43,56 @@ def decode_attention(cache: KVCache, q, k, v, *, num_new, mask, **options) -> tu
 
 
 def check_decode_arguments(decode: bool, cache, num_new) -> None:
-    """Raises for a keras-hub ``cache=`` in decode mode or ``num_new`` without it (``TypeError``: a non-bool ``decode``)."""
+    """Raises for a ``cache=`` in decode mode, or ``num_new`` without decode mode or a `KVCache`.
+
+    ``TypeError``: a non-bool ``decode``; ``ValueError`` otherwise.
+    """
     check_bool("decode", decode)
     if decode and cache is not None:
         raise ValueError(
             "decode=True keeps its own cache (linen: the 'cache' collection, NNX: nnx.Cache state); do not pass cache="
         )
-    if num_new is not None and not decode:
-        raise ValueError(f"num_new is for decode=True, got decode=False and {num_new=}")
+    if num_new is not None and not decode and not isinstance(cache, KVCache):
+        raise ValueError(
+            f"num_new is for decode=True or a cache=KVCache, got decode=False, cache={type(cache).__name__} "
+            f"and {num_new=}"
+        )
+
+
+def check_kv_cache(cache: KVCache, cache_update_index, *, batch_size: int, num_kv_heads: int, head_dim: int) -> None:
+    """Raises ``ValueError`` for a `KVCache` that does not fit the layer's heads and the call's batch, or with an index.
+
+    The cache knows where the new tokens go (after ``cache.lengths``), so a
+    ``cache_update_index`` (keras-hub's array cache) is refused with it.
+    """
+    if cache_update_index is not None:
+        raise ValueError(
+            "a KVCache writes after its own lengths: got cache_update_index with it "
+            f"({cache_update_index=}); use num_new for ragged rows"
+        )
+    B, S, K, H = cache.key.shape
+    if (B, K, H) != (batch_size, num_kv_heads, head_dim):
+        raise ValueError(
+            f"the KVCache must have key shape [B,S,K,H]=({batch_size}, S, {num_kv_heads}, {head_dim}) for this layer "
+            f"and call, got cache.key.shape={tuple(cache.key.shape)}"
+        )
+
+
+class KVCacheAttend:
+    """The ``attend`` of a layer's call with a caller's `KVCache`: `decode_attention`, keeping the updated cache.
+
+    Attributes:
+      cache: the cache given to the call; after the call, the updated one
+        (the new tokens written after each row's ``lengths``).
+      num_new: None (all ``T``) or int ``[B]`` valid new tokens per row.
+    """
+
+    def __init__(self, cache: KVCache, num_new):
+        self.cache, self.num_new = cache, num_new
+
+    def __call__(self, q, k, v, *, mask, **options) -> Array:
+        result, self.cache = decode_attention(self.cache, q, k, v, num_new=self.num_new, mask=mask, **options)
+        return result
 
 
 def linen_cache_index(module) -> Array | int:

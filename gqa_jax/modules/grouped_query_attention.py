@@ -4,8 +4,14 @@ Same parameters (``query [Dq,N,H]``, ``key [Dk,K,H]``, ``value [Dv,K,H]``,
 ``attention_output [N,H,Dq]``, each with ``kernel`` and ``bias``), same masks,
 same numbers; the attention itself is `gqa_jax.dot_product_attention`, which
 never repeats K/V to N heads. On top of Keras: keras-hub's ``cache`` /
-``cache_update_index`` (with per-row indices) and Flax's ``decode=True`` with
-multi-token, per-row cache writes.
+``cache_update_index`` (with per-row indices), Flax's ``decode=True`` with
+multi-token, per-row cache writes, and a caller's `gqa_jax.KVCache` (``cache=``
+with ragged ``num_new``; the updated cache comes back), as a model's
+generation loop keeps it. ``use_output_bias`` gives the output projection a
+bias setting of its own (Qwen2: q/k/v biases only), ``logical_axes`` names
+the parameters' dims for sharding, and `GroupedQueryAttention.project` is the
+one place parameters are declared (a model overrides it to keep its own
+parameter names: `gqa_jax.models.decoder.Attention`).
 """
 
 from __future__ import annotations
@@ -19,11 +25,19 @@ import jax
 import jax.numpy as jnp
 
 from gqa_jax.attention import dot_product_attention
+from gqa_jax.kv_cache import KVCache
 from gqa_jax.modules.attention_axes import SequenceLayout
-from gqa_jax.modules.attention_options import merge_deterministic
-from gqa_jax.modules.checks import check_positive_int
-from gqa_jax.modules.decode_cache import check_decode_arguments, linen_cache_index, linen_decode
-from gqa_jax.modules.initializers import Initializer
+from gqa_jax.modules.attention_options import PROJECTION_AXES, logically_partitioned, merge_deterministic
+from gqa_jax.modules.checks import check_bool, check_positive_int
+from gqa_jax.modules.decode_cache import (
+    KVCacheAttend,
+    check_decode_arguments,
+    check_kv_cache,
+    linen_cache_index,
+    linen_decode,
+)
+from gqa_jax.modules.einsum_dense import EinsumDense, kernel_initializer
+from gqa_jax.modules.initializers import Initializer, keras_initializer
 from gqa_jax.modules.keras_attention import check_cache_index, check_keras_fields, keras_attention
 from gqa_jax.modules.keras_cache import check_cache
 from gqa_jax.rope import RotaryEmbedding
@@ -58,6 +72,36 @@ def check_gqa_fields(layer) -> None:
     check_keras_fields(layer)
 
 
+def check_projection_fields(layer) -> None:
+    """Raises ``TypeError`` unless ``use_bias``, ``logical_axes`` are bools and ``use_output_bias`` None or a bool."""
+    check_bool("use_bias", layer.use_bias)
+    check_bool("logical_axes", layer.logical_axes)
+    if layer.use_output_bias is not None:
+        check_bool("use_output_bias", layer.use_output_bias)
+
+
+def projection_initializers(layer, name: str, contract: int, features: tuple[int, ...]):
+    """``(kernel_init, bias_init)`` of ``layer``'s projection ``name``; ``bias_init`` None when it has no bias.
+
+    The kernel's initializer is ``layer.out_kernel_init`` for
+    ``attention_output`` when given, else ``layer.kernel_init``, resolved with
+    Keras' fans (`gqa_jax.modules.einsum_dense.kernel_initializer`). The
+    output projection has a bias when ``layer.use_output_bias`` (None: as
+    ``layer.use_bias``), the others when ``layer.use_bias``. With
+    ``layer.logical_axes`` the kernel carries the names of
+    `gqa_jax.modules.attention_options.PROJECTION_AXES` and the bias the
+    trailing ones.
+    """
+    output = name == "attention_output"
+    init = layer.out_kernel_init if output and layer.out_kernel_init is not None else layer.kernel_init
+    use_bias = layer.use_bias if not output or layer.use_output_bias is None else layer.use_output_bias
+    axes = PROJECTION_AXES[name] if layer.logical_axes else None
+    kernel_init = logically_partitioned(kernel_initializer(init, contract, features), axes)
+    if not use_bias:
+        return kernel_init, None
+    return kernel_init, logically_partitioned(keras_initializer(layer.bias_init), axes and axes[contract:])
+
+
 def grouped_query_attention(
     layer, query, value, key, *, decode: bool, cache, cache_update_index, num_new, attend, decode_offset=0,
     **flags
@@ -82,6 +126,8 @@ def grouped_query_attention(
     N, K, H = layer.num_query_heads, layer.num_key_value_heads, layer.head_dim
     check_decode_arguments(decode, cache, num_new)
     check_cache_index(cache, cache_update_index)
+    if isinstance(cache, KVCache):
+        return _kv_cache_attention(layer, query, value, key, cache, cache_update_index, num_new, **flags)
     if value is None and not (cache is not None and cache_update_index is None):
         value = query  # one-argument self-attention, as flax's layers take it
     key = value if key is None else key
@@ -110,6 +156,41 @@ def grouped_query_attention(
     )
 
 
+def _kv_cache_attention(layer, query, value, key, cache: KVCache, cache_update_index, num_new, **flags):
+    """`grouped_query_attention` with a caller's `KVCache`: write the new keys/values after its lengths, attend over it.
+
+    The queries and new keys sit at ``cache.lengths[b] + t`` (the default
+    positions of ``rope``); the outputs end with the updated cache.
+    """
+    N, K, H = layer.num_query_heads, layer.num_key_value_heads, layer.head_dim
+    value = query if value is None else value
+    key = value if key is None else key
+    query, value, key = jnp.asarray(query), jnp.asarray(value), jnp.asarray(key)
+    check_sequences(query, value, key)
+    if value.shape[1] != query.shape[1]:
+        raise ValueError(
+            "with a KVCache the new keys/values are the queries' tokens: query and value lengths must agree, got "
+            f"query.shape={tuple(query.shape)}, value.shape={tuple(value.shape)}"
+        )
+    check_kv_cache(cache, cache_update_index, batch_size=query.shape[0], num_kv_heads=K, head_dim=H)
+    attend = KVCacheAttend(cache, num_new)
+    outputs = keras_attention(
+        layer,
+        query,
+        value,
+        key,
+        heads=(N, K),
+        head_dims=(H, H),
+        output_shape=(query.shape[-1],),
+        layout=SequenceLayout(),
+        decode=True,
+        position_offset=cache.lengths,
+        attend=attend,
+        **flags,
+    )
+    return (*outputs, attend.cache) if isinstance(outputs, tuple) else (outputs, attend.cache)
+
+
 class GroupedQueryAttention(nn.Module):
     """Grouped-query attention after ``keras.layers.GroupQueryAttention``.
 
@@ -124,6 +205,9 @@ class GroupedQueryAttention(nn.Module):
       dropout: rate of dropout on the attention weights (training only; needs
         a ``"dropout"`` rng).
       use_bias: projections have biases.
+      use_output_bias: the output projection (``attention_output``) has a
+        bias; None (default): as ``use_bias``. ``use_bias=True,
+        use_output_bias=False`` is Qwen2's attention.
       sliding_window: None, or each query sees keys within
         ``sliding_window - 1`` positions (Keras' symmetric band).
       flash_attention: None (dispatch chooses), True (demand a fused kernel:
@@ -165,12 +249,28 @@ class GroupedQueryAttention(nn.Module):
         its ``mask``; no cache).
       out_kernel_init: initializer of ``attention_output``'s kernel (default
         ``kernel_init``).
+      logical_axes: declare the projections with logical axis names
+        (`flax.linen.with_logical_partitioning`): ``query`` and ``gate``
+        kernels ``(embed, q_heads, head_dim)``, ``key`` and ``value``
+        ``(embed, kv_heads, head_dim)``, ``attention_output`` ``(q_heads,
+        head_dim, embed)``, biases the trailing names. ``init`` then returns
+        `flax.linen.LogicallyPartitioned` boxes for `flax.linen.get_partition_spec`
+        and `gqa_jax.sharding.logical_axis_rules`; ``apply`` takes boxed or
+        plain params (`flax.linen.meta.unbox`). Default False: plain arrays.
 
     Example::
 
         layer = GroupedQueryAttention(head_dim=16, num_query_heads=8, num_key_value_heads=2)
-        params = layer.init(key, x)["params"]                      # x: [B, T, D]
+        x = jax.random.normal(jax.random.key(0), (2, 10, 64))       # [B, T, D]
+        params = layer.init(jax.random.key(1), x)["params"]
         y = layer.apply({"params": params}, x, use_causal_mask=True)  # [B, T, D]
+
+        # A model's generation loop keeps a KVCache: ragged prefill (10 and 4 tokens), then a step.
+        from gqa_jax import KVCache
+
+        cache = KVCache.init(batch_size=2, max_length=32, num_kv_heads=2, head_dim=16)
+        y, cache = layer.apply({"params": params}, x, use_causal_mask=True, cache=cache, num_new=jnp.array([10, 4]))
+        y, cache = layer.apply({"params": params}, x[:, :1], use_causal_mask=True, cache=cache)  # lengths [11, 5]
     """
 
     head_dim: int
@@ -200,10 +300,43 @@ class GroupedQueryAttention(nn.Module):
     sow_weights: bool = False
     attention_fn: Callable | None = None
     out_kernel_init: Initializer | str | None = None
+    use_output_bias: bool | None = None
+    logical_axes: bool = False
 
     def __post_init__(self):
         check_gqa_fields(self)
+        check_projection_fields(self)
         super().__post_init__()
+
+    @nn.nowrap
+    def project(self, name: str, features: Sequence[int], x: Array, contract: int = 1) -> Array:
+        """Declares and applies the projection ``name``: an `EinsumDense` sublayer (`keras_attention`'s ``project``).
+
+        Args:
+          name: ``query``, ``gate``, ``key``, ``value`` (``x [B, T, D] ->
+            [B, T, heads, H]``, ``contract=1``) or ``attention_output``
+            (``[B, T, N, H] -> [B, T, *features]``, ``contract=2``).
+          features: the output's trailing dims.
+          x: the input.
+          contract: trailing input dims contracted.
+
+        Initializers, bias and logical axis names: `projection_initializers`.
+        A subclass overrides this method to lay the same projections out under
+        other parameter names; call it from the compact ``__call__`` only.
+        """
+        features = tuple(features)
+        kernel_init, bias_init = projection_initializers(self, name, contract, features)
+        return EinsumDense(
+            features=features,
+            contract=contract,
+            use_bias=bias_init is not None,
+            kernel_init=kernel_init,
+            bias_init=self.bias_init if bias_init is None else bias_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            name=name,
+        )(x)
 
     @nn.compact
     def __call__(
@@ -252,14 +385,21 @@ class GroupedQueryAttention(nn.Module):
             in decode mode after the tokens already cached.
           cache: keras-hub cache ``[B, 2, S, K, H]``; without
             ``cache_update_index`` the layer attends to it as is (``key`` and
-            ``value`` unused).
-          cache_update_index: int or int ``[B]``: where the new keys/values go.
-          num_new: decode mode only: int ``[B]`` valid new tokens per row (the
-            rest of the ``T`` are padding, not written); default all ``T``.
+            ``value`` unused). Or a `gqa_jax.KVCache` (``[B, S, K, H]``, any
+            dtype it holds, quantized included): the new keys/values (``S ==
+            T``) are written after each row's ``cache.lengths`` and the
+            queries, at positions ``cache.lengths[b] + t``, attend over it
+            (``use_causal_mask``: causally); the updated `KVCache` is
+            returned.
+          cache_update_index: int or int ``[B]``: where the new keys/values go
+            in a keras-hub cache.
+          num_new: decode mode or a `KVCache` only: int ``[B]`` valid new
+            tokens per row (the rest of the ``T`` are padding: not written,
+            output 0 before the output projection); default all ``T``.
           positions: int ``[B, T]`` or ``[T]``: the queries' positions for
             ``rope`` / ``qk_transform``; default ``arange(T)`` after the
-            cached tokens (decode mode), after ``cache_update_index``, or
-            after ``query_offset``.
+            cached tokens (decode mode, a `KVCache`), after
+            ``cache_update_index``, or after ``query_offset``.
           kv_positions: int ``[B, S]`` or ``[S]``: the new keys' positions;
             default ``positions`` when given and ``S == T``, else
             ``arange(S)`` (after the cached tokens / the index).
@@ -285,6 +425,7 @@ class GroupedQueryAttention(nn.Module):
             num_new=num_new,
             attend=functools.partial(linen_decode, self, num_new=num_new) if self.decode else dot_product_attention,
             decode_offset=linen_cache_index(self),
+            project=self.project,
             query_mask=query_mask,
             value_mask=value_mask,
             key_mask=key_mask,

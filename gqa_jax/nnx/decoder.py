@@ -2,11 +2,16 @@
 
 Same `gqa_jax.models.DecoderConfig`, same calls (``model(tokens)`` for the
 causal pass; ``model(tokens, cache, num_new=n)`` continuing a tuple of
-`gqa_jax.KVCache` from `gqa_jax.models.init_cache`), same body
-(`gqa_jax.models.rotary_attention`, `gqa_jax.models.token_positions`) and the
-same parameter names and shapes (``layers_{i}/attention/query [D, N, H]``,
-...), so `gqa_jax.models.params_from_hf` output loads with
+`gqa_jax.KVCache` from `gqa_jax.models.init_cache`), same attention (the body
+of the grouped-query layers,
+`gqa_jax.modules.grouped_query_attention.grouped_query_attention`, with the
+fields of `gqa_jax.models.decoder.attention_fields`), the same
+`gqa_jax.models.token_positions`, and the same parameter names and shapes
+(``layers_{i}/attention/query [D, N, H]``, ...), so
+`gqa_jax.models.params_from_hf` output loads with
 `gqa_jax.nnx.load_linen_params` and `gqa_jax.decoding.generate` runs either.
+The parameters always carry their logical axis names (``nnx.Param`` metadata,
+read by `nnx.get_partition_spec`).
 """
 
 from __future__ import annotations
@@ -17,17 +22,26 @@ import jax
 from flax import nnx
 
 from gqa_jax import models
+from gqa_jax.attention import dot_product_attention
 from gqa_jax.kv_cache import KVCache
 from gqa_jax.models import DecoderConfig
+from gqa_jax.modules.attention_options import PROJECTION_AXES
+from gqa_jax.modules.einsum_dense import einsum_dense
+from gqa_jax.modules.grouped_query_attention import (
+    check_gqa_fields,
+    check_projection_fields,
+    grouped_query_attention,
+    projection_initializers,
+)
 from gqa_jax.nnx.einsum_dense import partitioned
-from gqa_jax.nnx.keras_layer import KEY_VALUE_AXES, OUTPUT_AXES, QUERY_AXES
+from gqa_jax.nnx.keras_layer import ATTENTION_OPTIONS, KerasAttentionLayer
 from gqa_jax.nnx.params import linen_params
 
 Array = jax.Array
 
 
-class Attention(nnx.Module):
-    """Rotary grouped-query self-attention: the parameters of `gqa_jax.models.Attention` (biases by the config).
+class Attention(KerasAttentionLayer):
+    """`gqa_jax.models.Attention` in NNX: the grouped-query layers' body over the decoder's flat parameters.
 
     Args:
       config: the decoder's config.
@@ -36,27 +50,68 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, config: DecoderConfig, window: int | None = None, *, rngs: nnx.Rngs):
-        self.config, self.window = config, window
+        # NNX names the axes as nnx.Param metadata (always); the linen boxes stay off.
+        fields = {**models.decoder.attention_fields(config, window), "logical_axes": False}
+        self.head_dim, self.num_query_heads = fields["head_dim"], fields["num_query_heads"]
+        self.num_key_value_heads = fields["num_key_value_heads"]
+        self.use_output_bias, self.logical_axes = fields["use_output_bias"], fields["logical_axes"]
+        self.kernel_init, self.out_kernel_init = fields["kernel_init"], fields["out_kernel_init"]
+        self.bias_init = fields["bias_init"]
+        defaults = dict(qk_transform=None, normalize_qk=None, norm_epsilon=1e-6, broadcast_dropout=False,
+                        sow_weights=False, attention_fn=None)
+        self._init_settings(
+            dropout=0.0,
+            use_bias=fields["use_bias"],
+            sliding_window=None,
+            flash_attention=None,
+            use_gate=False,
+            implementation=fields["implementation"],
+            deterministic=True,
+            dtype=fields["dtype"],
+            precision=None,
+            options={name: fields.get(name, defaults.get(name)) for name in ATTENTION_OPTIONS},
+        )
+        check_gqa_fields(self)
+        check_projection_fields(self)
+        self._init_norms(self.head_dim, dtype=self.dtype, param_dtype=config.param_dtype, rngs=rngs)
         D, N, K, H = config.model_dim, config.num_heads, config.num_kv_heads, config.head_dim
-        in_init, out_init = models.projection_init(0, (1, 2)), models.projection_init((0, 1), 2)
+        for name, in_shape, features in (("query", (D,), (N, H)), ("key", (D,), (K, H)), ("value", (D,), (K, H)),
+                                         ("attention_output", (N, H), (D,))):
+            kernel_init, bias_init = projection_initializers(self, name, len(in_shape), features)
+            param = models.decoder.PARAMETER_NAMES.get(name, name)
+            axes = PROJECTION_AXES[name]
+            setattr(self, param, nnx.Param(partitioned(kernel_init, axes)(rngs.params(), in_shape + features,
+                                                                           config.param_dtype)))
+            if bias_init is not None:
+                bias = partitioned(bias_init, axes[len(in_shape):])(rngs.params(), features, config.param_dtype)
+                setattr(self, param + "_bias", nnx.Param(bias))
 
-        def param(init, shape, axes):
-            return nnx.Param(partitioned(init, axes)(rngs.params(), shape, config.param_dtype))
-
-        self.query = param(in_init, (D, N, H), QUERY_AXES)
-        self.key = param(in_init, (D, K, H), KEY_VALUE_AXES)
-        self.value = param(in_init, (D, K, H), KEY_VALUE_AXES)
-        self.output = param(out_init, (N, H, D), OUTPUT_AXES)
-        bias_axes = {"query_bias": QUERY_AXES[1:], "key_bias": KEY_VALUE_AXES[1:], "value_bias": KEY_VALUE_AXES[1:],
-                     "output_bias": OUTPUT_AXES[2:]}
-        for name, shape in models.attention_bias_shapes(config).items():
-            setattr(self, name, param(nnx.initializers.zeros, shape, bias_axes[name]))
+    def project(self, name: str, features: Sequence[int], x: Array, contract: int = 1) -> Array:
+        """The projection ``name`` over the flat ``query``, ... ``output`` kernels and their ``_bias`` (if any)."""
+        param = models.decoder.PARAMETER_NAMES.get(name, name)
+        bias = getattr(self, param + "_bias", None)
+        return einsum_dense(x, getattr(self, param)[...], None if bias is None else bias[...], contract=contract,
+                            dtype=self.dtype)
 
     def __call__(self, x, positions, cache: KVCache | None = None, num_new=None):
-        """As `gqa_jax.models.Attention`: ``(out [B, T, D], cache)``."""
-        names = ("query", "key", "value", "output", *models.attention_bias_shapes(self.config))
-        weights = {name: getattr(self, name)[...] for name in names}
-        return models.rotary_attention(self.config, x, positions, weights, cache, num_new, window=self.window)
+        """Causal self-attention of ``x [B, T, D]`` at ``positions`` (as `gqa_jax.models.Block`): ``(out, cache)``."""
+        result = grouped_query_attention(
+            self,
+            x,
+            None,
+            None,
+            decode=False,
+            cache=cache,
+            cache_update_index=None,
+            num_new=num_new,
+            attend=dot_product_attention,
+            project=self.project,
+            normalize=self.normalize,
+            sow=self.sow_attention_weights,
+            use_causal_mask=True,
+            positions=positions,
+        )
+        return result if cache is not None else (result, None)
 
 
 def _linear(config: DecoderConfig, in_features: int, out_features: int, axes, rngs: nnx.Rngs) -> nnx.Linear:
@@ -128,9 +183,14 @@ class Decoder(nnx.Module):
 
     Example::
 
+        from flax import nnx
+        from gqa_jax.decoding import generate
+        from gqa_jax.models import DecoderConfig
+
         model = Decoder(DecoderConfig(vocab_size=256), rngs=nnx.Rngs(0))
+        tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 256)
         logits = model(tokens)                                     # [B, T, V]
-        out = gqa_jax.decoding.generate(model, None, prompts, max_new_tokens=8)
+        out = generate(model, None, tokens, max_new_tokens=4)      # out.tokens: [B, 4]
     """
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
