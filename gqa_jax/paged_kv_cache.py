@@ -79,11 +79,15 @@ class PagedKVCache:
 
     Example::
 
-        cache = PagedKVCache.init(batch_size=2, num_pages=64, page_size=16, num_kv_heads=2, head_dim=16,
-                                  max_pages_per_row=8)
-        cache = cache.update(k_prompt, v_prompt, num_new=prompt_lengths)  # ragged prefill, pages allocated
-        out = cache.attend(q_prompt, num_new=prompt_lengths)              # causal over the cache
-        cache = cache.free(jnp.array([True, False]))                      # row 0's pages back to the pool
+        rng = np.random.default_rng(0)
+        k, v = (jnp.asarray(rng.standard_normal((2, 20, 2, 16)), jnp.float32) for _ in range(2))  # [B,T,K,H]
+        q = jnp.asarray(rng.standard_normal((2, 20, 4, 16)), jnp.float32)                          # [B,T,N,H]
+        prompt_lengths = jnp.array([20, 7])
+        cache = PagedKVCache.init(batch_size=2, num_pages=8, page_size=16, num_kv_heads=2, head_dim=16,
+                                  max_pages_per_row=4)
+        cache = cache.update(k, v, num_new=prompt_lengths)  # ragged prefill: rows take 2 and 1 pages
+        out = cache.attend(q, num_new=prompt_lengths)       # [2, 20, 4, 16], causal over the cache
+        cache = cache.free(jnp.array([True, False]))        # row 0's pages back to the pool
     """
 
     key_pages: Array

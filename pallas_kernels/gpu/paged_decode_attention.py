@@ -150,7 +150,14 @@ def paged_decode_attention(
 
     Example::
 
-        out = paged_decode_attention(q_BTNH, cache.key_pages, cache.value_pages, cache.page_table, lengths)
+        rng = np.random.default_rng(0)
+        q = jnp.asarray(rng.standard_normal((2, 1, 8, 64)), jnp.float32)  # [B,T,N,H]
+        key_pages, value_pages = (jnp.asarray(rng.standard_normal((6, 16, 2, 64)), jnp.float32)
+                                  for _ in range(2))                      # [P,page_size,K,H]
+        page_table = jnp.array([[4, 1, 5], [0, -1, -1]])  # row 0: 40 keys in pages 4, 1, 5; row 1: 9 in page 0
+        lengths = jnp.array([40, 9])
+        # interpret=True runs on a CPU; leave it out on a GPU.
+        out = paged_decode_attention(q, key_pages, value_pages, page_table, lengths, interpret=True)  # [2,1,8,64]
     """
     query, key_pages, value_pages = jnp.asarray(query), jnp.asarray(key_pages), jnp.asarray(value_pages)
     for name, pages, letters in (("key_pages", key_pages, "P,page_size,K,H"),
@@ -393,7 +400,7 @@ def _paged_decode_kernel(
 
 
 def _gather_rows(ref, rows, in_range, width: int):
-    """Rows ``rows`` (int32 ``[block_k]``) of a ``[R, width_padded]`` ref; zero where not ``in_range``, past ``width``."""
+    """Rows ``rows`` (int32 ``[block_k]``) of a ``[R, width_padded]`` ref, zero off ``in_range`` and past ``width``."""
     columns = jnp.arange(ref.shape[-1], dtype=jnp.int32)
     mask = in_range[:, None]
     if width != ref.shape[-1]:
