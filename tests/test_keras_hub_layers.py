@@ -55,19 +55,23 @@ def _gemma_layout(q, k, q_positions, k_positions):
     return _interleave_halves(q), None if k is None else _interleave_halves(k)
 
 
+CACHE_ARGUMENTS = ("cache", "cache_update_index")
+
+
 def _keras_hub(keras_layer, x, mask, *cache_and_index):
     """keras-hub's output (and updated cache, given ``cache, index``), jitted (op by op is slow on a CPU)."""
-    return jax.jit(lambda *c: keras_layer(x, attention_mask=mask, **dict(zip(("cache", "cache_update_index"), c))))(
-        *cache_and_index
-    )
+    def call(*c):
+        return keras_layer(x, attention_mask=mask, **dict(zip(CACHE_ARGUMENTS, c)))
+
+    return jax.jit(call)(*cache_and_index)
 
 
 def _ours(ours, keras_layer, x, mask, *cache_and_index):
     """Our output (and updated cache) on ``keras_layer``'s weights, jitted."""
-    names = ("cache", "cache_update_index")
-    return jax.jit(lambda p, *c: ours.apply({"params": p}, x, attention_mask=mask, **dict(zip(names, c))))(
-        gqa_jax.keras_params(keras_layer), *cache_and_index
-    )
+    def call(params, *c):
+        return ours.apply({"params": params}, x, attention_mask=mask, **dict(zip(CACHE_ARGUMENTS, c)))
+
+    return jax.jit(call)(gqa_jax.keras_params(keras_layer), *cache_and_index)
 
 
 LLAMA_CASES = {
