@@ -43,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.arguments import pad_axis, round_up
+from pallas_kernels.arguments import out_struct, pad_axis, round_up, vary_like
 from pallas_kernels.gpu.mgpu_tiles import cta_kv_blocks, cta_q_blocks, full_kv_blocks, full_q_blocks
 from pallas_kernels.numerics import DEAD_LSE, LOG2E
 from pallas_kernels.rules import Rules
@@ -389,7 +389,7 @@ def backward(query, key, value, out, lse2, d_out, rules: Rules, block_sizes: Mos
     rows_dq = NUM_CONSUMERS * blocks.block_q_dq
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, num_q_tiles=T_pad // rows_dq, **statics),
-        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_type=out_struct(q.shape, q.dtype, args),
         scratch_types=[
             plgpu.SMEM((NUM_CONSUMERS, blocks.block_q_dq, H), q.dtype, transforms=_TILED),
             plgpu.SMEM((NUM_CONSUMERS, blocks.block_q_dq, H), q.dtype, transforms=_TILED),
@@ -402,7 +402,7 @@ def backward(query, key, value, out, lse2, d_out, rules: Rules, block_sizes: Mos
     keys_dkv = NUM_CONSUMERS * blocks.block_kv_dkv
     dk, dv = plgpu.kernel(
         functools.partial(_dkv_kernel, **statics),
-        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        out_type=(out_struct(k.shape, k.dtype, args), out_struct(v.shape, v.dtype, args)),
         scratch_types=[
             plgpu.SMEM((NUM_CONSUMERS, blocks.block_kv_dkv, H), k.dtype, transforms=_TILED),
             plgpu.SMEM((NUM_CONSUMERS, blocks.block_kv_dkv, H), v.dtype, transforms=_TILED),
@@ -412,4 +412,5 @@ def backward(query, key, value, out, lse2, d_out, rules: Rules, block_sizes: Mos
         grid_names=("heads", "kv_tiles", "batch"),
         **launch,
     )(*args)
+    dq, dk, dv = vary_like((dq, dk, dv), args)
     return dq[:, :T], dk[:, :S], dv[:, :S]

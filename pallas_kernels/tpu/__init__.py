@@ -6,7 +6,7 @@ interpret mode on any backend (how they are tested on CPUs).
 """
 
 from pallas_kernels.tpu.decode_attention import DecodeBlockSizes, decode_attention, decode_attention_core
-from pallas_kernels.tpu.flash_attention import BlockSizes, flash_attention, flash_attention_core
+from pallas_kernels.tpu.flash_attention import BlockSizes, flash_attention, flash_attention_core, flash_backward
 
 __all__ = [
     "BlockSizes",
@@ -15,4 +15,5 @@ __all__ = [
     "decode_attention_core",
     "flash_attention",
     "flash_attention_core",
+    "flash_backward",
 ]

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.arguments import check_qkv, pad_axis, round_up, row_vector
+from pallas_kernels.arguments import check_qkv, out_struct, pad_axis, round_up, row_vector
 from pallas_kernels.rules import Rules
 from pallas_kernels.tpu.common import (
     NUM_LANES,
@@ -235,7 +235,7 @@ def _forward(st: _Static, q, k, v, lengths, q_off):
             scratch_shapes=[pltpu.VMEM((R_pad, NUM_LANES), jnp.float32), pltpu.VMEM((R_pad, NUM_LANES), jnp.float32),
                             pltpu.VMEM((R_pad, hb * Hv), jnp.float32)],
         ),
-        out_shape=jax.ShapeDtypeStruct((B, C, R_pad, hb * Hv), q.dtype),
+        out_shape=out_struct((B, C, R_pad, hb * Hv), q.dtype, q, k, v, lengths, q_off),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=st.interpret,
         name="gqa_decode_attention",

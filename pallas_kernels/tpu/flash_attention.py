@@ -53,7 +53,7 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.arguments import check_bias, check_qkv, pad_axis, round_up
+from pallas_kernels.arguments import check_bias, check_qkv, out_struct, pad_axis, round_up
 from pallas_kernels.numerics import LN2, PROB_SHIFT
 from pallas_kernels.residuals import forward_only, from_tpu
 from pallas_kernels.rules import Rules
@@ -124,6 +124,7 @@ class _Static:
     heads_minor: bool  # kernel arrays are [B, T, N*H] (else [B, N, T, H])
     head_dim: int  # H and Hv of the kernel arrays (after padding)
     value_head_dim: int
+    compute_dtype: Any  # what float16 inputs run in (float32); others as they are
     segments: bool
     maybe_masked: bool  # some tile may need the element mask (else none does)
     blocks: BlockSizes
@@ -227,6 +228,62 @@ def flash_attention_core(query, key, value, rules: Rules, *, bias=None, block_si
     Returns:
       ``[B, T, N, Hv]`` in the query dtype, or ``(out, lse)``.
     """
+    B, T, N, _ = query.shape
+    Hv = value.shape[3]
+    st, rows, T_pad, S_pad = _setup(query, key, value, rules, block_sizes, interpret)
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, bias.shape[:2] + (T, key.shape[1]))
+        bias = pad_axis(pad_axis(bias, 2, T_pad), 3, S_pad)
+    q, k, v = (_prepare(st, query, T_pad, st.head_dim), _prepare(st, key, S_pad, st.head_dim),
+               _prepare(st, value, S_pad, st.value_head_dim))
+    if return_residuals:
+        out, (m, log_l) = _forward(st, *forward_only((q, k, v, bias)), rows)
+        out = _from_kernel_layout(out, st.heads_minor, N)[:, :T, :, :Hv].astype(query.dtype)
+        return out, from_tpu(m + log_l)[:, :, :T]
+    out = _flash(st, q, k, v, bias, rows)
+    return _from_kernel_layout(out, st.heads_minor, N)[:, :T, :, :Hv].astype(query.dtype)
+
+
+def flash_backward(query, key, value, out, lse, d_out, rules: Rules, *, block_sizes: BlockSizes | None = None,
+                   interpret: bool | pltpu.InterpretParams = False):
+    """Gradients of flash attention (no bias) from an output and its log-sum-exp, as ring attention needs them.
+
+    ``out`` and ``lse`` may come from attention over more keys than ``key``
+    holds (partial results merged by their lse): the gradients are then this
+    block's share, ``dq`` summing over blocks and ``dk``/``dv`` exact for it.
+
+    Args:
+      query: ``[B, T, N, H]``.
+      key: ``[B, S, K, H]``.
+      value: ``[B, S, K, Hv]``.
+      out: ``[B, T, N, Hv]`` forward output.
+      lse: float32 ``[B, N, T]``, the residual API's (`pallas_kernels.residuals`:
+        natural log, ``-inf`` for rows that see no key).
+      d_out: ``[B, T, N, Hv]`` cotangent of ``out``.
+      rules: the validated rules of the forward (`Rules.create`).
+      block_sizes: `BlockSizes`; default ``BlockSizes()``.
+      interpret: as in `flash_attention`.
+
+    Returns:
+      ``(dq, dk, dv)`` in the dtypes of ``query``, ``key`` and ``value``.
+    """
+    B, T, N, H = query.shape
+    _, S, K, Hv = value.shape
+    st, rows, T_pad, S_pad = _setup(query, key, value, rules, block_sizes, interpret)
+    q, k, v = (_prepare(st, query, T_pad, st.head_dim), _prepare(st, key, S_pad, st.head_dim),
+               _prepare(st, value, S_pad, st.value_head_dim))
+    o, do = (_prepare(st, x.astype(query.dtype), T_pad, st.value_head_dim) for x in (out, d_out))
+    # The kernels' convention: ``+inf`` for rows that see no key (padding rows too).
+    m = jnp.pad(jnp.where(jnp.isneginf(lse), jnp.inf, lse).astype(jnp.float32), ((0, 0), (0, 0), (0, T_pad - T)),
+                constant_values=jnp.inf)
+    dq, dk, dv, _ = _backward(st, q, k, v, None, rows, o, (m, jnp.zeros_like(m)), do, False)
+    crop = lambda x, heads, length, head_dim, like: (
+        _from_kernel_layout(x, st.heads_minor, heads)[:, :length, :, :head_dim].astype(like.dtype))
+    return crop(dq, N, T, H, query), crop(dk, K, S, H, key), crop(dv, K, S, Hv, value)
+
+
+def _setup(query, key, value, rules: Rules, block_sizes: BlockSizes | None, interpret):
+    """The statics, padded per-row rules and padded lengths ``(st, rows, T_pad, S_pad)`` of a call."""
     B, T, N, H = query.shape
     _, S, K, _ = key.shape
     Hv = value.shape[3]
@@ -235,37 +292,27 @@ def flash_attention_core(query, key, value, rules: Rules, *, bias=None, block_si
     S_pad = round_up(S, math.lcm(blocks.block_k, blocks.block_k_bwd))
     rows = rules.padded(T, S, T_pad, S_pad)
     rows = dataclasses.replace(rows, q_len=jnp.clip(rows.q_len, 0, T), kv_len=jnp.clip(rows.kv_len, 0, S))
-    if bias is not None:
-        bias = jnp.broadcast_to(bias, bias.shape[:2] + (T, S))
-        bias = pad_axis(pad_axis(bias, 2, T_pad), 3, S_pad)
-
     H_pad, Hv_pad = _kernel_head_dim(H), _kernel_head_dim(Hv)
-    heads_minor = H_pad % NUM_LANES == 0 and Hv_pad % NUM_LANES == 0
-    dtype = compute_dtype(query.dtype)
-
-    def prepare(x, length: int, head_dim: int):
-        x = pad_axis(pad_axis(x.astype(dtype), 1, length), 3, head_dim)
-        return _to_kernel_layout(x, heads_minor)
-
     st = _Static(
         rules=rules.statics(),
         num_groups=N // K,
-        heads_minor=heads_minor,
+        heads_minor=H_pad % NUM_LANES == 0 and Hv_pad % NUM_LANES == 0,
         head_dim=H_pad,
         value_head_dim=Hv_pad,
+        compute_dtype=compute_dtype(query.dtype),
         segments=rules.has_segments,
         maybe_masked=(rules.positional or rules.q_len is not None or rules.kv_len is not None
                       or T_pad != T or S_pad != S),
         blocks=blocks,
         interpret=interpret_params(interpret),
     )
-    q, k, v = prepare(query, T_pad, H_pad), prepare(key, S_pad, H_pad), prepare(value, S_pad, Hv_pad)
-    if return_residuals:
-        out, (m, log_l) = _forward(st, *forward_only((q, k, v, bias)), rows)
-        out = _from_kernel_layout(out, heads_minor, N)[:, :T, :, :Hv].astype(query.dtype)
-        return out, from_tpu(m + log_l)[:, :, :T]
-    out = _flash(st, q, k, v, bias, rows)
-    return _from_kernel_layout(out, heads_minor, N)[:, :T, :, :Hv].astype(query.dtype)
+    return st, rows, T_pad, S_pad
+
+
+def _prepare(st: _Static, x_BTNH, length: int, head_dim: int):
+    """A ``[B, T, N, H]`` array in the compute dtype, zero-padded to ``length`` and ``head_dim``, in kernel layout."""
+    x = pad_axis(pad_axis(x_BTNH.astype(st.compute_dtype), 1, length), 3, head_dim)
+    return _to_kernel_layout(x, st.heads_minor)
 
 
 # ---------------------------------------------------------------------------
@@ -368,8 +415,8 @@ def _forward(st: _Static, q, k, v, bias, rows: Rules):
         extra_specs=(), extra_args=(),
         out_specs=[_head_spec(st, bq, Hv, lambda b, n, i, j, *_: (b, n, i)),
                    pl.BlockSpec((None, None, bq, NUM_LANES), lambda b, n, i, j, *_: (b, n, i, 0))],
-        out_shape=[jax.ShapeDtypeStruct(_seq_shape(st, q, k, T_pad, Hv), q.dtype),
-                   jax.ShapeDtypeStruct((B, N, T_pad, NUM_LANES), jnp.float32)],
+        out_shape=[out_struct(_seq_shape(st, q, k, T_pad, Hv), q.dtype, q, k, v, bias, rows),
+                   out_struct((B, N, T_pad, NUM_LANES), jnp.float32, q, k, v, bias, rows)],
         scratch=[pltpu.VMEM((bq, NUM_LANES), jnp.float32), pltpu.VMEM((bq, NUM_LANES), jnp.float32),
                  pltpu.VMEM((bq, Hv), jnp.float32)],
     )
@@ -393,16 +440,17 @@ def _backward(st: _Static, q, k, v, bias, rows: Rules, out, stats, do, dbias_wan
     # dQ (and the bias gradient): grid (B, N, q_tiles, kv_steps).
     stat_spec = pl.BlockSpec((None, None, 1, bq), lambda b, n, i, j, *_: (b, n, 0, i))
     q_tile_spec = functools.partial(_head_spec, st, bq, index=lambda b, n, i, j, *_: (b, n, i))
+    inputs = (q, k, v, bias, rows, lse_rows, r_rows, di_rows, do)
     dbias_spec = dbias_shape = None
     if dbias_wanted:
         dbias_spec = pl.BlockSpec((None, None, bq, bk), lambda b, n, i, j, *_: (b, n, i, j))
-        dbias_shape = jax.ShapeDtypeStruct((B, N, T_pad, S_pad), bias.dtype)
+        dbias_shape = out_struct((B, N, T_pad, S_pad), bias.dtype, inputs)
     dq, dbias = _q_major_call(
         st, _dq_kernel, "gqa_flash_dq", rows, q, k, v, bias, block_q=bq, block_k=bk, dense=dbias_wanted,
         extra_specs=(stat_spec, None if r is None else stat_spec, stat_spec, q_tile_spec(width=Hv)),
         extra_args=(lse_rows, r_rows, di_rows, do),
         out_specs=[q_tile_spec(width=H), dbias_spec],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), dbias_shape],
+        out_shape=[out_struct(q.shape, q.dtype, inputs), dbias_shape],
         scratch=[pltpu.VMEM((bq, H), jnp.float32)],
     )
 
@@ -437,7 +485,7 @@ def _backward(st: _Static, q, k, v, bias, rows: Rules, out, stats, do, dbias_wan
             out_specs=[_head_spec(st, bk, H, kv_index), _head_spec(st, bk, Hv, kv_index)],
             scratch_shapes=[pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, Hv), jnp.float32)],
         ),
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[out_struct(k.shape, k.dtype, inputs), out_struct(v.shape, v.dtype, inputs)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
         interpret=st.interpret,
