@@ -38,9 +38,9 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gqa_jax.attention import dot_product_attention
-from gqa_jax.implementations import pallas_triton
-from pallas_kernels import gpu
-from pallas_kernels.arguments import check_qkv, row_vector
+from gqa_jax.implementations import pallas_tpu, pallas_triton
+from pallas_kernels import gpu, tpu
+from pallas_kernels.arguments import check_qkv, row_vector, vary_like
 from pallas_kernels.numerics import DEAD_LSE
 from pallas_kernels.residuals import LN2
 from pallas_kernels.rules import Rules
@@ -198,8 +198,30 @@ def _triton_backward(q, k, v, rules: Rules, do, lse, delta, out):
     return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32)
 
 
+def _tpu_forward(q, k, v, rules: Rules):
+    """`_block_forward` on the TPU flash kernel (its residual API: natural lse, ``-inf`` for dead rows)."""
+    out, lse = tpu.flash_attention_core(q, k, v, rules, interpret=pallas_tpu.interpret, return_residuals=True)
+    return out.astype(jnp.float32), lse
+
+
+def _tpu_backward(q, k, v, rules: Rules, do, lse, delta, out):
+    """`_block_backward` on the TPU backward kernels, fed the merged (natural) lse and output."""
+    del delta  # the kernels form it from ``out`` and ``do``
+    grads = tpu.flash_backward(q, k, v, out, lse, do, rules, interpret=pallas_tpu.interpret)
+    return tuple(g.astype(jnp.float32) for g in grads)
+
+
 # implementation= of `ring_attention` -> (block forward, block backward).
-RING_BLOCKS = {"xla": (_block_forward, _block_backward), "pallas_triton": (_triton_forward, _triton_backward)}
+RING_BLOCKS = {
+    "xla": (_block_forward, _block_backward),
+    "pallas_triton": (_triton_forward, _triton_backward),
+    "pallas_tpu": (_tpu_forward, _tpu_backward),
+}
+# Kernels whose outputs do not yet declare the mesh axes they vary over: ``shard_map`` runs them unchecked.
+UNCHECKED_KERNELS = ("pallas_triton",)
+# Blocks run on every device, visible or not: the TPU kernel skips masked tiles itself, and in TPU interpret
+# mode each kernel call waits at a barrier of all devices, so a device that skipped a call would hang its peers.
+ALWAYS_RUN = ("pallas_tpu",)
 
 
 def ring_attention(
@@ -234,11 +256,12 @@ def ring_attention(
       q_segment_ids: int ``[B, L]``, this shard's ids (with ``kv_segment_ids``).
       kv_segment_ids: int ``[B, L]``.
       implementation: what computes each block: None or ``"xla"`` (einsums),
-        or ``"pallas_triton"`` (the Triton flash kernels: forward with
-        ``return_residuals=True``, backward from the merged log-sum-exp; a GPU,
-        or Pallas interpret mode where `gqa_jax.implementations.pallas_triton`
-        sets ``interpret``). The kernels' outputs carry no varying mesh axes
-        yet: call it in ``jax.shard_map(..., check_vma=False)``.
+        ``"pallas_triton"`` or ``"pallas_tpu"`` (the Triton or TPU flash
+        kernels: forward with ``return_residuals=True``, backward from the
+        merged log-sum-exp; compiled on a GPU or TPU, or in Pallas interpret
+        mode where `gqa_jax.implementations.pallas_triton` or ``pallas_tpu``
+        sets ``interpret``). The Triton kernels' outputs carry no varying mesh
+        axes yet: call those in ``jax.shard_map(..., check_vma=False)``.
 
     Returns:
       ``[B, L, N, Hv]`` in the query dtype, equal to the matching rows of the
@@ -295,10 +318,12 @@ def _block(statics: Rules, q_chunk, k_chunk, q, k_blk, v_blk, kv_len, q_seg, kv_
 
 def _full(shape, value, like):
     """A float32 constant that varies over the same ``shard_map`` axes as ``like`` (for ``lax.cond`` branches)."""
-    x = jnp.full(shape, value, jnp.float32)
-    manual = getattr(jax.typeof(like), "manual_axis_type", None)
-    varying = tuple(sorted(manual.varying)) if manual is not None else ()
-    return lax.pcast(x, varying, to="varying") if varying else x
+    return vary_like(jnp.full(shape, value, jnp.float32), like)
+
+
+def _when_visible(implementation: str, visible, run, skip, *args):
+    """``run(*args)`` for a block some query can see, else ``skip(*args)`` (always ``run`` for `ALWAYS_RUN`)."""
+    return run(*args) if implementation in ALWAYS_RUN else lax.cond(visible, run, skip, *args)
 
 
 def _permute(axis_name: str, num_shards: int, *xs):
@@ -324,7 +349,8 @@ def _ring_forward(statics, axis_name, num_shards, load_balance, implementation, 
         for q_chunk, k_chunk in blocks:
             (_, q_start, q_n) = q_chunk
             qb, kb, vb, rules, visible = _block(statics, q_chunk, k_chunk, q, k_blk, v_blk, kv_len, q_seg, seg_blk)
-            o_b, l_b = lax.cond(
+            o_b, l_b = _when_visible(
+                implementation,
                 visible,
                 block_forward,
                 lambda qb, kb, vb, rules: (_full(qb.shape[:3] + vb.shape[-1:], 0.0, qb),
@@ -364,7 +390,8 @@ def _ring_bwd(statics, axis_name, num_shards, load_balance, implementation, resi
             lse_b = lax.dynamic_slice_in_dim(lse, q_start, q_n, 2)
             delta_b = lax.dynamic_slice_in_dim(delta, q_start, q_n, 2)
             out_b = lax.dynamic_slice_in_dim(out, q_start, q_n, 1)
-            dq_b, dk_b, dv_b = lax.cond(
+            dq_b, dk_b, dv_b = _when_visible(
+                implementation,
                 visible,
                 block_backward,
                 lambda qb, kb, vb, *_: (_full(qb.shape, 0.0, qb), _full(kb.shape, 0.0, kb), _full(vb.shape, 0.0, vb)),
@@ -500,10 +527,17 @@ def context_parallel_attention(
     if explicit:
         # Explicit-sharding meshes type every array's sharding: bring the inputs to the specs first.
         inputs = jax.reshard(inputs, jax.tree.map(lambda spec: NamedSharding(mesh, spec), in_specs))
-    # check_vma=False: the Pallas kernels (ring blocks, or what dispatch picks after the all-gather) declare
-    # their outputs per device, without the varying mesh axes that check_vma=True asks of them.
-    out = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=heads, check_vma=False)(*inputs)
+    out = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=heads,
+                        check_vma=not _may_run_unchecked_kernel(strategy, rules.get("implementation")))(*inputs)
     if order is None:
         return out
     natural = np.argsort(order)
     return out.at[:, natural].get(out_sharding=NamedSharding(mesh, heads)) if explicit else out[:, natural]
+
+
+def _may_run_unchecked_kernel(strategy: str, implementation) -> bool:
+    """Whether the call may run one of `UNCHECKED_KERNELS` (the ring: only by name; the all-gather: by dispatch too)."""
+    if strategy == "ring":
+        return implementation in UNCHECKED_KERNELS
+    names = [implementation] if implementation is None or isinstance(implementation, str) else list(implementation)
+    return any(name in UNCHECKED_KERNELS or (name is None and jax.default_backend() == "gpu") for name in names)
