@@ -100,6 +100,28 @@ def test_values_near_the_dtype_max_stay_finite(name, dtype, with_bias):
     np.testing.assert_allclose(out, expected, rtol=2e-2 if dtype != "float32" else 1e-5)
 
 
+DECODERS = {
+    "gpu.decode_attention": lambda *a, **kw: gpu.decode_attention(*a, interpret=BACKEND != "gpu", **kw),
+    "tpu.decode_attention": lambda *a, **kw: tpu.decode_attention(*a, interpret=BACKEND != "tpu", **kw),
+}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float16"])
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_decode_kernels_stay_finite_for_values_near_the_dtype_max(name, dtype):
+    # One query token per row over a cache of 64 keys, 4 query heads on 2 KV heads.
+    rng = np.random.default_rng(21)
+    q = jnp.asarray(rng.standard_normal((2, 1, 4, 128)), dtype)
+    k = jnp.asarray(rng.standard_normal((2, 64, 2, 128)), dtype)
+    v = jnp.asarray(rng.uniform(0.5, 1.0, (2, 64, 2, 128)) * float(jnp.finfo(dtype).max) / 3.4, dtype)
+    lengths = jnp.array([64, 37], jnp.int32)
+    expected = reference_attention(q, k, v, key_value_seq_lengths=np.asarray(lengths), is_causal=True,
+                                   query_offset=np.asarray(lengths) - 1)[0]
+    assert np.isfinite(expected.astype(dtype)).all()
+    out = np.asarray(DECODERS[name](q, k, v, lengths), np.float64)
+    assert np.isfinite(out).all(), f"{(~np.isfinite(out)).sum()} non-finite outputs"
+    np.testing.assert_allclose(out, expected, rtol=2e-2 if dtype != "float32" else 1e-5)
+
 
 @pytest.mark.skipif(not on_hopper(), reason="the Mosaic-GPU kernel compiles only on an NVIDIA Hopper GPU (9.x)")
 @pytest.mark.parametrize("is_causal", [False, True])

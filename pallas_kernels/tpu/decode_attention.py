@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.arguments import check_qkv, out_struct, pad_axis, round_up, row_vector
+from pallas_kernels.numerics import LN2, prob_shift
 from pallas_kernels.rules import Rules
 from pallas_kernels.tpu.common import (
     NUM_LANES,
@@ -274,7 +275,8 @@ def _decode_kernel(len_ref, off_ref, row_t_ref, q_ref, k_ref, v_ref, o_ref, m_re
         v_valid = (v_pos >= lo) & (v_pos < hi)
         # Selected in float32: 32-bit masks and values share one layout on every TPU generation.
         v = jnp.where(v_valid, v.astype(jnp.float32), 0.0).astype(v.dtype)
-        softmax_update(s, v, m_ref, l_ref, acc_ref)
+        # Weights <= 2**-PROB_SHIFT (none for float16 values): the float32 sum of p * v cannot overflow.
+        softmax_update(s, v, m_ref, l_ref, acc_ref, shift=prob_shift(v.dtype) * LN2)
 
     @pl.when(j == pl.num_programs(2) - 1)
     def _finish():
