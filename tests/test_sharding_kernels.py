@@ -171,3 +171,30 @@ MOSAIC_GPU = COMMON + textwrap.dedent("""
 def test_mosaic_gpu_kernels_lower_under_checked_shard_map():
     result = run_on_cpu_devices(MOSAIC_GPU, 5)
     assert result.stdout.count("ok ") == 2, result.stdout
+
+
+TRITON = COMMON + textwrap.dedent("""
+    from pallas_kernels import gpu
+
+    mesh = Mesh(devices.reshape(2, 2), ("data", "model"))
+    heads = P("data", None, "model", None)
+    sm = lambda f: jax.shard_map(f, mesh=mesh, in_specs=(heads,) * 3, out_specs=heads)  # check_vma=True
+    q = jax.ShapeDtypeStruct((2, 128, 4, 64), jnp.float16)
+    k = jax.ShapeDtypeStruct((2, 128, 2, 64), jnp.float16)
+    q1 = jax.ShapeDtypeStruct((2, 1, 4, 64), jnp.float16)
+    flash = sm(lambda q, k, v: gpu.flash_attention(q, k, v, is_causal=True))
+    grads = jax.grad(lambda q, k, v: jnp.sum(flash(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+    cases = [("flash forward", flash, q), ("flash gradients", grads, q)] + [
+        (f"decode splits={s}", sm(lambda q, k, v, s=s: gpu.decode_attention(
+            q, k, v, 100, block_sizes=gpu.DecodeBlockSizes(num_splits=s))), q1) for s in (1, 2)]
+    for name, fn, query in cases:
+        text = jax.jit(fn).trace(query, k, k).lower(lowering_platforms=("cuda",)).as_text()
+        calls = re.findall(r"custom_call @([\\w$.]+)", text)
+        assert calls and set(calls) <= {"__gpu$xla.gpu.triton"} and "all-gather" not in text, (name, calls)
+        print("ok", name)
+""")
+
+
+def test_triton_kernels_lower_under_checked_shard_map():
+    result = run_on_cpu_devices(TRITON, 5)
+    assert result.stdout.count("ok ") == 4, result.stdout

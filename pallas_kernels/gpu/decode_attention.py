@@ -48,7 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.arguments import KERNEL_DTYPES, is_power_of_two, next_power_of_two, row_vector
+from pallas_kernels.arguments import KERNEL_DTYPES, is_power_of_two, next_power_of_two, out_struct, row_vector
 from pallas_kernels.gpu.flash_attention import flash_attention_core
 from pallas_kernels.numerics import LOG2E, MASK_VALUE
 from pallas_kernels.quantized import check_tensors
@@ -417,13 +417,14 @@ def _decode_forward(query, key_cache, value_cache, rules: Rules, key_scale, valu
         in_specs += [pl.BlockSpec((None, S, None), lambda b, k, r, s: (b, 0, k))] * 2
     if sinks is not None:
         in_specs.append(whole(N))
+    inputs = (rules, query, key_cache, value_cache, key_scale, value_scale, sinks)  # what the outputs vary with
     if splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((tokens * Hv,), query.dtype)]
+        out_shape = [out_struct((tokens * Hv,), query.dtype, inputs)]
     else:
         out_shape = [
-            jax.ShapeDtypeStruct((splits * tokens * Hv,), jnp.float32),
-            jax.ShapeDtypeStruct((splits * tokens,), jnp.float32),
-            jax.ShapeDtypeStruct((splits * tokens,), jnp.float32),
+            out_struct((splits * tokens * Hv,), jnp.float32, inputs),
+            out_struct((splits * tokens,), jnp.float32, inputs),
+            out_struct((splits * tokens,), jnp.float32, inputs),
         ]
     kernel = functools.partial(
         _decode_kernel,

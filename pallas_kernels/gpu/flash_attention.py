@@ -44,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.arguments import check_bias, check_qkv, is_power_of_two, next_power_of_two, pad_axis
+from pallas_kernels.arguments import check_bias, check_qkv, is_power_of_two, next_power_of_two, out_struct, pad_axis
 from pallas_kernels.numerics import DEAD_LSE, LN2, LOG2E, LOWEST, prob_shift
 from pallas_kernels.residuals import forward_only, from_base2
 from pallas_kernels.rules import Rules
@@ -449,8 +449,8 @@ def _forward(statics: Rules, blocks: BlockSizes, interpret, rules: Rules, q, k, 
         grid=(N, B, T // bq),
         in_specs=in_specs + [sink_spec],
         out_specs=[q_tile(Hv)] + [stats] * num_stats,
-        out_shape=[jax.ShapeDtypeStruct((B, T, N, Hv), q.dtype)]
-        + [jax.ShapeDtypeStruct((B, N, T), jnp.float32)] * num_stats,
+        out_shape=[out_struct((B, T, N, Hv), q.dtype, rules, q, k, v, bias, sinks)]
+        + [out_struct((B, N, T), jnp.float32, rules, q, k, v, bias, sinks)] * num_stats,
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
         name="gqa_flash_forward",
@@ -487,17 +487,18 @@ def _dkdv(statics: Rules, blocks: BlockSizes, offset, q_len, kv_len, q, k, v, q_
         ))
     row_stats = pl.BlockSpec((None, G, T), lambda kh, b, j: (b, kh, 0))
     in_specs += [heads(Hv), row_stats, None if r is None else row_stats, row_stats]
+    args = (offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, r, delta)
     return pl.pallas_call(
         functools.partial(_dkdv_kernel, rules=statics, blocks=blocks, num_q_blocks=T // bq),
         grid=(K, B, nk),
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, bk, None, H), lambda kh, b, j: (b, j, kh, 0)),
                    pl.BlockSpec((None, bk, None, Hv), lambda kh, b, j: (b, j, kh, 0))],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[out_struct(k.shape, k.dtype, args), out_struct(v.shape, v.dtype, args)],
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd),
         interpret=interpret,
         name="gqa_flash_dkdv",
-    )(offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, r, delta)
+    )(*args)
 
 
 def _dq(statics: Rules, blocks: BlockSizes, offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, r, delta, *,
@@ -506,16 +507,17 @@ def _dq(statics: Rules, blocks: BlockSizes, offset, q_len, kv_len, q, k, v, q_se
     Hv = v.shape[-1]
     bq = blocks.block_q_dq
     in_specs, q_tile, stats = _query_major_specs(q, k, v, q_seg, bias, bq, statics.is_causal)
+    args = (offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, r, delta)
     return pl.pallas_call(
         functools.partial(_dq_kernel, rules=statics, blocks=blocks, num_q_blocks=T // bq),
         grid=(N, B, T // bq),
         in_specs=in_specs + [q_tile(Hv), stats, None if r is None else stats, stats],
         out_specs=q_tile(H),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=out_struct(q.shape, q.dtype, args),
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd),
         interpret=interpret,
         name="gqa_flash_dq",
-    )(offset, q_len, kv_len, q, k, v, q_seg, kv_seg, bias, do, lse, r, delta)
+    )(*args)
 
 
 # ---------------------------------------------------------------------------
