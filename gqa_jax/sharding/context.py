@@ -217,7 +217,8 @@ RING_BLOCKS = {
     "pallas_triton": (_triton_forward, _triton_backward),
     "pallas_tpu": (_tpu_forward, _tpu_backward),
 }
-# Kernels whose outputs do not yet declare the mesh axes they vary over: ``shard_map`` runs them unchecked.
+# Kernels ``shard_map`` runs unchecked in Pallas interpret mode: jax's Triton interpreter drops the varying
+# mesh axes in the backward ("add requires varying manual axes to match"); compiled, they are checked.
 UNCHECKED_KERNELS = ("pallas_triton",)
 # Blocks run on every device, visible or not: the TPU kernel skips masked tiles itself, and in TPU interpret
 # mode each kernel call waits at a barrier of all devices, so a device that skipped a call would hang its peers.
@@ -260,8 +261,9 @@ def ring_attention(
         kernels: forward with ``return_residuals=True``, backward from the
         merged log-sum-exp; compiled on a GPU or TPU, or in Pallas interpret
         mode where `gqa_jax.implementations.pallas_triton` or ``pallas_tpu``
-        sets ``interpret``). The Triton kernels' outputs carry no varying mesh
-        axes yet: call those in ``jax.shard_map(..., check_vma=False)``.
+        sets ``interpret``). In Triton interpret mode, call it in
+        ``jax.shard_map(..., check_vma=False)`` (jax's interpreter loses the
+        varying mesh axes in the backward); compiled kernels are checked.
 
     Returns:
       ``[B, L, N, Hv]`` in the query dtype, equal to the matching rows of the
@@ -528,16 +530,17 @@ def context_parallel_attention(
         # Explicit-sharding meshes type every array's sharding: bring the inputs to the specs first.
         inputs = jax.reshard(inputs, jax.tree.map(lambda spec: NamedSharding(mesh, spec), in_specs))
     out = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=heads,
-                        check_vma=not _may_run_unchecked_kernel(strategy, rules.get("implementation")))(*inputs)
+                        check_vma=not _may_run_unchecked_kernel(rules.get("implementation")))(*inputs)
     if order is None:
         return out
     natural = np.argsort(order)
     return out.at[:, natural].get(out_sharding=NamedSharding(mesh, heads)) if explicit else out[:, natural]
 
 
-def _may_run_unchecked_kernel(strategy: str, implementation) -> bool:
-    """Whether the call may run one of `UNCHECKED_KERNELS` (the ring: only by name; the all-gather: by dispatch too)."""
-    if strategy == "ring":
-        return implementation in UNCHECKED_KERNELS
+def _may_run_unchecked_kernel(implementation) -> bool:
+    """Whether the call may run one of `UNCHECKED_KERNELS` in interpret mode (named: interpret mode runs on a CPU,
+    where dispatch never picks them)."""
+    if not pallas_triton.interpret:
+        return False
     names = [implementation] if implementation is None or isinstance(implementation, str) else list(implementation)
-    return any(name in UNCHECKED_KERNELS or (name is None and jax.default_backend() == "gpu") for name in names)
+    return any(name in UNCHECKED_KERNELS for name in names)
