@@ -9,12 +9,11 @@ on the Mosaic-GPU backward kernels from its residuals (head dims 64 and 128),
 on the Triton backward kernels otherwise
 (`pallas_kernels.gpu.flash_attention_mgpu.choose_backward`).
 
-Measured rule (H200, bf16, tools/mgpu_flash_check.py and
-tools/mgpu_flash_bwd_check.py): causal calls with head dim 64 run the Triton
-forward when they are not differentiated (forward 299 against 281 TFLOP/s at
-B4 S2048 N16 K2, BENCHMARKS.md) and the Mosaic forward plus the Mosaic
-backward when they are (forward+backward 219 TFLOP/s against 169 with the
-Triton backward; the all-Triton path measured 165 in issue 11).
+Measured rule (H200, bf16, `python -m gqa_jax.bench --only prefill`,
+BENCHMARKS.md): every call it serves runs the Mosaic forward, causal head dim
+64 too since the forward's named-barrier rework (310 against the Triton
+forward's 295 TFLOP/s at B4 S2048 N16 K2; before it, Triton's forward was
+faster there and served those calls undifferentiated).
 """
 
 from __future__ import annotations
@@ -24,10 +23,6 @@ import jax
 from gqa_jax.implementations._common import Implementation, is_decode_shaped, kernel_refusal, per_device
 from gqa_jax.request import AttentionRequest
 from pallas_kernels.gpu import flash_attention_mgpu
-from pallas_kernels.gpu.flash_attention import flash_attention_core as triton_flash_attention_core
-
-# Causal calls at or below this head dim run the Triton forward when not differentiated (measured faster there).
-CAUSAL_TRITON_FORWARD_MAX_HEAD_DIM = 64
 
 
 def supports(request: AttentionRequest) -> str | None:
@@ -49,32 +44,8 @@ def supports(request: AttentionRequest) -> str | None:
     return flash_attention_mgpu.unsupported_reason(request.query, request.key, request.value, request.rules, None)
 
 
-@jax.custom_vjp
-def triton_forward_mosaic_gradients(query, key, value, rules):
-    """The Triton forward; differentiated, the Mosaic-GPU forward and its backward (the measured rule above)."""
-    return triton_flash_attention_core(query, key, value, rules)
-
-
-def _hybrid_fwd(query, key, value, rules):
-    return jax.vjp(lambda q, k, v: flash_attention_mgpu.flash_attention_core(q, k, v, rules), query, key, value)
-
-
-def _hybrid_bwd(vjp, d_out):
-    return (*vjp(d_out), None)
-
-
-triton_forward_mosaic_gradients.defvjp(_hybrid_fwd, _hybrid_bwd)
-
-
-def _kernel(request: AttentionRequest):
-    if request.rules.is_causal and request.head_dim <= CAUSAL_TRITON_FORWARD_MAX_HEAD_DIM:
-        return triton_forward_mosaic_gradients
-    return flash_attention_mgpu.flash_attention_core
-
-
 def mosaic_attention(request: AttentionRequest):
-    kernel = _kernel(request)
-    return per_device(request, lambda r: kernel(r.query, r.key, r.value, r.rules))
+    return per_device(request, lambda r: flash_attention_mgpu.flash_attention_core(r.query, r.key, r.value, r.rules))
 
 
 IMPLEMENTATION = Implementation(name="pallas_mosaic_gpu", platforms=("gpu",), priority=30, supports=supports,
