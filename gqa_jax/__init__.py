@@ -17,7 +17,9 @@ from gqa_jax.modules import (
     MultiHeadAttention,
     MultiQueryAttention,
 )
+from gqa_jax.paged_kv_cache import PagedKVCache
 from gqa_jax.projection import project_heads, project_output
+from gqa_jax.quantization import dequantize, quantize
 from gqa_jax.request import AttentionRequest, make_request
 from gqa_jax.rope import LinearRopeScaling, Llama3RopeScaling, RotaryEmbedding, apply_rope, rope_frequencies
 
@@ -33,12 +35,14 @@ __all__ = [
     "Llama3RopeScaling",
     "MultiHeadAttention",
     "MultiQueryAttention",
+    "PagedKVCache",
     "RotaryEmbedding",
     "__version__",
     "apply_rope",
     "causal_mask",
     "combine_masks",
     "current_platform",
+    "dequantize",
     "dot_product_attention",
     "group_queries",
     "implementations",
@@ -47,6 +51,7 @@ __all__ = [
     "padding_mask",
     "project_heads",
     "project_output",
+    "quantize",
     "register_implementation",
     "repeat_kv",
     "rope_frequencies",

@@ -7,6 +7,7 @@ checked tensors and a `Rules` unchanged, as dispatch calls it.
 
 from pallas_kernels.gpu.decode_attention import DecodeBlockSizes, decode_attention, decode_attention_core
 from pallas_kernels.gpu.flash_attention import BlockSizes, flash_attention, flash_attention_core, flash_backward
+from pallas_kernels.gpu.paged_decode_attention import paged_decode_attention
 
 __all__ = [
     "BlockSizes",
@@ -16,4 +17,5 @@ __all__ = [
     "flash_attention",
     "flash_attention_core",
     "flash_backward",
+    "paged_decode_attention",
 ]
