@@ -9,6 +9,8 @@
   NNX is `gqa_jax.nnx.Decoder`.
 - `config_from_hf`, `params_from_hf` (`gqa_jax.models.hf`): a ``transformers``
   config and state dict onto the decoder (field and weight tables there).
+- `params_from_keras_hub` (`gqa_jax.models.keras_hub`): a keras-hub Llama,
+  Mistral, Qwen2 or Gemma backbone onto the decoder (config and parameters).
 
 Two ways to call `Decoder`:
 
@@ -36,6 +38,7 @@ from gqa_jax.models.decoder import (
     token_positions,
 )
 from gqa_jax.models.hf import HF_MODEL_TYPES, config_from_hf, params_from_hf
+from gqa_jax.models.keras_hub import KERAS_HUB_BACKBONES, params_from_keras_hub
 
 __all__ = [
     "Attention",
@@ -44,6 +47,7 @@ __all__ = [
     "Decoder",
     "DecoderConfig",
     "HF_MODEL_TYPES",
+    "KERAS_HUB_BACKBONES",
     "MLP",
     "RMSNorm",
     "attention_fields",
@@ -51,6 +55,7 @@ __all__ = [
     "config_from_hf",
     "init_cache",
     "params_from_hf",
+    "params_from_keras_hub",
     "projection_init",
     "token_positions",
 ]
