@@ -334,7 +334,7 @@ CLASSES = [
         "DecoderConfig(tie_embeddings='no')": lambda: DecoderConfig(vocab_size=11, tie_embeddings="no"),
         "config_from_hf(num_hidden_layers=True)": lambda: config_from_hf({**HF_LLAMA, "num_hidden_layers": True}),
     }),
-    BadInput("decoder_cache_batch", ValueError, r"cache\[0\].key.shape\[0\]=3, tokens.shape\[0\]=2", {
+    BadInput("decoder_cache_batch", ValueError, r"cache\[0\].lengths.shape\[0\]=3, tokens.shape\[0\]=2", {
         "Decoder(cache)": lambda: _decoder(PROMPT, init_cache(CFG, 3, 8)),
     }),
     # Layers: flags and fields that must be bools, sizes, shapes.

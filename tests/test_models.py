@@ -183,3 +183,24 @@ def test_bad_configs_and_inputs():
     sd["model.layers.0.self_attn.k_proj.weight"] = sd["model.layers.0.self_attn.k_proj.weight"][:4]
     with pytest.raises(ValueError, match=r"k_proj.weight must have shape \(16, 16\)"):
         params_from_hf(sd, cfg)
+
+
+def test_generate_on_a_paged_cache_gives_the_dense_cache_tokens():
+    """The reference Decoder through `generate` on one `PagedKVCache` per layer (pages of rows interleaved)."""
+    from gqa_jax import PagedKVCache
+    from gqa_jax.decoding import generate, generate_without_cache
+
+    cfg = CONFIGS["gqa2_untied"]
+    rng = np.random.default_rng(107)
+    params = params_from_hf(random_hf_weights(cfg, rng), cfg)
+    model = Decoder(cfg)
+    prompt = rng.integers(0, cfg.vocab_size, (3, 6))
+    lengths = np.array([6, 2, 4])
+    expected = generate_without_cache(model, params, prompt, lengths, max_new_tokens=5).tokens
+    paged = tuple(
+        PagedKVCache.init(batch_size=3, num_pages=12, page_size=4, num_kv_heads=cfg.num_kv_heads,
+                          head_dim=cfg.head_dim, max_pages_per_row=4, dtype=cfg.dtype)
+        for _ in range(cfg.num_layers))
+    out = generate(model, params, prompt, lengths, max_new_tokens=5, cache=paged)
+    np.testing.assert_array_equal(out.tokens, expected)
+    np.testing.assert_array_equal(generate(model, params, prompt, lengths, max_new_tokens=5).tokens, expected)

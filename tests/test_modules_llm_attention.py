@@ -226,7 +226,7 @@ def test_kv_cache_refuses_an_index_other_heads_and_other_lengths(random_params, 
     cache = gqa_jax.KVCache.init(B, T, K, H)
     with pytest.raises(ValueError, match="cache_update_index"):
         layer.apply({"params": params}, x, cache=cache, cache_update_index=0)
-    with pytest.raises(ValueError, match=r"KVCache must have key shape \[B,S,K,H\]=\(2, S, 2, 8\).*\(2, 6, 1, 8\)"):
+    with pytest.raises(ValueError, match=r"KVCache must have batch 2, 2 KV heads and head dim 8 .* got batch 2, 1 KV"):
         layer.apply({"params": params}, x, cache=gqa_jax.KVCache.init(B, T, 1, H))
     with pytest.raises(ValueError, match="query and value lengths must agree"):
         layer.apply({"params": params}, x, x[:, :3], cache=cache)

@@ -317,9 +317,9 @@ def token_positions(config: DecoderConfig, tokens, cache, num_new) -> tuple[Arra
         raise ValueError(
             f"cache must hold one KVCache per layer: {len(cache)=} != cfg.num_layers={config.num_layers}"
         )
-    if cache[0].key.shape[0] != B:
+    if cache[0].lengths.shape[0] != B:
         raise ValueError(
-            f"the cache's batch must match the tokens': cache[0].key.shape[0]={cache[0].key.shape[0]}, "
+            f"the cache's batch must match the tokens': cache[0].lengths.shape[0]={cache[0].lengths.shape[0]}, "
             f"tokens.shape[0]={B}"
         )
     return tokens_BT, cache[0].lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]

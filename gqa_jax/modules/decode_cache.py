@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from gqa_jax.attention import dot_product_attention
 from gqa_jax.kv_cache import KVCache
+from gqa_jax.paged_kv_cache import PagedKVCache
 from gqa_jax.modules.checks import check_bool
 
 Array = jax.Array
@@ -52,14 +53,18 @@ def check_decode_arguments(decode: bool, cache, num_new) -> None:
         raise ValueError(
             "decode=True keeps its own cache (linen: the 'cache' collection, NNX: nnx.Cache state); do not pass cache="
         )
-    if num_new is not None and not decode and not isinstance(cache, KVCache):
+    if num_new is not None and not decode and not isinstance(cache, CACHE_TYPES):
         raise ValueError(
             f"num_new is for decode=True or a cache=KVCache, got decode=False, cache={type(cache).__name__} "
             f"and {num_new=}"
         )
 
 
-def check_kv_cache(cache: KVCache, cache_update_index, *, batch_size: int, num_kv_heads: int, head_dim: int) -> None:
+# The caches a layer call takes as ``cache=`` and writes after their own lengths.
+CACHE_TYPES = (KVCache, PagedKVCache)
+
+
+def check_kv_cache(cache: KVCache | PagedKVCache, cache_update_index, *, batch_size: int, num_kv_heads: int, head_dim: int) -> None:
     """Raises ``ValueError`` for a `KVCache` that does not fit the layer's heads and the call's batch, or with an index.
 
     The cache knows where the new tokens go (after ``cache.lengths``), so a
@@ -70,11 +75,12 @@ def check_kv_cache(cache: KVCache, cache_update_index, *, batch_size: int, num_k
             "a KVCache writes after its own lengths: got cache_update_index with it "
             f"({cache_update_index=}); use num_new for ragged rows"
         )
-    B, S, K, H = cache.key.shape
+    B = cache.lengths.shape[0]
+    K, H = (cache.key_pages if isinstance(cache, PagedKVCache) else cache.key).shape[2:]
     if (B, K, H) != (batch_size, num_kv_heads, head_dim):
         raise ValueError(
-            f"the KVCache must have key shape [B,S,K,H]=({batch_size}, S, {num_kv_heads}, {head_dim}) for this layer "
-            f"and call, got cache.key.shape={tuple(cache.key.shape)}"
+            f"the {type(cache).__name__} must have batch {batch_size}, {num_kv_heads} KV heads and head dim "
+            f"{head_dim} for this layer and call, got batch {B}, {K} KV heads, head dim {H}"
         )
 
 

@@ -30,6 +30,7 @@ from gqa_jax.modules.attention_axes import SequenceLayout
 from gqa_jax.modules.attention_options import PROJECTION_AXES, logically_partitioned, merge_deterministic
 from gqa_jax.modules.checks import check_bool, check_positive_int
 from gqa_jax.modules.decode_cache import (
+    CACHE_TYPES,
     KVCacheAttend,
     check_decode_arguments,
     check_kv_cache,
@@ -126,7 +127,7 @@ def grouped_query_attention(
     N, K, H = layer.num_query_heads, layer.num_key_value_heads, layer.head_dim
     check_decode_arguments(decode, cache, num_new)
     check_cache_index(cache, cache_update_index)
-    if isinstance(cache, KVCache):
+    if isinstance(cache, CACHE_TYPES):
         return _kv_cache_attention(layer, query, value, key, cache, cache_update_index, num_new, **flags)
     if value is None and not (cache is not None and cache_update_index is None):
         value = query  # one-argument self-attention, as flax's layers take it
