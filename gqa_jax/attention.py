@@ -121,6 +121,7 @@ def dot_product_attention(
 
     Example::
 
+        k1, k2 = jax.random.split(jax.random.key(0))
         q = jax.random.normal(k1, (2, 8, 8, 64))   # B=2, T=8, N=8, H=64
         kv = jax.random.normal(k2, (2, 8, 2, 64))  # K=2: 4 query heads per KV head
         out = dot_product_attention(q, kv, kv, is_causal=True)  # [2, 8, 8, 64]

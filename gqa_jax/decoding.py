@@ -34,6 +34,8 @@ it lacks or what its ``apply`` returned.
 
 Example::
 
+    from gqa_jax.models import Decoder, DecoderConfig
+    prompts, prompt_lengths = jnp.array([[3, 4, 5], [6, 7, 0]]), jnp.array([3, 2])  # row 1: 2 tokens
     model = Decoder(DecoderConfig(vocab_size=16))
     params = model.init(jax.random.key(0), prompts)["params"]
     out = generate(model, params, prompts, prompt_lengths, max_new_tokens=8, end_token=1)

@@ -128,6 +128,8 @@ class KVCache:
 
     Example::
 
+        k_prompt = v_prompt = jnp.ones((2, 10, 2, 16))  # B=2 rows of up to 10 tokens, K=2, H=16
+        q_prompt, prompt_lengths = jnp.ones((2, 10, 4, 16)), jnp.array([10, 3])
         cache = KVCache.init(batch_size=2, max_length=64, num_kv_heads=2, head_dim=16)
         cache = cache.update(k_prompt, v_prompt, num_new=prompt_lengths)  # ragged prefill
         out = cache.attend(q_prompt, num_new=prompt_lengths)              # causal over the cache

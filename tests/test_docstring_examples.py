@@ -31,18 +31,6 @@ import pallas_kernels
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
-# Modules whose examples are being rewritten by another change; collect them once it lands.
-PENDING = {
-    "gqa_jax.attention",
-    "gqa_jax.decoding",
-    "gqa_jax.kv_cache",
-    "gqa_jax.models.decoder",
-    "gqa_jax.modules.grouped_query_attention",
-    "gqa_jax.nnx.decoder",
-    "pallas_kernels.gpu.decode_attention",
-    "gqa_jax.paged_kv_cache",  # new modules of that change, not committed yet
-    "pallas_kernels.gpu.paged_decode_attention",
-}
 
 HEADING = re.compile(r"^(\s*)(?:.*\s)?Examples?::\s*$")
 
@@ -96,8 +84,6 @@ def _dedent_tail(doc: str) -> list[str]:
 
 def _examples():
     for module_name in _modules():
-        if module_name in PENDING:
-            continue
         module = importlib.import_module(module_name)
         for qualname, doc in _docstrings(module):
             for i, block in enumerate(literal_blocks(doc or "")):

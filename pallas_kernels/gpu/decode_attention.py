@@ -276,7 +276,10 @@ def decode_attention(
 
     Example::
 
-        out = decode_attention(q_BTNH, cache.key, cache.value, cache.lengths)
+        q_BTNH = jnp.ones((2, 1, 8, 64), jnp.float16)                 # one new token, N=8
+        key_cache = value_cache = jnp.ones((2, 256, 2, 64), jnp.float16)  # [B, S, K, H]
+        out = decode_attention(q_BTNH, key_cache, value_cache, jnp.array([200, 7]),
+                               interpret=jax.default_backend() != "gpu")  # [2, 1, 8, 64]
     """
     query, key_cache, value_cache = jnp.asarray(query), jnp.asarray(key_cache), jnp.asarray(value_cache)
     key_scale, value_scale = check_tensors(query, key_cache, value_cache, key_scale, value_scale,
