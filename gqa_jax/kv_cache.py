@@ -112,6 +112,31 @@ def splice_cache(cache, new, index, *, num_new=None) -> Array:
     return jax.vmap(lambda c, n, p: c.at[p].set(n, mode="drop"))(cache, new.astype(cache.dtype), pos)
 
 
+def newest_queries(query, lengths, num_new, positional: bool) -> tuple[Array, Array | None]:
+    """Checks an ``attend``'s ``query [B, T, N, H]`` and ``num_new`` against the cache's ``lengths [B]``.
+
+    Returns:
+      ``(count, offset)``: int ``[B]`` queries per row (``T`` without
+      ``num_new``), and the position of each row's first query, the newest
+      ``count`` tokens of the cache (None unless ``positional``).
+
+    Raises:
+      ValueError: for a query that is not rank 4, or more queries than tokens cached.
+    """
+    if query.ndim != 4:
+        raise ValueError(f"query must have rank 4 [B,T,N,H], got query.shape={tuple(query.shape)}")
+    B, T = query.shape[:2]
+    count = jnp.full((B,), T, jnp.int32) if num_new is None else row_vector("num_new", num_new, B)
+    count_value, lengths_value = concrete_value(count), concrete_value(lengths)
+    if count_value is not None and lengths_value is not None and lengths_value.shape == count_value.shape:
+        if (count_value > lengths_value).any():
+            raise ValueError(
+                f"the newest num_new={count_value.tolist()} queries must already be in the cache "
+                f"(call update first), got cache lengths={lengths_value.tolist()}"
+            )
+    return count, (lengths - count if positional else None)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -269,24 +294,14 @@ class KVCache:
           TypeError: as `gqa_jax.dot_product_attention`.
         """
         query = jnp.asarray(query)
-        if query.ndim != 4:
-            raise ValueError(f"query must have rank 4 [B,T,N,H], got query.shape={tuple(query.shape)}")
-        B, T = query.shape[:2]
-        count = jnp.full((B,), T, jnp.int32) if num_new is None else row_vector("num_new", num_new, B)
-        count_value, lengths_value = concrete_value(count), concrete_value(self.lengths)
-        if count_value is not None and lengths_value is not None and lengths_value.shape == count_value.shape:
-            if (count_value > lengths_value).any():
-                raise ValueError(
-                    f"the newest num_new={count_value.tolist()} queries must already be in the cache "
-                    f"(call update first), got cache lengths={lengths_value.tolist()}"
-                )
-        positional = is_causal or kwargs.get("local_window_size") is not None
+        count, offset = newest_queries(query, self.lengths, num_new, is_causal or kwargs.get("local_window_size")
+                                       is not None)
         return dot_product_attention(
             query,
             self.key,
             self.value,
             is_causal=is_causal,
-            query_offset=self.lengths - count if positional else None,
+            query_offset=offset,
             query_seq_lengths=None if num_new is None else count,
             key_value_seq_lengths=jnp.minimum(self.lengths, self.capacity),
             key_scale=self.key_scale,

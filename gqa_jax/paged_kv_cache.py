@@ -49,7 +49,7 @@ import numpy as np
 
 from gqa_jax.attention import dot_product_attention
 from gqa_jax.implementations._common import MAX_DECODE_QUERIES
-from gqa_jax.kv_cache import _host_row, check_same_kind
+from gqa_jax.kv_cache import _host_row, check_same_kind, newest_queries
 from gqa_jax.quantization import is_quantized_dtype
 from gqa_jax.request import concrete_value
 from pallas_kernels.arguments import KERNEL_DTYPES, positive_int, row_vector
@@ -375,21 +375,11 @@ class PagedKVCache:
             ``paged_kernel`` that is not a bool or None.
         """
         query = jnp.asarray(query)
-        if query.ndim != 4:
-            raise ValueError(f"query must have rank 4 [B,T,N,H], got query.shape={tuple(query.shape)}")
+        count, offset = newest_queries(query, self.lengths, num_new, is_causal or kwargs.get("local_window_size")
+                                       is not None)
         if paged_kernel is not None and not isinstance(paged_kernel, (bool, np.bool_)):
             raise TypeError(f"paged_kernel must be True, False or None, got {paged_kernel=}")
-        B, T = query.shape[:2]
-        count = jnp.full((B,), T, jnp.int32) if num_new is None else row_vector("num_new", num_new, B)
-        count_value, lengths_value = concrete_value(count), concrete_value(self.lengths)
-        if count_value is not None and lengths_value is not None and lengths_value.shape == count_value.shape:
-            if (count_value > lengths_value).any():
-                raise ValueError(
-                    f"the newest num_new={count_value.tolist()} queries must already be in the cache "
-                    f"(call update first), got cache lengths={lengths_value.tolist()}"
-                )
-        positional = is_causal or kwargs.get("local_window_size") is not None
-        offset = self.lengths - count if positional else None
+        T = query.shape[1]
         given = {name: value for name, value in kwargs.items() if value is not None}
         other = sorted(set(given) - KERNEL_KEYWORDS)
         if paged_kernel is None:
