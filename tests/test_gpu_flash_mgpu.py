@@ -26,6 +26,7 @@ from gqa_jax import dispatch
 from gqa_jax.implementations import pallas_mosaic_gpu
 from pallas_kernels.gpu import flash_attention_mgpu as mgpu
 from pallas_kernels.gpu import flash_attention_mgpu_backward as mgpu_bwd
+from pallas_kernels.rules import Rules
 from tests.devices import on_hopper
 from tests.kernel_cases import FLASH_CASES, GRAD_CASES, FlashKernelCases, make_inputs
 
@@ -79,6 +80,21 @@ def test_gradients_lower_to_mosaic_forward_and_backward(case):
     assert set(calls) == {"mosaic_gpu_v2"}, calls
 
 
+@pytest.mark.parametrize("tiles_first", [False, True])
+def test_both_backward_work_orders_lower(tiles_first):
+    q = jax.ShapeDtypeStruct((2, 300, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 500, 2, 128), jnp.bfloat16)
+    blocks = mgpu_bwd.MosaicBackwardBlockSizes(tiles_first=tiles_first)
+
+    def grads(q, k, v):
+        rules = Rules.create(q, k, is_causal=True)
+        out, lse = mgpu.forward(q, k, v, rules)
+        return mgpu_bwd.backward(q, k, v, out, lse, out, rules, blocks)
+
+    calls = re.findall(r"custom_call @([\w$.]+)", jax.export.export(jax.jit(grads), platforms=["cuda"])(q, kv, kv).mlir_module())
+    assert calls == ["mosaic_gpu_v2"] * 3, calls
+
+
 def test_gradients_fall_back_to_triton_backward():
     q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 64, 4, 256)), jnp.bfloat16)
     k = q[:, :, :2]
@@ -112,8 +128,9 @@ def test_backward_block_sizes_validate_and_fit_shared_memory():
         mgpu_bwd.MosaicBackwardBlockSizes(block_q_dkv=True)
     with pytest.raises(ValueError, match="max_concurrent_steps=1"):
         mgpu_bwd.MosaicBackwardBlockSizes(max_concurrent_steps=1)
-    mgpu_bwd.MosaicBackwardBlockSizes.for_call(is_causal=True).check(128, 2)
-    mgpu_bwd.MosaicBackwardBlockSizes.for_call(is_causal=False).check(128, 2)
+    mgpu_bwd.MosaicBackwardBlockSizes().check(128, 2)
+    with pytest.raises(TypeError, match="tiles_first=1 must be a bool"):
+        mgpu_bwd.MosaicBackwardBlockSizes(tiles_first=1)
     with pytest.raises(ValueError, match="shared memory at head_dim=128"):
         mgpu_bwd.MosaicBackwardBlockSizes(block_kv_dq=128, max_concurrent_steps=3).check(128, 2)
 

@@ -60,7 +60,16 @@ _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBackwardBlockSizes:
-    """Tiles of the Mosaic-GPU backward kernels.
+    """Tiles of the Mosaic-GPU backward kernels; the defaults serve both masks.
+
+    Defaults measured forward+backward (tools/mgpu_flash_bwd_check.py, bf16,
+    TFLOP/s). On an H100 in one run, causal, against the earlier causal
+    default (64-key dQ steps, 3 stages, heads first): B2 S4096 N32 K8 H128 413
+    vs 405, B1 S16384 487 vs 467, B4 S2048 N16 K2 H64 229 vs 225,
+    B8 S1024 N32 K4 H128 303 vs 280; full, tiles first against heads first:
+    479 vs 474, 507 vs 511, 366 vs 368 (within the noise). Earlier on the
+    H200, 128-key dQ steps against 64 (full): 488/466, 498/495, 357/356,
+    421/430.
 
     Attributes:
       block_q_dkv: query rows per pipeline step of the dK/dV kernel.
@@ -68,18 +77,25 @@ class MosaicBackwardBlockSizes:
       block_q_dq: query rows per consumer warpgroup of the dQ kernel (one wgmma M tile).
       block_kv_dq: keys per pipeline step of the dQ kernel.
       max_concurrent_steps: tiles in flight (shared-memory ring slots) in both kernels.
+      tiles_first: both grids run the tiles of one head before the next head's,
+        so the CTAs running at once stream one head's Q/dO (dK/dV kernel) or
+        K/V (dQ kernel) through L2; otherwise heads vary fastest.
     """
 
     block_q_dkv: int = 64
     block_kv_dkv: int = 64
     block_q_dq: int = 64
-    block_kv_dq: int = 64
+    block_kv_dq: int = 128
     max_concurrent_steps: int = 2
+    tiles_first: bool = True
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool):
+            if field.name == "tiles_first":
+                if not isinstance(value, bool):
+                    raise TypeError(f"{field.name}={value!r} must be a bool")
+            elif not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"{field.name}={value!r} must be an int")
         for name in ("block_kv_dkv", "block_q_dq"):
             if getattr(self, name) != 64:
@@ -89,20 +105,6 @@ class MosaicBackwardBlockSizes:
                 raise ValueError(f"{name}={getattr(self, name)} must be 64 or 128")
         if not 2 <= self.max_concurrent_steps <= 4:
             raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be in [2, 4]")
-
-    @classmethod
-    def for_call(cls, is_causal: bool) -> "MosaicBackwardBlockSizes":
-        """Defaults from the H200 (forward+backward TFLOP/s, tools/mgpu_flash_bwd_check.py).
-
-        Causal: 3 stages against 2 measured 405/396 at B2 S4096 N32 K8 H128,
-        286/279 at B8 S1024 N32 K4, 455/474 at B1 S16384, 219/220 at B4 S2048
-        H64. Full: 128-key dQ steps against 64 measured 488/466 at B2 S4096,
-        498/495 at B1 S16384, 421/430 at B8 S1024, 357/356 at B4 S2048 H64.
-        The differences are within a few percent either way.
-        """
-        if is_causal:
-            return cls(max_concurrent_steps=3)
-        return cls(block_kv_dq=128)
 
     def smem_bytes(self, head_dim: int, itemsize: int) -> int:
         """Shared memory of the larger of the two kernels."""
@@ -364,11 +366,11 @@ def backward(query, key, value, out, lse2, d_out, rules: Rules, block_sizes: Mos
       lse2: ``[B, N, T]`` float32, the forward's base-2 log-sum-exp (`DEAD_LSE` for dead rows).
       d_out: ``[B, T, N, H]`` the output cotangent.
       rules: the validated rules of the call (no segment ids).
-      block_sizes: tiles; default `MosaicBackwardBlockSizes.for_call`.
+      block_sizes: tiles; default `MosaicBackwardBlockSizes()`.
     """
     B, T, N, H = query.shape
     S, K = key.shape[1], key.shape[2]
-    blocks = block_sizes or MosaicBackwardBlockSizes.for_call(rules.is_causal)
+    blocks = block_sizes or MosaicBackwardBlockSizes()
     blocks.check(H, jnp.dtype(query.dtype).itemsize)
     T_pad = round_up(T, math.lcm(NUM_CONSUMERS * blocks.block_q_dq, blocks.block_q_dkv))
     S_pad = round_up(S, math.lcm(NUM_CONSUMERS * blocks.block_kv_dkv, blocks.block_kv_dq))
@@ -387,6 +389,13 @@ def backward(query, key, value, out, lse2, d_out, rules: Rules, block_sizes: Mos
     launch = dict(num_threads=NUM_CONSUMERS + 1, thread_name="wg", compiler_params=params)
 
     rows_dq = NUM_CONSUMERS * blocks.block_q_dq
+    keys_dkv = NUM_CONSUMERS * blocks.block_kv_dkv
+
+    def grid(heads: int, tiles: int, tile_name: str):
+        if blocks.tiles_first:
+            return dict(grid=(tiles, heads, B), grid_names=(tile_name, "heads", "batch"))
+        return dict(grid=(heads, tiles, B), grid_names=("heads", tile_name, "batch"))
+
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, num_q_tiles=T_pad // rows_dq, **statics),
         out_type=out_struct(q.shape, q.dtype, args),
@@ -395,11 +404,9 @@ def backward(query, key, value, out, lse2, d_out, rules: Rules, block_sizes: Mos
             plgpu.SMEM((NUM_CONSUMERS, blocks.block_q_dq, H), q.dtype, transforms=_TILED),
             plgpu.Barrier(num_arrivals=2, num_barriers=NUM_CONSUMERS),
         ],
-        grid=(N, T_pad // rows_dq, B),
-        grid_names=("heads", "q_tiles", "batch"),
+        **grid(N, T_pad // rows_dq, "q_tiles"),
         **launch,
     )(*args)
-    keys_dkv = NUM_CONSUMERS * blocks.block_kv_dkv
     dk, dv = plgpu.kernel(
         functools.partial(_dkv_kernel, **statics),
         out_type=(out_struct(k.shape, k.dtype, args), out_struct(v.shape, v.dtype, args)),
@@ -408,8 +415,7 @@ def backward(query, key, value, out, lse2, d_out, rules: Rules, block_sizes: Mos
             plgpu.SMEM((NUM_CONSUMERS, blocks.block_kv_dkv, H), v.dtype, transforms=_TILED),
             plgpu.Barrier(num_arrivals=2, num_barriers=NUM_CONSUMERS),
         ],
-        grid=(K, S_pad // keys_dkv, B),
-        grid_names=("heads", "kv_tiles", "batch"),
+        **grid(K, S_pad // keys_dkv, "kv_tiles"),
         **launch,
     )(*args)
     dq, dk, dv = vary_like((dq, dk, dv), args)
