@@ -4,15 +4,21 @@ Run: ``python examples/05_sharded_training.py [--mesh 4,2] [--steps 60]``
 
 Without enough accelerators the script simulates CPU devices (it sets
 ``--xla_force_host_platform_device_count`` before jax starts, unless
-``XLA_FLAGS`` already names a count). Parameters are sharded by name, as in
+``XLA_FLAGS`` already names a count). The model is built with
+``DecoderConfig(logical_axes=True)``: every parameter names its dims
+(``embed``, ``q_heads``, ``kv_heads``, ``head_dim``, ``mlp``, ``vocab``), and
+`gqa_jax.sharding.logical_axis_rules` maps those names to the mesh, as in
 Megatron-style tensor parallelism: the attention projections split their heads
 (``N`` of the queries, ``K`` of the keys and values, so a query head lives
-with its KV head) and the MLP its hidden units over ``"model"``; the batch is
-split over ``"data"``. ``jax.jit`` partitions the train step from those
-shardings. The task is the one of ``02_train_block.py`` (each sequence repeats
-a random pattern of ``--period`` tokens). After training,
-`gqa_jax.decoding.generate` continues prompts with a cache sharded over batch
-and KV heads, and gets the same tokens as the same weights on one device.
+with its KV head), the MLP its hidden units and the embedding and LM head the
+vocabulary over ``"model"``; the batch (``batch``) is split over ``"data"``.
+``flax.linen.get_partition_spec`` reads the names and
+``flax.linen.logical_to_mesh_sharding`` turns them into shardings, from which
+``jax.jit`` partitions the train step. The task is the one of
+``02_train_block.py`` (each sequence repeats a random pattern of ``--period``
+tokens). After training, `gqa_jax.decoding.generate` continues prompts with a
+cache sharded over batch and KV heads (by the same rules), and gets the same
+tokens as the same weights on one device.
 """
 
 from __future__ import annotations
@@ -26,34 +32,17 @@ if not re.search(r"xla_force_host_platform_device_count", os.environ.get("XLA_FL
 import argparse  # noqa: E402
 import math  # noqa: E402
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 
 from gqa_jax import KVCache  # noqa: E402
 from gqa_jax.decoding import generate  # noqa: E402
 from gqa_jax.models import Decoder, DecoderConfig, init_cache  # noqa: E402
-
-# Parameter name (last path entry, or the module's name for Dense/Embed kernels) -> its spec.
-PARAM_SPECS = {
-    "query": P(None, "model", None),  # [D, N, H]
-    "key": P(None, "model", None),  # [D, K, H]
-    "value": P(None, "model", None),  # [D, K, H]
-    "output": P("model", None, None),  # [N, H, D]
-    "gate": P(None, "model"),  # [D, F]
-    "up": P(None, "model"),  # [D, F]
-    "down": P("model", None),  # [F, D]
-    "lm_head": P(None, "model"),  # [D, V]
-}
-
-
-def param_spec(path, leaf) -> P:
-    """The spec of one parameter from its path; embeddings and norm scales are replicated."""
-    names = [entry.key for entry in path]
-    name = names[-1] if names[-1] != "kernel" else names[-2]
-    return PARAM_SPECS.get(name, P(*([None] * leaf.ndim)))
+from gqa_jax.sharding import logical_axis_rules, logical_to_spec  # noqa: E402
 
 
 def make_mesh(data: int, model: int) -> jax.sharding.Mesh:
@@ -88,15 +77,19 @@ def main(argv=None) -> dict:
     data, model_axis = (int(n) for n in args.mesh.split(","))
     mesh = make_mesh(data, model_axis)
     config = DecoderConfig(vocab_size=args.vocab_size, num_layers=args.num_layers, model_dim=64, num_heads=4,
-                           num_kv_heads=2, mlp_dim=128)
+                           num_kv_heads=2, mlp_dim=128, logical_axes=True)
     model = Decoder(config)
-    batch_sharding = NamedSharding(mesh, P("data", None))
+    rules = logical_axis_rules()  # batch -> data; q_heads, kv_heads, mlp, vocab -> model; the rest replicated
+    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), rules))
 
-    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, args.length), jnp.int32))["params"]
-    param_shardings = jax.tree_util.tree_map_with_path(lambda p, x: NamedSharding(mesh, param_spec(p, x)), abstract)
+    def init(rng):
+        # init returns each parameter boxed with its logical names (flax.linen.LogicallyPartitioned).
+        return model.init(rng, jnp.zeros((1, args.length), jnp.int32))["params"]
+
+    names = nn.get_partition_spec(jax.eval_shape(init, jax.random.key(0)))  # logical names, no values computed
+    param_shardings = nn.logical_to_mesh_sharding(names, mesh, rules)
     # Initialized directly in their shards: no device ever holds the whole model.
-    params = jax.jit(lambda rng: model.init(rng, jnp.zeros((1, args.length), jnp.int32))["params"],
-                     out_shardings=param_shardings)(jax.random.key(0))
+    params = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=param_shardings)(jax.random.key(0))
     optimizer = optax.adamw(args.learning_rate)
     opt_state = jax.jit(optimizer.init)(params)  # the moments follow their parameters' shardings
 
@@ -123,19 +116,20 @@ def main(argv=None) -> dict:
             print(f"step {step:4d}  loss {losses[-1]:.3f}")
     print(f"first loss on the mesh {losses[0]:.6f}, on one device {single_device_loss:.6f}")
     query_spec = params["layers_0"]["attention"]["query"].sharding.spec
-    print(f"mesh {dict(mesh.shape)}; layers_0/attention/query [D, N, H] stays sharded as {query_spec}")
+    print(f"mesh {dict(mesh.shape)}; layers_0/attention/query [D, N, H] {names['layers_0']['attention']['query']} "
+          f"stays sharded as {query_spec}")
 
     prompt = repeated_patterns(jax.random.key(2), 2 * data, 2 * args.period, args.period, args.vocab_size)
     prompt_lengths = jnp.asarray(np.resize([2 * args.period, args.period + 1], 2 * data), jnp.int32)
     capacity = prompt.shape[1] + args.new_tokens
-    cache_spec = P("data", None, "model", None)  # [B, S, K, H]: batch over data, KV heads over model
-    cache = tuple(KVCache(jax.device_put(c.key, NamedSharding(mesh, cache_spec)),
-                          jax.device_put(c.value, NamedSharding(mesh, cache_spec)),
-                          jax.device_put(c.lengths, NamedSharding(mesh, P("data"))))
+    # [B, S, K, H]: batch over data, KV heads over model.
+    cache_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length", "kv_heads", "head_dim"), rules))
+    rows_sharding = NamedSharding(mesh, logical_to_spec(("batch",), rules))
+    cache = tuple(KVCache(jax.device_put(c.key, cache_sharding), jax.device_put(c.value, cache_sharding),
+                          jax.device_put(c.lengths, rows_sharding))
                   for c in init_cache(config, prompt.shape[0], capacity))
     sharded = generate(model, params, jax.device_put(prompt, batch_sharding),
-                       jax.device_put(prompt_lengths, NamedSharding(mesh, P("data"))),
-                       max_new_tokens=args.new_tokens, cache=cache)
+                       jax.device_put(prompt_lengths, rows_sharding), max_new_tokens=args.new_tokens, cache=cache)
     one_device = generate(model, jax.device_get(params), jax.device_get(prompt), jax.device_get(prompt_lengths),
                           max_new_tokens=args.new_tokens)
     tokens, reference = np.asarray(sharded.tokens), np.asarray(one_device.tokens)

@@ -32,6 +32,18 @@ maps them): the attention's those of `gqa_jax.GroupedQueryAttention`
 head_dim]``, ``output [q_heads, head_dim, embed]``, the biases the trailing
 names), ``embedding [vocab, embed]``, ``gate``/``up [embed, mlp]``, ``down
 [mlp, embed]``, ``lm_head [embed, vocab]``, norm scales ``[embed]``.
+
+Placed by those names on a mesh of explicit axes (`jax.set_mesh` with
+``AxisType.Explicit``), the decoder runs forward and backward there too: the
+embedding gather and the dense layers name their outputs' shardings (the
+tokens' ``B, T`` and the table's or kernel's last dim), as
+`gqa_jax.modules.EinsumDense` does. The logits come out sharded over the
+vocabulary (``[B, T, V]`` as ``batch, length, vocab``): a loss that gathers
+each target's logit (``jnp.take_along_axis``, optax's
+``softmax_cross_entropy_with_integer_labels``) raises ``ShardingTypeError``
+there unless the logits are resharded first (``jax.reshard(logits,
+P("data"))``, an all-gather), while a one-hot product (``jnp.sum(log_probs *
+jax.nn.one_hot(targets, V), -1)``) runs on the shards as they are.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, PartitionSpec as P
 
 from gqa_jax.kv_cache import KVCache
 from gqa_jax.models.config import DecoderConfig
@@ -179,6 +192,7 @@ def dense(config: DecoderConfig, features: int, axes: tuple[str, str], name: str
         kernel_init=partitioned(config, nn.linear.default_kernel_init, axes),
         dtype=config.dtype,
         param_dtype=config.param_dtype,
+        dot_general=_dense_dot_general,
         name=name,
     )
 
@@ -216,11 +230,58 @@ class Block(nn.Module):
 
 
 def embed_tokens(config: DecoderConfig, embedding_VD, tokens_BT) -> Array:
-    """``embedding[tokens]`` in ``config.dtype``; times ``sqrt(D)`` (in that dtype) with ``scale_embeddings``."""
-    x_BTD = jnp.take(jnp.asarray(embedding_VD, config.dtype), tokens_BT, axis=0)
+    """``embedding[tokens]`` in ``config.dtype``; times ``sqrt(D)`` (in that dtype) with ``scale_embeddings``.
+
+    Args:
+      config: the decoder's config.
+      embedding_VD: the token embedding ``[V, D]``.
+      tokens_BT: int ``[B, T]`` token ids (negative ids count from the end,
+        ids outside ``[-V, V)`` embed as NaN, as `jax.numpy.take`).
+
+    Returns:
+      ``[B, T, D]``. In explicit-sharding mode (`jax.set_mesh` with
+      ``AxisType.Explicit`` axes) sharded as the tokens' ``B, T`` and the
+      embedding's ``D``, whatever the vocabulary's sharding.
+    """
+    embedding_VD = jnp.asarray(embedding_VD, config.dtype)
+    out_sharding = _explicit_sharding(tokens_BT, 2, embedding_VD)
+    if out_sharding is None:
+        x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
+    else:  # jnp.take takes no out_sharding; the same gather (its default mode "fill") through .at
+        x_BTD = embedding_VD.at[tokens_BT].get(mode="fill", out_sharding=out_sharding)
     if config.scale_embeddings:
         x_BTD = x_BTD * jnp.asarray(np.sqrt(config.model_dim), config.dtype)
     return x_BTD
+
+
+def _explicit_sharding(lead: Array, lead_ndim: int, last: Array) -> P | None:
+    """In explicit-sharding mode, a product's spec: ``lead``'s first ``lead_ndim`` dims, then ``last``'s last dim.
+
+    The gather ``embedding[tokens]`` takes the tokens' ``B, T`` and the
+    table's ``D``; a dense layer ``x [..., F] @ kernel [F, E]`` takes ``x``'s
+    leading dims and the kernel's ``E``. Explicit mode needs the spec when
+    the compiler cannot infer it: a gather from a vocabulary-sharded table, a
+    contraction over a sharded dim (the sum is then reduced across devices).
+
+    Returns:
+      None outside explicit mode (the compiler places the result).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or AxisType.Explicit not in mesh.axis_types:
+        return None
+    spec = lambda a: (tuple(jax.typeof(a).sharding.spec) + (None,) * a.ndim)[: a.ndim]
+    return P(*spec(lead)[:lead_ndim], spec(last)[-1])
+
+
+def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None) -> Array:
+    """`jax.lax.dot_general` for the decoder's `flax.linen.Dense` layers: ``lhs [..., F] @ rhs [F, E]``.
+
+    In explicit-sharding mode the output ``[..., E]`` is sharded as
+    `_explicit_sharding` says (the down projection contracts the sharded
+    ``mlp`` dim); otherwise this is `jax.lax.dot_general` unchanged.
+    """
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                               out_sharding=_explicit_sharding(lhs, lhs.ndim - 1, rhs))
 
 
 def final_logits(config: DecoderConfig, logits_BTV) -> Array:
