@@ -1,7 +1,8 @@
 """The layers' Flax options against flax's own attention and a float64 NumPy layer.
 
 ``dropout_rng`` / NNX ``rngs=``, ``deterministic`` (field and call),
-``broadcast_dropout``, ``sow_weights``, ``return_attention_scores`` on
+``broadcast_dropout``, ``sow_weights`` (field and call, with and without
+``attention_fn``; NNX through ``nnx.capture``), ``return_attention_scores`` on
 ``CachedMultiHeadAttention``, ``precision`` in the attention's matrix products,
 ``out_kernel_init`` and ``attention_fn``, on `GroupedQueryAttention` and
 `MultiHeadAttention`, linen and NNX (the ``api`` fixture).
@@ -14,6 +15,8 @@ key/value heads repeated to ``N`` and the same key: flax draws its keep mask
 """
 
 from __future__ import annotations
+
+import warnings
 
 import flax.linen as nn
 import jax
@@ -205,22 +208,116 @@ def test_linen_sow_weights_as_flax_mhdpa(kind, random_params, x):
     np.testing.assert_allclose(out, want_out, **TOL)
     _, state = layer.clone(sow_weights=False).apply({"params": params}, x, mutable=["intermediates"])
     assert not state
+    # flax's call argument: on over the field's False, off over its True
+    _, state = layer.clone(sow_weights=False).apply({"params": params}, x, use_causal_mask=True, sow_weights=True,
+                                                    mutable=["intermediates"])
+    np.testing.assert_allclose(state["intermediates"]["attention_weights"][0], want_weights, **TOL)
+    _, state = layer.apply({"params": params}, x, sow_weights=False, mutable=["intermediates"])
+    assert not state
 
 
-def test_nnx_sow_weights_intermediate(kind, random_params, x):
-    """NNX: ``sow_weights`` keeps the weights as ``nnx.Intermediate`` ``attention_weights``, as flax's NNX layer."""
+def sowing_attention(query, key, value, mask=None, module=None, **_):
+    """A custom attention of flax's signature that sows, through ``module``, under names of its own."""
+    weights = nn.dot_product_attention_weights(query, key, mask=mask)
+    if module is not None:
+        module.sow("intermediates", "custom_weights", weights)
+        module.sow("intermediates", "max_weight", weights.max())
+    return jnp.einsum("bnts,bsnh->btnh", weights, value)
+
+
+@pytest.mark.parametrize(
+    "attention_fn, name",
+    [(nn.dot_product_attention, "attention_weights"), (sowing_attention, "custom_weights")],
+    ids=["flax_function", "custom_function"],
+)
+def test_linen_sow_weights_with_attention_fn_as_flax_mhdpa(kind, random_params, x, attention_fn, name):
+    """With ``attention_fn``, ``sow_weights`` hands the function ``module=`` the layer, as flax's layer does.
+
+    What the function sows is what ends up in ``"intermediates"``: the same tree as
+    `flax.linen.MultiHeadDotProductAttention` with that function on the same weights (and the
+    float64 weights); without ``sow_weights`` it gets no ``module`` and nothing is sown.
+    """
     G = KINDS[kind][1]
-    params = random_params(_layer(gqa_jax.modules, kind), x, seed=1)
+    layer = _layer(gqa_jax.modules, kind, attention_fn=attention_fn, sow_weights=True)
+    params = random_params(layer, x, seed=1)
+    flax_layer_ = nn.MultiHeadDotProductAttention(num_heads=N, qkv_features=N * H, out_features=D,
+                                                  attention_fn=attention_fn)
+    want_out, want_state = flax_layer_.apply(
+        {"params": flax_mhdpa_params(params, G)}, x, mask=nn.make_causal_mask(x[..., 0]), sow_weights=True,
+        mutable=["intermediates"],
+    )
+    want_64, want_weights_64 = numpy_layer(params, x, G, is_causal=True)
+    for fields, call in (({}, {}), ({"sow_weights": False}, {"sow_weights": True})):
+        out, state = layer.clone(**fields).apply({"params": params}, x, use_causal_mask=True, **call,
+                                                 mutable=["intermediates"])
+        assert jax.tree.structure(state) == jax.tree.structure(want_state)
+        jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, **TOL), state, want_state)
+        (weights,) = state["intermediates"][name]
+        assert weights.shape == (B, N, T, T)
+        np.testing.assert_allclose(weights, want_weights_64, **TOL)
+        np.testing.assert_allclose(out, want_out, **TOL)
+        np.testing.assert_allclose(out, want_64, **TOL)
+    _, state = layer.apply({"params": params}, x, use_causal_mask=True, sow_weights=False, mutable=["intermediates"])
+    assert not state
+    _, state = flax_layer_.apply({"params": flax_mhdpa_params(params, G)}, x, mutable=["intermediates"])
+    assert not state
+
+
+def _nnx_layer(kind, params, **fields):
+    """The NNX layer of ``kind`` with the linen ``params``."""
     cls, args = (
         (gqa_jax.nnx.GroupedQueryAttention, (H, N, K)) if kind == "gqa" else (gqa_jax.nnx.MultiHeadAttention, (N, H))
     )
-    layer = cls(*args, in_features=D, sow_weights=True, rngs=nnx.Rngs(0))
+    layer = cls(*args, in_features=D, rngs=nnx.Rngs(0), **fields)
     gqa_jax.nnx.load_linen_params(layer, params)
-    out, intermediates = nnx.capture(layer, nnx.Intermediate)(x, use_causal_mask=True)
-    (weights,) = intermediates["attention_weights"].get_value()
-    want_out, want_weights = numpy_layer(params, x, G, is_causal=True)
+    return layer
+
+
+def flax_nnx_mha(params, G, **fields) -> nnx.MultiHeadAttention:
+    """flax's NNX ``MultiHeadAttention`` with our parameters (``num_kv_heads = N // G``: it groups heads as we do)."""
+    layer = nnx.MultiHeadAttention(N, D, N * H, D, num_kv_heads=N // G, decode=False, rngs=nnx.Rngs(0), **fields)
+    for ours, theirs in (("query", "query"), ("key", "key"), ("value", "value"), ("attention_output", "out")):
+        for leaf in ("kernel", "bias"):
+            getattr(getattr(layer, theirs), leaf)[...] = jnp.asarray(params[ours][leaf])
+    return layer
+
+
+@pytest.mark.parametrize("attention_fn", [None, nnx.dot_product_attention], ids=["own", "flax_nnx_function"])
+def test_nnx_sow_weights_as_flax_nnx_mha(kind, random_params, x, attention_fn):
+    """NNX: ``nnx.capture(layer, nnx.Intermediate)`` gives flax's NNX ``MultiHeadAttention`` weights, with no warning.
+
+    flax 0.12.8 deprecates ``Module.sow`` outside ``nnx.capture`` (a DeprecationWarning, and a copy
+    kept on the module per call), so the layer sows only inside a capture; there the weights equal
+    flax's NNX layer's on the same parameters (``sow_weights=True`` in its call) and the float64 ones.
+    The call's ``sow_weights`` overrides the field either way, as in flax.
+    """
+    G = KINDS[kind][1]
+    params = random_params(_layer(gqa_jax.modules, kind), x, seed=1)
+    fn = {} if attention_fn is None else {"attention_fn": attention_fn}
+    layer = _nnx_layer(kind, params, sow_weights=True, **fn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        want_out, want = nnx.capture(flax_nnx_mha(params, G, **fn), nnx.Intermediate)(
+            x, mask=nnx.make_causal_mask(x[..., 0]), sow_weights=True
+        )
+        out, got = nnx.capture(layer, nnx.Intermediate)(x, use_causal_mask=True)
+        plain = layer(x, use_causal_mask=True)
+        _, off = nnx.capture(layer, nnx.Intermediate)(x, use_causal_mask=True, sow_weights=False)
+        _, on = nnx.capture(_nnx_layer(kind, params, **fn), nnx.Intermediate)(x, use_causal_mask=True,
+                                                                              sow_weights=True)
+    want_64, want_weights_64 = numpy_layer(params, x, G, is_causal=True)
+    (weights,) = got["attention_weights"].get_value()
+    (want_weights,) = want["attention_weights"].get_value()
+    assert set(got) == set(want) == set(on) == {"attention_weights"}
+    assert weights.shape == (B, N, T, T)
     np.testing.assert_allclose(weights, want_weights, **TOL)
-    np.testing.assert_allclose(out, want_out, **TOL)
+    np.testing.assert_allclose(weights, want_weights_64, **TOL)
+    np.testing.assert_allclose(on["attention_weights"].get_value()[0], want_weights, **TOL)
+    for y in (out, plain):
+        np.testing.assert_allclose(y, want_out, **TOL)
+        np.testing.assert_allclose(y, want_64, **TOL)
+    assert not off
+    assert not nnx.state(layer, nnx.Intermediate), "a call outside nnx.capture left weights on the layer"
 
 
 # ---------------------------------------------------------------- CachedMultiHeadAttention scores

@@ -11,7 +11,8 @@ Flax ``MultiHeadDotProductAttention`` conventions: ``precision`` also reaches
 the attention's matrix products (`matmul_precision`), ``broadcast_dropout``
 drops the same weights in every batch row and head, ``sow_weights`` sows the
 weights into ``"intermediates"`` and ``attention_fn`` replaces the attention
-with a function of flax's signature (`flax_attention`).
+with a function of flax's signature (`flax_attention`), which sows the weights
+itself (through its ``module=``) when ``sow_weights`` is on.
 
 Logical partitioning (``logical_axes=True``): each projection's kernel and
 bias carry the logical axis names of `PROJECTION_AXES` through
@@ -170,16 +171,19 @@ def rule_mask(q_len: int, kv_len: int, *, is_causal, local_window_size, query_of
     )
 
 
-def flax_attention(layer, attention_fn: Callable, q, k, v, *, mask, **options) -> Array:
+def flax_attention(layer, attention_fn: Callable, q, k, v, *, mask, sow_weights: bool, **options) -> Array:
     """Calls a flax-signature ``attention_fn`` on BTNH inputs, as `flax.linen.MultiHeadDotProductAttention` does.
 
     ``attention_fn(query [B, T, N, H], key [B, S, N, H], value [B, S, N, Hv],
     mask=bool [B|1, N|1, T, S], dropout_rng=, dropout_rate=,
-    broadcast_dropout=, deterministic=, dtype=, precision=)`` (plus
-    ``module=layer`` with ``sow_weights``); the key/value heads are repeated to
-    ``N`` (flax's functions take equal head counts), the rules
-    (causal, window, segments) become part of ``mask``, and a ``scale`` other
-    than ``1/sqrt(H)`` is folded into the query.
+    broadcast_dropout=, deterministic=, dtype=, precision=)``, plus
+    ``module=layer`` when ``sow_weights``: the function sows the weights into
+    ``layer`` itself (flax's ``dot_product_attention`` calls
+    ``module.sow("intermediates", "attention_weights", weights)``; the NNX
+    one ``module.sow(nnx.Intermediate, ...)``), as flax's layers let it. The
+    key/value heads are repeated to ``N`` (flax's functions take equal head
+    counts), the rules (causal, window, segments) become part of ``mask``,
+    and a ``scale`` other than ``1/sqrt(H)`` is folded into the query.
 
     Returns:
       ``[B, T, N, Hv]``.
@@ -200,7 +204,7 @@ def flax_attention(layer, attention_fn: Callable, q, k, v, *, mask, **options) -
         dtype=layer.dtype,
         precision=layer.precision,
     )
-    if layer.sow_weights:
+    if sow_weights:
         kwargs["module"] = layer
     return attention_fn(q, repeat_kv(k, N // K), repeat_kv(v, N // K), **kwargs)
 

@@ -242,12 +242,17 @@ class GroupedQueryAttention(nn.Module):
       deterministic: the default of the call's ``deterministic`` (None: True).
       broadcast_dropout: flax's: one dropout mask for every batch row and
         head (not with a cache).
-      sow_weights: sow the weights ``[B, N, T, S]`` into ``"intermediates"``
-        as ``"attention_weights"`` (as flax does).
+      sow_weights: the default of the call's ``sow_weights``: sow the weights
+        ``[B, N, T, S]`` into ``"intermediates"`` as ``"attention_weights"``
+        (as flax does; ``apply(..., mutable=["intermediates"])`` returns
+        them).
       attention_fn: None, or a function with the signature of
         `flax.linen.dot_product_attention` replacing the attention (keys and
         values repeated to ``N`` heads; the causal and window rules arrive in
-        its ``mask``; no cache).
+        its ``mask``; no cache). With ``sow_weights`` it also gets
+        ``module=`` this layer and sows the weights itself (flax's
+        ``dot_product_attention`` does), as in flax's
+        ``MultiHeadDotProductAttention``.
       out_kernel_init: initializer of ``attention_output``'s kernel (default
         ``kernel_init``).
       logical_axes: declare the projections with logical axis names
@@ -363,6 +368,7 @@ class GroupedQueryAttention(nn.Module):
         cache_update_index=None,
         num_new=None,
         dropout_rng=None,
+        sow_weights: bool | None = None,
     ):
         """Attends ``query`` to ``key``/``value``.
 
@@ -409,6 +415,8 @@ class GroupedQueryAttention(nn.Module):
           q_segment_ids, kv_segment_ids: int ``[B, T]``, ``[B, S]``: a query
             sees only keys of its own packed sequence.
           dropout_rng: the dropout key (default: the ``"dropout"`` rng).
+          sow_weights: sow this call's weights (flax's call argument);
+            default the layer's ``sow_weights``.
 
         Returns:
           ``output [B, T, Dq]``; ``(output, scores)`` with
@@ -441,6 +449,7 @@ class GroupedQueryAttention(nn.Module):
             q_segment_ids=q_segment_ids,
             kv_segment_ids=kv_segment_ids,
             dropout_rng=dropout_rng,
+            sow_weights=sow_weights,
         )
 
 

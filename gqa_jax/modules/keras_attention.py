@@ -190,6 +190,7 @@ def keras_attention(
     attend: Callable = dot_product_attention,
     project: Callable | None = None,
     normalize: Callable | None = None,
+    sow_weights: bool | None = None,
     sow: Callable | None = None,
     dropout_rng=None,
 ):
@@ -201,9 +202,10 @@ def keras_attention(
     ``key_norm``), rotates them by their positions (``layer.rope``) and applies
     ``layer.qk_transform``, splices the new keys/values into a keras-hub
     ``cache``, folds the heads and the masks into BTNH with ``layout``, attends
-    (``layer.attention_fn`` or ``attend``; at ``layer.precision``), unfolds,
-    gates, and projects the heads to ``output_shape`` (parameter
-    ``attention_output``). Call it from the layer's compact method.
+    (``layer.attention_fn`` or ``attend``; at ``layer.precision``), sows the
+    weights when asked, unfolds, gates, and projects the heads to
+    ``output_shape`` (parameter ``attention_output``). Call it from the
+    layer's compact method.
 
     Args:
       layer: the calling module, with the fields of `keras_attention_kwargs`,
@@ -252,8 +254,13 @@ def keras_attention(
         layers pass their own sublayers.
       normalize: the q/k norms, called as ``normalize(name, x)``; default a
         linen sublayer (`gqa_jax.modules.attention_options.linen_normalize`).
-      sow: called as ``sow(weights [B, N, T, S])`` with ``layer.sow_weights``;
-        default linen's ``layer.sow("intermediates", "attention_weights", w)``.
+      sow_weights: sow this call's weights (None: ``layer.sow_weights``).
+        With ``layer.attention_fn`` the function gets ``module=layer`` and
+        sows them itself (`gqa_jax.modules.attention_options.flax_attention`),
+        as in flax's layers; otherwise the weights ``[B, N, T, S]`` (as
+        ``layout`` folds them) go to ``sow``.
+      sow: called as ``sow(weights)`` with ``sow_weights``; default linen's
+        ``layer.sow("intermediates", "attention_weights", weights)``.
       dropout_rng: the dropout key when training (None: from the linen
         ``layer``'s ``"dropout"`` rng stream).
 
@@ -263,12 +270,15 @@ def keras_attention(
 
     Raises:
       ValueError: for positions without ``rope``/``qk_transform``, rope or
-        ``mask`` on inputs of rank > 3, ``query_offset`` with a cache, or
-        ``attention_fn`` / ``broadcast_dropout`` with a cache or weights.
+        ``mask`` on inputs of rank > 3, ``query_offset`` with a cache,
+        ``attention_fn`` with a cache or ``return_attention_scores``, or
+        ``broadcast_dropout`` with a cache.
     """
+    sow_weights = layer.sow_weights if sow_weights is None else sow_weights
     for name, flag in (("return_attention_scores", return_attention_scores), ("deterministic", deterministic),
-                       ("use_causal_mask", use_causal_mask)):
+                       ("use_causal_mask", use_causal_mask), ("sow_weights", sow_weights)):
         check_bool(name, flag)
+    sow_scores = sow_weights and layer.attention_fn is None  # an attention_fn sows its own (module=layer)
     num_heads, num_kv_heads = heads
     key_dim, value_dim = head_dims
     project = functools.partial(_linen_project, layer) if project is None else project
@@ -296,18 +306,18 @@ def keras_attention(
         use_causal_mask=use_causal_mask,
         query_offset=cache_update_index if cache is not None else (0 if query_offset is None else query_offset),
         deterministic=deterministic,
-        return_attention_scores=return_attention_scores or layer.sow_weights,
+        return_attention_scores=return_attention_scores or sow_scores,
         dropout_rng=dropout_rng,
     )
     if q_segment_ids is not None or kv_segment_ids is not None:
         options.update(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
-    call = _attention_call(layer, attend, cached, options)
+    call = _attention_call(layer, attend, cached, options, sow_weights)
     with matmul_precision(layer.precision):
         result = call(
             layout.fold(q, 2), layout.fold(k, 2), layout.fold(v, 2), mask=_with_mask(keras_mask, mask, q), **options
         )
     out, scores = result if options["return_weights"] else (result, None)
-    if layer.sow_weights:
+    if sow_scores:
         (functools.partial(layer.sow, "intermediates", "attention_weights") if sow is None else sow)(scores)
     out = layout.unfold(out, q_shape)
     if gate is not None:
@@ -357,15 +367,15 @@ def _with_mask(keras_mask, mask, q):
     return combine_masks(keras_mask, mask)
 
 
-def _attention_call(layer, attend: Callable, cached: bool, options: dict) -> Callable:
-    """``layer.attention_fn`` (flax's signature), the broadcast-dropout path, or ``attend``."""
+def _attention_call(layer, attend: Callable, cached: bool, options: dict, sow_weights: bool) -> Callable:
+    """``layer.attention_fn`` (``module=layer`` with ``sow_weights``), the broadcast-dropout path, or ``attend``."""
     if layer.attention_fn is not None:
         if cached or options["return_weights"]:
             raise ValueError(
-                "attention_fn returns the output only and keeps no cache: got it with a cache, decode mode, "
-                "return_attention_scores or sow_weights"
+                "attention_fn returns the output only and keeps no cache: got it with a cache, decode mode or "
+                "return_attention_scores (sow_weights works: the function sows the weights through module=)"
             )
-        return functools.partial(flax_attention, layer, layer.attention_fn)
+        return functools.partial(flax_attention, layer, layer.attention_fn, sow_weights=sow_weights)
     if layer.broadcast_dropout and options["dropout_rate"] > 0.0:
         if cached:
             raise ValueError("broadcast_dropout is for calls without a cache, got it with a cache or decode mode")

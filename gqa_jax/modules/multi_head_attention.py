@@ -127,6 +127,7 @@ class MultiHeadAttention(nn.Module):
         kv_segment_ids=None,
         num_new=None,
         dropout_rng=None,
+        sow_weights: bool | None = None,
     ):
         """Attends ``query`` to ``key``/``value``.
 
@@ -148,6 +149,10 @@ class MultiHeadAttention(nn.Module):
           mask, positions, kv_positions, query_offset, q_segment_ids,
             kv_segment_ids, num_new, dropout_rng: as in
             `gqa_jax.modules.GroupedQueryAttention` (rank-3 inputs).
+          sow_weights: as in `gqa_jax.modules.GroupedQueryAttention`; the
+            weights are ``[B, N, T, S]`` of the folded inputs
+            (`gqa_jax.modules.attention_axes.AxesLayout`: the batch axes in
+            ``B``, the attention axes in ``T`` and ``S``).
 
         Returns:
           ``output [B, ..., *output_shape]``, or ``(output, scores)``.
@@ -171,6 +176,7 @@ class MultiHeadAttention(nn.Module):
             kv_segment_ids=kv_segment_ids,
             num_new=num_new,
             dropout_rng=dropout_rng,
+            sow_weights=sow_weights,
         )
 
     @nn.compact

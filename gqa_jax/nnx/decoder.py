@@ -107,7 +107,6 @@ class Attention(KerasAttentionLayer):
             attend=dot_product_attention,
             project=self.project,
             normalize=self.normalize,
-            sow=self.sow_attention_weights,
             use_causal_mask=True,
             positions=positions,
         )

@@ -51,9 +51,9 @@ class GroupedQueryAttention(KerasAttentionLayer):
       decode: the default of the call's ``decode``.
       deterministic: the default of the call's ``deterministic`` (no dropout).
       rope, qk_transform, scale, logits_soft_cap, local_window_size,
-        normalize_qk, norm_epsilon, broadcast_dropout, sow_weights (into
-        ``nnx.Intermediate`` ``attention_weights``), attention_fn,
+        normalize_qk, norm_epsilon, broadcast_dropout, attention_fn,
         out_kernel_init: as in `gqa_jax.modules.GroupedQueryAttention`.
+      sow_weights: the default of the call's ``sow_weights``.
       rngs: ``params`` draws the parameters; ``dropout`` (or the default
         stream) the dropout masks.
 
@@ -69,6 +69,8 @@ class GroupedQueryAttention(KerasAttentionLayer):
         x = np.random.default_rng(0).standard_normal((2, 6, 64), np.float32)   # [B, T, 64]
         layer = GroupedQueryAttention(16, 8, 2, in_features=64, rngs=nnx.Rngs(0))
         y = layer(x, use_causal_mask=True)                         # [B, T, 64]
+        y, sown = nnx.capture(layer, nnx.Intermediate)(x, use_causal_mask=True, sow_weights=True)
+        (weights,) = sown["attention_weights"].get_value()         # [B, N, T, T]
         layer.init_cache(batch_size=2, max_length=16)
         y = layer(x[:, :4], decode=True, use_causal_mask=True)     # a 4-token prompt
         y = layer(x[:, 4:], decode=True, use_causal_mask=True)     # then one or more tokens per call
@@ -182,6 +184,7 @@ class GroupedQueryAttention(KerasAttentionLayer):
         num_new=None,
         decode: bool | None = None,
         rngs=None,
+        sow_weights: bool | None = None,
     ):
         """Attends ``query`` to ``key``/``value``, as the linen layer's call.
 
@@ -202,6 +205,14 @@ class GroupedQueryAttention(KerasAttentionLayer):
             and attend over the cache (after `init_cache`); default the
             layer's ``decode``.
           rngs: the dropout stream or key of this call (default the layer's).
+          sow_weights: sow the weights ``[B, N, T, S]`` as ``nnx.Intermediate``
+            ``attention_weights`` (default the layer's ``sow_weights``), as
+            flax's NNX ``MultiHeadAttention``: ``out, intermediates =
+            nnx.capture(layer, nnx.Intermediate)(x, sow_weights=True)``
+            gives them as ``intermediates["attention_weights"]``, a tuple with
+            one entry per call. Outside ``nnx.capture`` nothing is sown (see
+            `KerasAttentionLayer.sows_weights`). With ``attention_fn`` the
+            function gets ``module=`` this layer and sows them itself.
 
         Returns:
           ``output [B, T, Dq]``; ``(output, scores)`` with
@@ -226,6 +237,7 @@ class GroupedQueryAttention(KerasAttentionLayer):
             decode_offset=nnx_cache_index(self),
             project=self.project,
             normalize=self.normalize,
+            sow_weights=self.sows_weights(sow_weights),
             sow=self.sow_attention_weights,
             dropout_rng=dropout_key(self.rngs, self.dropout, deterministic, rngs),
             query_mask=query_mask,

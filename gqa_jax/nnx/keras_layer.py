@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gqa_jax.kv_cache import KVCache
+from gqa_jax.modules.checks import check_bool
 
 
 Array = jax.Array
@@ -67,6 +68,7 @@ class KerasAttentionLayer(nnx.Module):
     the linen layer's check, builds its projections (`gqa_jax.nnx.EinsumDense`,
     with `dense_settings`) and norms (`_init_norms`), and calls the shared
     body with ``project=self.project``, ``normalize=self.normalize``,
+    ``sow_weights=self.sows_weights(sow_weights)``,
     ``sow=self.sow_attention_weights`` and a key from
     `gqa_jax.nnx.dropout.dropout_key`.
     """
@@ -130,8 +132,25 @@ class KerasAttentionLayer(nnx.Module):
         """The norm sublayer ``name`` applied to ``x`` (the ``normalize`` of `keras_attention`)."""
         return getattr(self, name)(x)
 
+    def sows_weights(self, sow_weights: bool | None) -> bool:
+        """Whether this call sows its weights: ``sow_weights`` (None: the layer's) inside an ``nnx.capture``.
+
+        Flax NNX collects sown values with ``nnx.capture``, which gives each
+        module it captures a ``__captures__`` buffer for the call (flax's
+        "Extracting intermediate values" guide); ``Module.sow`` outside one is
+        deprecated (it warns and keeps one more copy on the module per
+        call). So the layer sows only where the weights are collected, as a
+        linen sow is a no-op unless ``"intermediates"`` is mutable.
+
+        Raises:
+          TypeError: unless ``sow_weights`` is None or a bool.
+        """
+        sow_weights = self.sow_weights if sow_weights is None else sow_weights
+        check_bool("sow_weights", sow_weights)
+        return sow_weights and hasattr(self, "__captures__")
+
     def sow_attention_weights(self, weights: Array) -> None:
-        """Sows ``weights`` as ``nnx.Intermediate`` ``attention_weights`` (with ``sow_weights``, as flax's NNX layer)."""
+        """Sows ``weights`` as ``nnx.Intermediate`` ``attention_weights``, as flax's NNX ``dot_product_attention``."""
         self.sow(nnx.Intermediate, "attention_weights", weights)
 
     def project(self, name: str, features: Sequence[int], x: Array, contract: int = 1) -> Array:

@@ -51,9 +51,9 @@ class MultiHeadAttention(KerasAttentionLayer):
       decode: the default of the call's ``decode`` (after `init_cache`).
       deterministic: the default of the call's ``deterministic``.
       rope, qk_transform, scale, logits_soft_cap, local_window_size,
-        normalize_qk, norm_epsilon, broadcast_dropout, sow_weights,
-        attention_fn, out_kernel_init: as in
-        `gqa_jax.modules.GroupedQueryAttention`.
+        normalize_qk, norm_epsilon, broadcast_dropout, attention_fn,
+        out_kernel_init: as in `gqa_jax.modules.GroupedQueryAttention`.
+      sow_weights: the default of the call's ``sow_weights``.
       rngs: ``params`` draws the parameters; ``dropout`` the dropout masks.
 
     Parameters: ``query [Dq, N, key_dim]``, ``key [Dk, N, key_dim]``,
@@ -179,7 +179,9 @@ class MultiHeadAttention(KerasAttentionLayer):
         after `init_cache`, as `gqa_jax.nnx.GroupedQueryAttention`). The rest,
         and ``options`` (``mask``, ``positions``, ``kv_positions``,
         ``query_offset``, segment ids, ``num_new``), as in
-        `gqa_jax.modules.MultiHeadAttention`.
+        `gqa_jax.modules.MultiHeadAttention`; ``sow_weights`` (in ``options``)
+        as in `gqa_jax.nnx.GroupedQueryAttention` (the weights of the
+        folded inputs, as the linen layer sows them).
 
         Returns:
           ``output [B, ..., *output_shape]``, or ``(output, scores)``.
@@ -217,6 +219,7 @@ class MultiHeadAttention(KerasAttentionLayer):
         num_new=None,
         decode=None,
         rngs=None,
+        sow_weights=None,
         **options,
     ):
         """`__call__` plus keras-hub's ``cache`` / ``cache_update_index`` (rank-3 inputs only)."""
@@ -236,6 +239,7 @@ class MultiHeadAttention(KerasAttentionLayer):
             decode_offset=nnx_cache_index(self),
             project=self.project,
             normalize=self.normalize,
+            sow_weights=self.sows_weights(sow_weights),
             sow=self.sow_attention_weights,
             dropout_rng=dropout_key(self.rngs, self.dropout, deterministic, rngs),
             **options,
