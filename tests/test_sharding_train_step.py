@@ -11,7 +11,9 @@ compiled step reduces gradients and partial sums with all-reduces only: no
 all-gather (q/k/v, K/V heads and weights stay where they are) and no
 all-to-all. The step runs on a mesh of automatic axes (``jax.jit`` propagates
 the shardings) and on one of explicit axes (``jax.set_mesh`` with
-``AxisType.Explicit``: every array's sharding is part of its type).
+``AxisType.Explicit``: every array's sharding is part of its type), and for
+the NNX decoder (`gqa_jax.nnx.Decoder`, same names as ``nnx.Param`` metadata)
+on the explicit mesh.
 """
 
 from __future__ import annotations
@@ -126,4 +128,40 @@ def test_decoder_train_step_on_a_2x4_mesh_equals_one_device_without_all_gather()
 @pytest.mark.slow  # 8 simulated devices in a subprocess
 def test_decoder_train_step_on_an_explicit_2x4_mesh_equals_one_device_without_all_gather():
     result = run_on_cpu_devices(EXPLICIT, 8)
+    assert result.stdout.count("ok ") == 2, result.stdout
+
+
+# The NNX decoder (its parameters always carry logical names) on the explicit mesh: the same step and checks.
+NNX_EXPLICIT = MODEL + textwrap.dedent("""
+    from flax import nnx
+    from gqa_jax.nnx import Decoder as NNXDecoder
+
+    nnx_model = NNXDecoder(config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(nnx_model)
+    state = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape) / np.sqrt(x.shape[0]), x.dtype), state)
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    nnx_shardings = nn.logical_to_mesh_sharding(nnx.get_partition_spec(state), mesh, logical_axis_rules())
+    assert nnx_shardings["embed"]["embedding"].spec == P("model", None), nnx_shardings["embed"]
+
+    def loss(state, tokens):
+        logits = nnx.merge(graphdef, state)(tokens[:, :-1])
+        return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(tokens[:, 1:], 32), axis=-1))
+
+    step = sgd_step(loss)
+    want = step(state, tokens)  # one device
+    with jax.set_mesh(mesh):
+        placed = jax.device_put(state, nnx_shardings)
+        batch = jax.device_put(tokens, P("data"))
+        compiled = step.lower(placed, batch).compile()
+        got = compiled(placed, batch)
+    check_equal(got, want, nnx_shardings)
+    print("ok step")
+    check_collectives(compiled)
+    print("ok hlo")
+""")
+
+
+@pytest.mark.slow  # 8 simulated devices in a subprocess
+def test_nnx_decoder_train_step_on_an_explicit_2x4_mesh_equals_one_device_without_all_gather():
+    result = run_on_cpu_devices(NNX_EXPLICIT, 8)
     assert result.stdout.count("ok ") == 2, result.stdout

@@ -192,7 +192,7 @@ def dense(config: DecoderConfig, features: int, axes: tuple[str, str], name: str
         kernel_init=partitioned(config, nn.linear.default_kernel_init, axes),
         dtype=config.dtype,
         param_dtype=config.param_dtype,
-        dot_general=_dense_dot_general,
+        dot_general=dense_dot_general,
         name=name,
     )
 
@@ -273,15 +273,19 @@ def _explicit_sharding(lead: Array, lead_ndim: int, last: Array) -> P | None:
     return P(*spec(lead)[:lead_ndim], spec(last)[-1])
 
 
-def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None) -> Array:
-    """`jax.lax.dot_general` for the decoder's `flax.linen.Dense` layers: ``lhs [..., F] @ rhs [F, E]``.
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                      out_sharding=None) -> Array:
+    """`jax.lax.dot_general` for the decoders' dense layers (linen `Dense`, NNX `Linear`): ``lhs [..., F] @ rhs [F, E]``.
 
-    In explicit-sharding mode the output ``[..., E]`` is sharded as
+    In explicit-sharding mode an output ``[..., E]`` with no ``out_sharding``
+    given (NNX's ``Linear`` passes its call's, None by default) is sharded as
     `_explicit_sharding` says (the down projection contracts the sharded
     ``mlp`` dim); otherwise this is `jax.lax.dot_general` unchanged.
     """
+    if out_sharding is None:
+        out_sharding = _explicit_sharding(lhs, lhs.ndim - 1, rhs)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
-                               out_sharding=_explicit_sharding(lhs, lhs.ndim - 1, rhs))
+                               out_sharding=out_sharding)
 
 
 def final_logits(config: DecoderConfig, logits_BTV) -> Array:

@@ -121,6 +121,7 @@ def _linear(config: DecoderConfig, in_features: int, out_features: int, axes, rn
         kernel_init=partitioned(nnx.initializers.lecun_normal(), axes),
         dtype=config.dtype,
         param_dtype=config.param_dtype,
+        dot_general=models.decoder.dense_dot_general,
         rngs=rngs,
     )
 
