@@ -65,7 +65,7 @@ class MosaicBackwardBlockSizes:
     Defaults measured forward+backward (tools/mgpu_flash_bwd_check.py, bf16,
     TFLOP/s). On an H100 in one run, causal, against the earlier causal
     default (64-key dQ steps, 3 stages, heads first): B2 S4096 N32 K8 H128 413
-    vs 405, B1 S16384 487 vs 467, B4 S2048 N16 K2 H64 229 vs 225,
+    vs 403, B1 S16384 487 vs 467, B4 S2048 N16 K2 H64 229 vs 225,
     B8 S1024 N32 K4 H128 303 vs 280; full, tiles first against heads first:
     479 vs 474, 507 vs 511, 366 vs 368 (within the noise). Earlier on the
     H200, 128-key dQ steps against 64 (full): 488/466, 498/495, 357/356,
