@@ -64,6 +64,21 @@ MODEL = textwrap.dedent("""
         for p, s in zip(jax.tree.leaves(new_params), jax.tree.leaves(shardings)):
             assert p.sharding.is_equivalent_to(s, p.ndim), (p.sharding, s)
 
+    def one_hot_loss(logits, tokens):
+        # On an explicit mesh the logits [B, T, V] are typed as vocabulary-sharded, where gathering each target's
+        # logit (jnp.take_along_axis) is a ShardingTypeError; the one-hot product is the same loss on the shards.
+        return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(tokens[:, 1:], 32), axis=-1))
+
+    def explicit_step(loss, params, shardings, mesh):
+        # The SGD step on one device and on the explicit mesh: (want, got, compiled).
+        step = sgd_step(loss)
+        want = step(params, tokens)
+        with jax.set_mesh(mesh):
+            placed = jax.device_put(params, shardings)
+            batch = jax.device_put(tokens, P("data"))
+            compiled = step.lower(placed, batch).compile()
+            return want, compiled(placed, batch), compiled
+
     def check_collectives(compiled):
         text = compiled.as_text()
         count = lambda op: len(re.findall(rf"\\b{op}(-start)?\\(", text))
@@ -93,22 +108,11 @@ AUTO = MODEL + textwrap.dedent("""
     print("ok hlo")
 """)
 
-# Explicit axes: the logits [B, T, V] are typed as vocabulary-sharded, where gathering each target's logit
-# (jnp.take_along_axis) is a ShardingTypeError; the one-hot product is the same loss on the shards.
 EXPLICIT = MODEL + textwrap.dedent("""
     mesh, shardings = placement(AxisType.Explicit)
-
-    def loss(params, tokens):
-        logits = model.apply({"params": params}, tokens[:, :-1])
-        return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(tokens[:, 1:], 32), axis=-1))
-
-    step = sgd_step(loss)
-    want = step(params, tokens)  # one device
-    with jax.set_mesh(mesh):
-        placed = jax.device_put(params, shardings)
-        batch = jax.device_put(tokens, P("data"))
-        compiled = step.lower(placed, batch).compile()
-        got = compiled(placed, batch)
+    want, got, compiled = explicit_step(
+        lambda params, tokens: one_hot_loss(model.apply({"params": params}, tokens[:, :-1]), tokens),
+        params, shardings, mesh)
     check_equal(got, want, shardings)
     for g, s in zip(jax.tree.leaves(got[1]), jax.tree.leaves(shardings)):
         assert g.sharding.is_equivalent_to(s, g.ndim), ("grad", g.sharding, s)
@@ -117,18 +121,6 @@ EXPLICIT = MODEL + textwrap.dedent("""
     check_collectives(compiled)
     print("ok hlo")
 """)
-
-
-@pytest.mark.slow  # 8 simulated devices in a subprocess
-def test_decoder_train_step_on_a_2x4_mesh_equals_one_device_without_all_gather():
-    result = run_on_cpu_devices(AUTO, 8)
-    assert result.stdout.count("ok ") == 2, result.stdout
-
-
-@pytest.mark.slow  # 8 simulated devices in a subprocess
-def test_decoder_train_step_on_an_explicit_2x4_mesh_equals_one_device_without_all_gather():
-    result = run_on_cpu_devices(EXPLICIT, 8)
-    assert result.stdout.count("ok ") == 2, result.stdout
 
 
 # The NNX decoder (its parameters always carry logical names) on the explicit mesh: the same step and checks.
@@ -143,17 +135,9 @@ NNX_EXPLICIT = MODEL + textwrap.dedent("""
     nnx_shardings = nn.logical_to_mesh_sharding(nnx.get_partition_spec(state), mesh, logical_axis_rules())
     assert nnx_shardings["embed"]["embedding"].spec == P("model", None), nnx_shardings["embed"]
 
-    def loss(state, tokens):
-        logits = nnx.merge(graphdef, state)(tokens[:, :-1])
-        return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(tokens[:, 1:], 32), axis=-1))
-
-    step = sgd_step(loss)
-    want = step(state, tokens)  # one device
-    with jax.set_mesh(mesh):
-        placed = jax.device_put(state, nnx_shardings)
-        batch = jax.device_put(tokens, P("data"))
-        compiled = step.lower(placed, batch).compile()
-        got = compiled(placed, batch)
+    want, got, compiled = explicit_step(
+        lambda state, tokens: one_hot_loss(nnx.merge(graphdef, state)(tokens[:, :-1]), tokens),
+        state, nnx_shardings, mesh)
     check_equal(got, want, nnx_shardings)
     print("ok step")
     check_collectives(compiled)
@@ -162,6 +146,7 @@ NNX_EXPLICIT = MODEL + textwrap.dedent("""
 
 
 @pytest.mark.slow  # 8 simulated devices in a subprocess
-def test_nnx_decoder_train_step_on_an_explicit_2x4_mesh_equals_one_device_without_all_gather():
-    result = run_on_cpu_devices(NNX_EXPLICIT, 8)
+@pytest.mark.parametrize("script", [AUTO, EXPLICIT, NNX_EXPLICIT], ids=["linen_auto", "linen_explicit", "nnx_explicit"])
+def test_decoder_train_step_on_a_2x4_mesh_equals_one_device_without_all_gather(script):
+    result = run_on_cpu_devices(script, 8)
     assert result.stdout.count("ok ") == 2, result.stdout
