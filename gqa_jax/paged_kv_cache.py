@@ -28,10 +28,11 @@ stored (row capacity reached, or the pool out of pages for that row):
   attention reads only its stored tokens (`PagedKVCache.stored_lengths`), as
   `gqa_jax.KVCache` reads at most its capacity.
 
-Attention (`PagedKVCache.attend`): on a GPU, decode-shaped calls (``T <= 16``
-queries and the rules the kernel has: scale, causal, window, soft-cap) run
-the Pallas paged decode kernel
-(`pallas_kernels.gpu.paged_decode_attention`), which follows the page table;
+Attention (`PagedKVCache.attend`): on a GPU or a TPU, decode-shaped calls
+(``T <= 16`` queries and the rules the kernels have: scale, causal, window,
+soft-cap) run the Pallas paged decode kernel of the backend
+(`pallas_kernels.gpu.paged_decode_attention`,
+`pallas_kernels.tpu.paged_decode_attention`), which follows the page table;
 other calls, and every call on other backends, gather each row's pages into a
 dense ``[B, M * page_size, K, H]`` cache and call
 `gqa_jax.dot_product_attention`. ``paged_kernel=`` pins the choice.
@@ -53,7 +54,9 @@ from gqa_jax.kv_cache import _host_row, check_same_kind, newest_queries
 from gqa_jax.quantization import is_quantized_dtype
 from gqa_jax.request import concrete_value
 from pallas_kernels.arguments import KERNEL_DTYPES, positive_int, row_vector
-from pallas_kernels.gpu.paged_decode_attention import gather_pages, paged_decode_attention
+from pallas_kernels.gpu.paged_decode_attention import paged_decode_attention
+from pallas_kernels.paging import gather_pages
+from pallas_kernels.tpu.paged_decode_attention import paged_decode_attention as tpu_paged_decode_attention
 
 Array = jax.Array
 
@@ -352,12 +355,13 @@ class PagedKVCache:
           num_new: optional int ``[B]`` valid queries per row; default ``T``.
           is_causal: the causal rule (default True).
           paged_kernel: True: the Pallas paged decode kernel (compiled on a
-            GPU, in the Pallas interpreter elsewhere: slow, for tests); False:
-            gather the pages to a dense cache and call
-            `gqa_jax.dot_product_attention`; None (default): the kernel on a
-            GPU when ``T <= 16``, the query dtype is bfloat16, float16 or
-            float32 and ``kwargs`` sets only ``scale``, ``local_window_size``
-            and ``logits_soft_cap`` (keywords given as None count as unset, so
+            GPU, the TPU one compiled on a TPU, the GPU one in the Pallas
+            interpreter elsewhere: slow, for tests); False: gather the pages to
+            a dense cache and call `gqa_jax.dot_product_attention`; None
+            (default): the kernel on a GPU or TPU when ``T <= 16``, the
+            query dtype is bfloat16, float16 or float32 and ``kwargs`` sets
+            only ``scale``, ``local_window_size`` and ``logits_soft_cap``
+            (keywords given as None count as unset, so
             ``implementation=None`` does not pin the dense path), else the
             dense path.
           **kwargs: any other keyword of `gqa_jax.dot_product_attention`
@@ -382,8 +386,9 @@ class PagedKVCache:
         T = query.shape[1]
         given = {name: value for name, value in kwargs.items() if value is not None}
         other = sorted(set(given) - KERNEL_KEYWORDS)
+        backend = jax.default_backend()
         if paged_kernel is None:
-            paged_kernel = (jax.default_backend() == "gpu" and T <= MAX_DECODE_QUERIES and not other
+            paged_kernel = (backend in ("gpu", "tpu") and T <= MAX_DECODE_QUERIES and not other
                             and query.dtype in KERNEL_DTYPES)
         if not paged_kernel:
             return dot_product_attention(
@@ -394,9 +399,12 @@ class PagedKVCache:
         if other:
             raise ValueError(f"the paged decode kernel takes only {sorted(KERNEL_KEYWORDS)} besides is_causal, got "
                              f"{other}; use paged_kernel=False or None")
-        out = paged_decode_attention(query, self.key_pages, self.value_pages, self.page_table, self.stored_lengths,
-                                     is_causal=is_causal, query_offset=offset,
-                                     interpret=jax.default_backend() != "gpu", **given)
+        if backend == "tpu":
+            out = tpu_paged_decode_attention(query, self.key_pages, self.value_pages, self.page_table,
+                                             self.stored_lengths, is_causal=is_causal, query_offset=offset, **given)
+        else:
+            out = paged_decode_attention(query, self.key_pages, self.value_pages, self.page_table, self.stored_lengths,
+                                         is_causal=is_causal, query_offset=offset, interpret=backend != "gpu", **given)
         if num_new is None:
             return out
         return jnp.where((jnp.arange(T) < count[:, None])[:, :, None, None], out, jnp.zeros((), out.dtype))

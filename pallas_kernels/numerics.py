@@ -7,7 +7,7 @@
 | row sees no key | running sum ``l == 0`` | running max at its floor | ``l == 0`` |
 | shift of the weights | `prob_shift`: ``2**-32``, none for float16 | none | ``2**-32`` (compute is bf16 or f32) |
 | statistics for the backward | no bias: ``lse2 = m + log2(l)``, `DEAD_LSE` if dead; bias: ``(m, shift + log2(l))``, ``(inf, inf)`` if dead | ``lse2``, `DEAD_LSE` (Triton backward) | ``(m, log(l))``, ``(inf, inf)`` if dead; summed without a bias |
-| skipping masked tiles | loop bounds computed in the kernel from the rules | same | per-row visit tables prefetched to SMEM (the grid is static) |
+| skipping masked tiles | loop bounds computed in the kernel from the rules | same | per-row visit tables prefetched to SMEM (the grid is static); the paged decode kernel bounds its in-kernel page loop |
 
 Why:
 

@@ -25,7 +25,8 @@ from pallas_kernels.gpu.decode_attention import DecodeBlockSizes
 from pallas_kernels.gpu.paged_decode_attention import paged_decode_attention
 from tests.devices import has_gpu
 from tests.kernel_cases import GRAD_TOLERANCE, TOLERANCE, TOLERANCE_TF32, assert_close
-from tests.reference import reference_attention, reference_attention_grads
+from tests.paged_cases import PagedCase, paged_case_inputs, reference_page_grads
+from tests.reference import reference_attention
 
 B, N, K, H = 3, 4, 2, 8
 needs_gpu = pytest.mark.skipif(not has_gpu(), reason="needs an NVIDIA GPU")
@@ -260,23 +261,6 @@ def test_bad_kernel_inputs(name, call, error, match):
 # The kernel against the float64 oracle.
 
 
-@dataclasses.dataclass(frozen=True)
-class PagedCase:
-    name: str
-    T: int
-    N: int
-    K: int
-    H: int
-    page_size: int
-    lengths: tuple[int, ...]
-    dtype: str = "float32"
-    block_sizes: DecodeBlockSizes | None = None
-    rules: tuple = ()
-
-    def __str__(self):
-        return self.name
-
-
 PAGED_CASES = [
     PagedCase("G4_T1_page16_zero_length", 1, 8, 2, 32, 16, (40, 0, 17)),
     PagedCase("G2_T4_page32_split3", 4, 4, 2, 32, 32, (100, 5), block_sizes=DecodeBlockSizes(block_k=32, num_splits=3)),
@@ -289,27 +273,10 @@ PAGED_CASES = [
 ]
 
 
-def _paged_case_inputs(case: PagedCase, seed: int = 0):
-    """A pool with spare pages and each row's pages at random places in it; the dense caches by NumPy indexing."""
-    rng = np.random.default_rng(seed)
-    L, Bc = case.page_size, len(case.lengths)
-    M = max(-(-n // L) for n in case.lengths) + 1
-    P = Bc * M + 3
-    table = rng.permutation(P)[:Bc * M].reshape(Bc, M).astype(np.int32)
-    for b, n in enumerate(case.lengths):
-        table[b, -(-n // L):] = -1
-    dtype = jnp.dtype(case.dtype)
-    q = _normal(rng, (Bc, case.T, case.N, case.H), dtype)
-    key_pages, value_pages = (_normal(rng, (P, L, case.K, case.H), dtype) for _ in range(2))
-    dense = [np.asarray(x, np.float64)[np.maximum(table, 0)].reshape(Bc, M * L, case.K, case.H)
-             for x in (key_pages, value_pages)]
-    return q, key_pages, value_pages, jnp.asarray(table), np.array(case.lengths, np.int32), dense
-
-
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_gpu)], ids=["interpret", "compiled"])
 @pytest.mark.parametrize("case", PAGED_CASES, ids=str)
 def test_kernel_matches_float64_oracle(case, compiled):
-    q, key_pages, value_pages, table, lengths, (k, v) = _paged_case_inputs(case)
+    q, key_pages, value_pages, table, lengths, (k, v) = paged_case_inputs(case)
     rules = dict(case.rules)
     out = paged_decode_attention(q, key_pages, value_pages, table, jnp.asarray(lengths),
                                  block_sizes=case.block_sizes, interpret=not compiled, **rules)
@@ -334,7 +301,7 @@ def test_attend_picks_the_compiled_kernel_for_decode():
 
 def test_kernel_gradients_match_oracle():
     case = PagedCase("grads", 1, 4, 2, 16, 16, (20, 9))
-    q, key_pages, value_pages, table, lengths, (k, v) = _paged_case_inputs(case, seed=1)
+    q, key_pages, value_pages, table, lengths, (k, v) = paged_case_inputs(case, seed=1)
     d_out = np.random.default_rng(2).standard_normal(q.shape)
 
     def loss(q, key_pages, value_pages):
@@ -342,22 +309,14 @@ def test_kernel_gradients_match_oracle():
         return jnp.sum(out * d_out)
 
     grads = jax.grad(loss, argnums=(0, 1, 2))(q, key_pages, value_pages)
-    ref_q, ref_k, ref_v = reference_attention_grads(q, k, v, d_out, is_causal=True, query_offset=lengths - case.T,
-                                                    key_value_seq_lengths=lengths)
-    L = case.page_size
-    ref_pages = [np.zeros(key_pages.shape), np.zeros(value_pages.shape)]
-    for b, row in enumerate(np.asarray(table)):
-        for j, page in enumerate(row):
-            if page >= 0:
-                for ref, dense in zip(ref_pages, (ref_k, ref_v)):
-                    ref[page] += dense[b, j * L:(j + 1) * L]
-    for got, ref, what in zip(grads, (ref_q, *ref_pages), ("d_query", "d_key_pages", "d_value_pages")):
+    refs = reference_page_grads(case, q, key_pages, value_pages, table, lengths, (k, v), d_out)
+    for got, ref, what in zip(grads, refs, ("d_query", "d_key_pages", "d_value_pages")):
         assert_close(got, ref, "float32", GRAD_TOLERANCE["float32"], what)
 
 
 def test_kernel_lowers_to_triton():
     case = PAGED_CASES[1]
-    q, key_pages, value_pages, table, lengths, _ = _paged_case_inputs(case)
+    q, key_pages, value_pages, table, lengths, _ = paged_case_inputs(case)
     fn = jax.jit(lambda *args: paged_decode_attention(*args, block_sizes=case.block_sizes))
     text = fn.trace(q, key_pages, value_pages, table, jnp.asarray(lengths)).lower(
         lowering_platforms=("cuda",)).as_text()

@@ -34,12 +34,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.arguments import KERNEL_DTYPES, check_qkv, next_power_of_two, row_vector
+from pallas_kernels.arguments import next_power_of_two
 from pallas_kernels.gpu.decode_attention import (
     OVERFLOW_SHIFT,
     DecodeBlockSizes,
@@ -52,41 +51,8 @@ from pallas_kernels.gpu.decode_attention import (
 )
 from pallas_kernels.gpu.flash_attention import flash_attention_core
 from pallas_kernels.numerics import MASK_VALUE
-from pallas_kernels.rules import Rules, check_int32_range, concrete_value
-
-
-def gather_pages(pages, page_table):
-    """Each row's pages in order, as a dense cache: ``pages[page_table]`` reshaped to ``[B, M * page_size, ...]``.
-
-    Args:
-      pages: ``[P, page_size, ...]``.
-      page_table: int ``[B, M]``; entries are clamped into ``[0, P)`` (unused
-        entries, e.g. -1, read some page that lengths then mask).
-
-    Returns:
-      ``[B, M * page_size, ...]`` in the pages' dtype.
-    """
-    B, M = page_table.shape
-    rows = pages[jnp.clip(page_table, 0, pages.shape[0] - 1)]
-    return rows.reshape(B, M * pages.shape[1], *pages.shape[2:])
-
-
-def check_page_table(page_table, batch: int) -> jax.Array:
-    """``page_table`` as int32 ``[B, M]`` after checking its rank, batch size and dtype.
-
-    Raises:
-      ValueError: for a shape other than ``[B, M]`` with ``M >= 1``, or host
-        values outside int32.
-      TypeError: for a non-integer dtype.
-    """
-    check_int32_range("page_table", page_table)
-    page_table = jnp.asarray(page_table)
-    if not jnp.issubdtype(page_table.dtype, jnp.integer):
-        raise TypeError(f"page_table must be an integer array, got page_table.dtype={page_table.dtype}")
-    if page_table.ndim != 2 or page_table.shape[0] != batch or page_table.shape[1] < 1:
-        raise ValueError(f"page_table must have shape [B, M]=({batch}, M >= 1), got "
-                         f"page_table.shape={tuple(page_table.shape)}")
-    return page_table.astype(jnp.int32)
+from pallas_kernels.paging import gather_pages, paged_request
+from pallas_kernels.rules import Rules
 
 
 # ---------------------------------------------------------------------------
@@ -159,32 +125,12 @@ def paged_decode_attention(
         # interpret=True runs on a CPU; leave it out on a GPU.
         out = paged_decode_attention(q, key_pages, value_pages, page_table, lengths, interpret=True)  # [2,1,8,64]
     """
-    query, key_pages, value_pages = jnp.asarray(query), jnp.asarray(key_pages), jnp.asarray(value_pages)
-    for name, pages, letters in (("key_pages", key_pages, "P,page_size,K,H"),
-                                 ("value_pages", value_pages, "P,page_size,K,Hv")):
-        if pages.ndim != 4:
-            raise ValueError(f"{name} must have rank 4 [{letters}], got {name}.shape={tuple(pages.shape)}")
-    if value_pages.shape[:3] != key_pages.shape[:3]:
-        raise ValueError(f"value_pages [P,page_size,K,Hv] must match key_pages [P,page_size,K,H] on P, page_size "
-                         f"and K, got {key_pages.shape=}, {value_pages.shape=}")
-    if query.ndim != 4:
-        raise ValueError(f"query must have rank 4 [B,T,N,H], got query.shape={tuple(query.shape)}")
-    B = query.shape[0]
-    P, page_size, K, H = key_pages.shape
-    page_table = check_page_table(page_table, B)
-    if P * page_size >= 2**31:
-        raise ValueError(f"the pool must have < 2**31 slots (int32 row ids), got num_pages P={P} * {page_size=}")
-    # The rows as dense caches [B, M * page_size, K, H]: what the rules and the tensor checks see.
-    S = page_table.shape[1] * page_size
-    dense_key = jax.ShapeDtypeStruct((B, S, K, H), key_pages.dtype)
-    dense_value = jax.ShapeDtypeStruct((B, S, K, value_pages.shape[3]), value_pages.dtype)
-    check_qkv(query, dense_key, dense_value, names=("query", "key_pages", "value_pages"), dtypes=KERNEL_DTYPES)
-    rules = Rules.create(
-        query, dense_key, scale=scale, is_causal=is_causal, query_offset=query_offset,
-        key_value_seq_lengths=row_vector("lengths", lengths, B), local_window_size=local_window_size,
-        logits_soft_cap=logits_soft_cap,
+    query, key_pages, value_pages, page_table, rules = paged_request(
+        query, key_pages, value_pages, page_table, lengths, scale=scale, is_causal=is_causal,
+        query_offset=query_offset, local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
     )
-    _check_page_ids(page_table, rules.kv_len, P, page_size)
+    B, S = query.shape[0], page_table.shape[1] * key_pages.shape[1]
+    K, H = key_pages.shape[2:]
     T, N = query.shape[1:3]
     overrides = block_sizes or DecodeBlockSizes()
     blocks = default_block_sizes(
@@ -194,19 +140,6 @@ def paged_decode_attention(
     if overrides.block_rows is not None:
         blocks = dataclasses.replace(blocks, block_rows=overrides.block_rows)
     return _paged_decode(query, key_pages, value_pages, page_table, rules, rules.statics(), blocks, bool(interpret))
-
-
-def _check_page_ids(page_table, lengths, num_pages: int, page_size: int) -> None:
-    """Raises ``ValueError`` for a known page id outside ``[0, P)`` among the pages that hold valid keys."""
-    table, known = concrete_value(page_table), concrete_value(lengths)
-    if table is None or known is None:
-        return
-    used = np.arange(table.shape[1])[None, :] * page_size < known[:, None]
-    bad = used & ((table < 0) | (table >= num_pages))
-    if bad.any():
-        row, col = (int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"page_table entries of pages that hold keys must be in [0, P={num_pages}), got "
-                         f"page_table[{row}, {col}]={int(table[row, col])} with lengths[{row}]={int(known[row])}")
 
 
 # ---------------------------------------------------------------------------
