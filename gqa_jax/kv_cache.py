@@ -53,6 +53,55 @@ def check_same_kind(*named_arrays) -> None:
         raise TypeError(f"cache writes need floating (or integer) arrays on both sides, got {got}")
 
 
+def check_new_tokens(key_new, value_new, stored_key: tuple[str, Array], stored_value: Array, *,
+                     batch_size: int) -> tuple[Array, Array]:
+    """Checks the new tokens of a cache write against the cache's storage; returns them as arrays.
+
+    The storage is a dense cache (``[B, S, K, H]``) or a page pool (``[P,
+    page_size, K, H]``); only its trailing ``K, H`` and its dtype matter. A
+    quantized storage dtype (int8, float8_e4m3fn) takes floating tokens (they
+    are quantized on the write); any other takes tokens of its own kind
+    (`check_same_kind`).
+
+    Args:
+      key_new: ``[B, T, K, H]``.
+      value_new: ``[B, T, K, Hv]``.
+      stored_key: ``(name, array)``: how errors name the key storage (e.g.
+        ``"cache.key"``) and the storage ``[..., ..., K, H]``.
+      stored_value: the value storage ``[..., ..., K, Hv]``.
+      batch_size: ``B``.
+
+    Returns:
+      ``(key_new, value_new)`` as arrays.
+
+    Raises:
+      TypeError: for dtypes of another kind than the storage's (integer
+        tokens for a quantized cache, floating and integer mixed).
+      ValueError: for shapes other than ``[B, T, K, H]`` / ``[B, T, K, Hv]``,
+        or a ``T`` that differs between the two.
+    """
+    key_new, value_new = jnp.asarray(key_new), jnp.asarray(value_new)
+    key_name, key = stored_key
+    if is_quantized_dtype(key.dtype):
+        check_same_kind(("key_new", key_new), ("value_new", value_new))
+        if not jnp.issubdtype(key_new.dtype, jnp.floating):
+            raise TypeError(f"a quantized cache takes floating key_new and value_new, got "
+                            f"key_new.dtype={key_new.dtype}, value_new.dtype={value_new.dtype} for "
+                            f"{key_name}.dtype={key.dtype}")
+    else:
+        check_same_kind((key_name, key), ("key_new", key_new), ("value_new", value_new))
+    for name, new, stored, letters in (("key_new", key_new, key, "B,T,K,H"),
+                                       ("value_new", value_new, stored_value, "B,T,K,Hv")):
+        if new.ndim != 4 or new.shape[0] != batch_size or new.shape[2:] != stored.shape[2:]:
+            raise ValueError(
+                f"{name} must have shape [{letters}]=({batch_size}, T, {stored.shape[2]}, {stored.shape[3]}) for this "
+                f"cache, got {name}.shape={tuple(new.shape)}"
+            )
+    if key_new.shape[1] != value_new.shape[1]:
+        raise ValueError(f"key_new and value_new [B,T,...] differ: {key_new.shape=}, {value_new.shape=}")
+    return key_new, value_new
+
+
 def _host_row(x, batch: int) -> np.ndarray | None:
     """Known integers (a scalar or ``[B]``) as an int64 NumPy ``[B]``; None when traced or malformed (checked later)."""
     value = concrete_value(x)
@@ -197,7 +246,8 @@ class KVCache:
         Hv = H if value_head_dim is None else positive_int("value_head_dim", value_head_dim)
         quantized = is_quantized_dtype(dtype)
         if not (quantized or jnp.issubdtype(dtype, jnp.floating)):
-            raise TypeError(f"dtype must be a floating dtype or int8 (quantized), got dtype={jnp.dtype(dtype)}")
+            raise TypeError(f"dtype must be a floating dtype or int8 / float8_e4m3fn (quantized), got "
+                            f"dtype={jnp.dtype(dtype)}")
         return cls(
             key=jnp.zeros((B, S, K, H), dtype),
             value=jnp.zeros((B, S, K, Hv), dtype),
@@ -240,22 +290,8 @@ class KVCache:
           TypeError: for dtypes of another kind than the cache's (floating
             for a quantized cache).
         """
-        key_new, value_new = jnp.asarray(key_new), jnp.asarray(value_new)
-        if self.is_quantized:
-            check_same_kind(("key_new", key_new), ("value_new", value_new))
-            if not jnp.issubdtype(key_new.dtype, jnp.floating):
-                raise TypeError(f"a quantized cache takes floating key_new and value_new, got {key_new.dtype=}")
-        else:
-            check_same_kind(("cache.key", self.key), ("key_new", key_new), ("value_new", value_new))
-        for name, new, cached, letters in (("key_new", key_new, self.key, "B,T,K,H"),
-                                           ("value_new", value_new, self.value, "B,T,K,Hv")):
-            if new.ndim != 4 or new.shape[0] != cached.shape[0] or new.shape[2:] != cached.shape[2:]:
-                raise ValueError(
-                    f"{name} must have shape [{letters}]=({cached.shape[0]}, T, {cached.shape[2]}, {cached.shape[3]}) "
-                    f"for this cache, got {name}.shape={tuple(new.shape)}"
-                )
-        if key_new.shape[1] != value_new.shape[1]:
-            raise ValueError(f"key_new and value_new [B,T,...] differ: {key_new.shape=}, {value_new.shape=}")
+        key_new, value_new = check_new_tokens(key_new, value_new, ("cache.key", self.key), self.value,
+                                              batch_size=self.key.shape[0])
         B, T = key_new.shape[:2]
         count = jnp.full((B,), T, jnp.int32) if num_new is None else row_vector("num_new", num_new, B)
         write = functools.partial(splice_cache, index=self.lengths, num_new=count)

@@ -37,7 +37,15 @@ other calls, and every call on other backends, gather each row's pages into a
 dense ``[B, M * page_size, K, H]`` cache and call
 `gqa_jax.dot_product_attention`. ``paged_kernel=`` pins the choice.
 
-Quantized dtypes are not supported yet (`gqa_jax.KVCache` has them).
+Quantized caches: ``PagedKVCache.init(..., dtype=jnp.int8)`` (or
+``jnp.float8_e4m3fn``) stores keys and values in that dtype with float32
+scale pages ``[P, page_size, K]``, one scale per token per KV head in the
+token's slot, as `gqa_jax.KVCache` does (`gqa_jax.quantization.quantize` on
+`PagedKVCache.update`). `PagedKVCache.attend` gathers the pages and the
+scale pages and hands both to `gqa_jax.dot_product_attention`
+(``key_scale=`` / ``value_scale=``), which never dequantizes the whole cache;
+the paged decode kernels take no scales, so a quantized cache always takes
+this dense path.
 """
 
 from __future__ import annotations
@@ -50,8 +58,8 @@ import numpy as np
 
 from gqa_jax.attention import dot_product_attention
 from gqa_jax.implementations._common import MAX_DECODE_QUERIES
-from gqa_jax.kv_cache import _host_row, check_same_kind, newest_queries
-from gqa_jax.quantization import is_quantized_dtype
+from gqa_jax.kv_cache import _host_row, check_new_tokens, newest_queries
+from gqa_jax.quantization import is_quantized_dtype, quantize
 from gqa_jax.request import concrete_value
 from pallas_kernels.arguments import KERNEL_DTYPES, positive_int, row_vector
 from pallas_kernels.gpu.paged_decode_attention import paged_decode_attention
@@ -79,6 +87,11 @@ class PagedKVCache:
       free_pages: int32 ``[P]``: a stack of page ids, the first ``num_free``
         are free (the rest is stale).
       num_free: int32 ``[]`` free pages.
+      key_scale_pages: float32 ``[P, page_size, K]`` for a quantized cache
+        (int8 or float8_e4m3fn ``key_pages``): the scale of the key in the
+        same slot; else None.
+      value_scale_pages: float32 ``[P, page_size, K]`` for a quantized
+        cache, else None.
 
     Example::
 
@@ -91,6 +104,8 @@ class PagedKVCache:
         cache = cache.update(k, v, num_new=prompt_lengths)  # ragged prefill: rows take 2 and 1 pages
         out = cache.attend(q, num_new=prompt_lengths)       # [2, 20, 4, 16], causal over the cache
         cache = cache.free(jnp.array([True, False]))        # row 0's pages back to the pool
+        int8 = PagedKVCache.init(batch_size=2, num_pages=8, page_size=16, num_kv_heads=2, head_dim=16,
+                                 max_pages_per_row=4, dtype=jnp.int8)  # quantized on update
     """
 
     key_pages: Array
@@ -99,6 +114,8 @@ class PagedKVCache:
     lengths: Array
     free_pages: Array
     num_free: Array
+    key_scale_pages: Array | None = None
+    value_scale_pages: Array | None = None
 
     @classmethod
     def init(
@@ -122,12 +139,13 @@ class PagedKVCache:
           num_kv_heads, head_dim: ``K, H``.
           max_pages_per_row: ``M``, the most pages one row holds (its
             capacity is ``M * page_size`` tokens).
-          dtype: a floating dtype (quantized dtypes are not supported yet).
+          dtype: a floating dtype, or ``jnp.int8`` / ``jnp.float8_e4m3fn`` for
+            a quantized cache (float32 scale pages ``[P, page_size, K]``).
           value_head_dim: ``Hv``; default ``H``.
 
         Raises:
           TypeError: for sizes that are not ints (bools included), or a dtype
-            that is not floating (int8 and float8_e4m3fn included).
+            that is neither floating nor int8 / float8_e4m3fn.
           ValueError: for sizes below 1, or a pool of ``P * page_size >=
             2**31`` token slots.
         """
@@ -135,11 +153,10 @@ class PagedKVCache:
             ("batch_size", batch_size), ("num_pages", num_pages), ("page_size", page_size),
             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("max_pages_per_row", max_pages_per_row)))
         Hv = H if value_head_dim is None else positive_int("value_head_dim", value_head_dim)
-        if is_quantized_dtype(dtype):
-            raise TypeError(f"a PagedKVCache does not support quantized dtypes yet, got dtype={jnp.dtype(dtype)}; "
-                            "use a floating dtype, or gqa_jax.KVCache for a quantized cache")
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(f"dtype must be a floating dtype, got dtype={jnp.dtype(dtype)}")
+        quantized = is_quantized_dtype(dtype)
+        if not (quantized or jnp.issubdtype(dtype, jnp.floating)):
+            raise TypeError(f"dtype must be a floating dtype or int8 / float8_e4m3fn (quantized), got "
+                            f"dtype={jnp.dtype(dtype)}")
         if P * L >= 2**31:
             raise ValueError(f"num_pages * page_size must be < 2**31 (int32 slot ids), got {num_pages=}, {page_size=}")
         return cls(
@@ -149,6 +166,8 @@ class PagedKVCache:
             lengths=jnp.zeros((B,), jnp.int32),
             free_pages=jnp.arange(P - 1, -1, -1, dtype=jnp.int32),  # page 0 on top: taken first
             num_free=jnp.asarray(P, jnp.int32),
+            key_scale_pages=jnp.zeros((P, L, K), jnp.float32) if quantized else None,
+            value_scale_pages=jnp.zeros((P, L, K), jnp.float32) if quantized else None,
         )
 
     # -- sizes and state ---------------------------------------------------------
@@ -167,6 +186,11 @@ class PagedKVCache:
     def page_size(self) -> int:
         """Tokens per page."""
         return self.key_pages.shape[1]
+
+    @property
+    def is_quantized(self) -> bool:
+        """Keys and values stored in int8 or float8_e4m3fn with per-token scales."""
+        return self.key_scale_pages is not None
 
     @property
     def max_pages_per_row(self) -> int:
@@ -217,27 +241,21 @@ class PagedKVCache:
 
         Returns:
           The new cache; ``lengths`` advanced by ``num_new``; new pages taken
-          from the free stack.
+          from the free stack. A quantized cache stores the new tokens
+          quantized (`gqa_jax.quantization.quantize`), their scales in the
+          same slots of the scale pages.
 
         Raises:
           ValueError: for shapes that do not match the cache's, ``num_new``
             outside ``[0, T]``, or (when the cache and ``num_new`` are
             concrete) a write that cannot be stored whole: past a row's
             capacity, out of free pages, or into a row that overflowed earlier.
-          TypeError: for dtypes of another kind than the cache's.
+          TypeError: for dtypes of another kind than the cache's (floating
+            for a quantized cache).
         """
-        key_new, value_new = jnp.asarray(key_new), jnp.asarray(value_new)
-        check_same_kind(("cache.key_pages", self.key_pages), ("key_new", key_new), ("value_new", value_new))
         B = self.batch_size
-        for name, new, pages, letters in (("key_new", key_new, self.key_pages, "B,T,K,H"),
-                                          ("value_new", value_new, self.value_pages, "B,T,K,Hv")):
-            if new.ndim != 4 or new.shape[0] != B or new.shape[2:] != pages.shape[2:]:
-                raise ValueError(
-                    f"{name} must have shape [{letters}]=({B}, T, {pages.shape[2]}, {pages.shape[3]}) for this "
-                    f"cache, got {name}.shape={tuple(new.shape)}"
-                )
-        if key_new.shape[1] != value_new.shape[1]:
-            raise ValueError(f"key_new and value_new [B,T,...] differ: {key_new.shape=}, {value_new.shape=}")
+        key_new, value_new = check_new_tokens(key_new, value_new, ("cache.key_pages", self.key_pages),
+                                              self.value_pages, batch_size=B)
         T = key_new.shape[1]
         count_value = np.full((B,), T) if num_new is None else _host_row(num_new, B)
         count = jnp.full((B,), T, jnp.int32) if num_new is None else row_vector("num_new", num_new, B)
@@ -262,7 +280,8 @@ class PagedKVCache:
         return dataclasses.replace(self, page_table=page_table, num_free=self.num_free - jnp.sum(grant))
 
     def _write(self, key_new: Array, value_new: Array, count: Array) -> "PagedKVCache":
-        """Scatters the first ``count`` new tokens of each row into its pages; tokens without a page are dropped."""
+        """Scatters the first ``count`` new tokens of each row into its pages (quantized, with their scales, in a
+        quantized cache); tokens without a page are dropped."""
         B, T = key_new.shape[:2]
         L, M, P = self.page_size, self.max_pages_per_row, self.num_pages
         t = jnp.arange(T, dtype=jnp.int32)[None, :]
@@ -276,8 +295,18 @@ class PagedKVCache:
             flat = flat.at[slot].set(new.reshape(B * T, *new.shape[2:]).astype(pages.dtype), mode="drop")
             return flat.reshape(pages.shape)
 
-        return dataclasses.replace(self, key_pages=write(self.key_pages, key_new),
-                                   value_pages=write(self.value_pages, value_new), lengths=self.lengths + count)
+        if not self.is_quantized:
+            return dataclasses.replace(self, key_pages=write(self.key_pages, key_new),
+                                       value_pages=write(self.value_pages, value_new), lengths=self.lengths + count)
+        (key_q, key_scale), (value_q, value_scale) = (quantize(x, self.key_pages.dtype) for x in (key_new, value_new))
+        return dataclasses.replace(
+            self,
+            key_pages=write(self.key_pages, key_q),
+            value_pages=write(self.value_pages, value_q),
+            lengths=self.lengths + count,
+            key_scale_pages=write(self.key_scale_pages, key_scale),
+            value_scale_pages=write(self.value_scale_pages, value_scale),
+        )
 
     def _check_stored(self, before: "PagedKVCache", count: Array) -> None:
         """Raises ``ValueError`` when this cache (after a write of ``count``) is concrete and a row lost tokens."""
@@ -357,13 +386,14 @@ class PagedKVCache:
           paged_kernel: True: the Pallas paged decode kernel (compiled on a
             GPU, the TPU one compiled on a TPU, the GPU one in the Pallas
             interpreter elsewhere: slow, for tests); False: gather the pages to
-            a dense cache and call `gqa_jax.dot_product_attention`; None
-            (default): the kernel on a GPU or TPU when ``T <= 16``, the
-            query dtype is bfloat16, float16 or float32 and ``kwargs`` sets
-            only ``scale``, ``local_window_size`` and ``logits_soft_cap``
-            (keywords given as None count as unset, so
-            ``implementation=None`` does not pin the dense path), else the
-            dense path.
+            a dense cache and call `gqa_jax.dot_product_attention` (with
+            the gathered scale pages as ``key_scale`` / ``value_scale`` for a
+            quantized cache); None (default): the kernel on a GPU or TPU
+            when the cache is not quantized, ``T <= 16``, the query dtype is
+            bfloat16, float16 or float32 and ``kwargs`` sets only ``scale``,
+            ``local_window_size`` and ``logits_soft_cap`` (keywords given as
+            None count as unset, so ``implementation=None`` does not pin the
+            dense path), else the dense path.
           **kwargs: any other keyword of `gqa_jax.dot_product_attention`
             (``implementation``, ``local_window_size``, ``logits_soft_cap``
             ...); the kernel takes the three above.
@@ -374,7 +404,8 @@ class PagedKVCache:
         Raises:
           ValueError: for a query that does not fit the cache, (when
             concrete) ``num_new`` above the tokens written (`update` first),
-            or ``paged_kernel=True`` with keywords the kernel does not take.
+            or ``paged_kernel=True`` with keywords the kernel does not take
+            or on a quantized cache (the kernels take no scales).
           TypeError: as `gqa_jax.dot_product_attention`, or a
             ``paged_kernel`` that is not a bool or None.
         """
@@ -388,14 +419,20 @@ class PagedKVCache:
         other = sorted(set(given) - KERNEL_KEYWORDS)
         backend = jax.default_backend()
         if paged_kernel is None:
-            paged_kernel = (backend in ("gpu", "tpu") and T <= MAX_DECODE_QUERIES and not other
-                            and query.dtype in KERNEL_DTYPES)
+            paged_kernel = (backend in ("gpu", "tpu") and not self.is_quantized and T <= MAX_DECODE_QUERIES
+                            and not other and query.dtype in KERNEL_DTYPES)
         if not paged_kernel:
+            def dense(pages):  # [P, page_size, ...] -> [B, M * page_size, ...]; None (no scales) stays None
+                return None if pages is None else gather_pages(pages, self.page_table)
+
             return dot_product_attention(
-                query, gather_pages(self.key_pages, self.page_table), gather_pages(self.value_pages, self.page_table),
-                is_causal=is_causal, query_offset=offset, query_seq_lengths=None if num_new is None else count,
-                key_value_seq_lengths=self.stored_lengths, **kwargs,
+                query, dense(self.key_pages), dense(self.value_pages), is_causal=is_causal, query_offset=offset,
+                query_seq_lengths=None if num_new is None else count, key_value_seq_lengths=self.stored_lengths,
+                key_scale=dense(self.key_scale_pages), value_scale=dense(self.value_scale_pages), **kwargs,
             )
+        if self.is_quantized:
+            raise ValueError(f"the paged decode kernels take no scales, got paged_kernel=True on a quantized cache "
+                             f"(key_pages.dtype={self.key_pages.dtype}); use paged_kernel=False or None")
         if other:
             raise ValueError(f"the paged decode kernel takes only {sorted(KERNEL_KEYWORDS)} besides is_causal, got "
                              f"{other}; use paged_kernel=False or None")

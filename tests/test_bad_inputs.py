@@ -271,7 +271,8 @@ CLASSES = [
         "KVCache.init(float)": lambda: KVCache.init(B, 8.0, K, H),
         "KVCache.init(str)": lambda: KVCache.init(B, S, K, "4"),
     }),
-    BadInput("init_dtype_not_floating", TypeError, r"dtype must be a floating dtype or int8 \(quantized\), got dtype=(int32|bool)", {
+    BadInput("init_dtype_not_floating", TypeError,
+             r"dtype must be a floating dtype or int8 / float8_e4m3fn \(quantized\), got dtype=(int32|bool)", {
         "KVCache.init(int32)": lambda: KVCache.init(B, S, K, H, jnp.int32),
         "KVCache.init(bool)": lambda: KVCache.init(B, S, K, H, jnp.bool_),
     }),
