@@ -478,6 +478,25 @@ def test_attention_fn_receives_flax_arguments(api, kind, random_params, x):
     np.testing.assert_allclose(got, _output(params, jnp.ones((B, T, N, H))), **TOL)
 
 
+def test_attention_fn_gets_only_the_keywords_it_names(api, kind, random_params, x):
+    """As in flax, a function without ``**kwargs`` gets the keywords it names; one without ``mask`` refuses rules."""
+    G = KINDS[kind][1]
+
+    def attention_fn(query, key, value, mask=None):
+        return nn.dot_product_attention(query, key, value, mask=mask)
+
+    def unmasked_fn(query, key, value):
+        return nn.dot_product_attention(query, key, value)
+
+    params = random_params(_layer(api, kind), x, seed=1)
+    got = _layer(api, kind, attention_fn=attention_fn).apply({"params": params}, x, use_causal_mask=True)
+    np.testing.assert_allclose(got, flax_layer(params, x, G, mask=nn.make_causal_mask(x[..., 0])), **TOL)
+    layer = _layer(api, kind, attention_fn=unmasked_fn)
+    np.testing.assert_allclose(layer.apply({"params": params}, x), flax_layer(params, x, G), **TOL)
+    with pytest.raises(ValueError, match="attention_fn takes no mask= argument"):
+        layer.apply({"params": params}, x, use_causal_mask=True)
+
+
 def test_attention_fn_scale_and_dropout(api, kind, random_params, x):
     """A ``scale`` reaches the function (float64 oracle); dropout goes to it with the call's key and flags."""
     G = KINDS[kind][1]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 from collections.abc import Callable
 
@@ -183,7 +184,10 @@ def flax_attention(layer, attention_fn: Callable, q, k, v, *, mask, sow_weights:
     one ``module.sow(nnx.Intermediate, ...)``), as flax's layers let it. The
     key/value heads are repeated to ``N`` (flax's functions take equal head
     counts), the rules (causal, window, segments) become part of ``mask``,
-    and a ``scale`` other than ``1/sqrt(H)`` is folded into the query.
+    and a ``scale`` other than ``1/sqrt(H)`` is folded into the query. As in
+    flax, a function gets only the keywords it names (all of them when it
+    takes ``**kwargs``); one without ``mask`` raises ``ValueError`` when the
+    call has a mask or rules, rather than attending without them.
 
     Returns:
       ``[B, T, N, Hv]``.
@@ -204,6 +208,12 @@ def flax_attention(layer, attention_fn: Callable, q, k, v, *, mask, sow_weights:
         dtype=layer.dtype,
         precision=layer.precision,
     )
+    parameters = inspect.signature(attention_fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        if full_mask is not None and "mask" not in parameters:
+            raise ValueError("attention_fn takes no mask= argument, but this call has a mask or causal/window/segment "
+                             f"rules; got attention_fn with parameters {list(parameters)}")
+        kwargs = {name: value for name, value in kwargs.items() if name in parameters}
     if sow_weights:
         kwargs["module"] = layer
     return attention_fn(q, repeat_kv(k, N // K), repeat_kv(v, N // K), **kwargs)
