@@ -73,3 +73,52 @@ def reference_page_grads(case: PagedCase, q, key_pages, value_pages, table, leng
                 for ref, grad in zip(ref_pages, (ref_k, ref_v)):
                     ref[page] += grad[b, j * L:(j + 1) * L]
     return ref_q, *ref_pages
+
+
+def _small_inputs() -> dict:
+    """Valid float32 paged inputs: ``query [2, 1, 4, 16]``, 6 pages of 16 tokens x K=2 heads of 16, page table
+    ``[[0, 1], [2, -1]]``, lengths ``[20, 3]``."""
+    rng = np.random.default_rng(7)
+    q = jnp.asarray(rng.standard_normal((2, 1, 4, 16)), jnp.float32)
+    pages = jnp.asarray(rng.standard_normal((6, 16, 2, 16)), jnp.float32)
+    return dict(query=q, key_pages=pages, value_pages=pages, page_table=jnp.array([[0, 1], [2, -1]], jnp.int32),
+                lengths=jnp.array([20, 3], jnp.int32))
+
+
+def paged_call(kernel, **statics):
+    """``call(**changes)``: a thunk calling ``kernel`` on `_small_inputs` with ``changes`` (and ``statics``)."""
+    inputs = dict(_small_inputs(), **statics)
+    return lambda **changes: lambda: kernel(**dict(inputs, **changes))
+
+
+def paged_bad_calls(kernel, **statics):
+    """``(name, call, error, match)`` for bad inputs every paged decode kernel refuses (`pallas_kernels.paging`).
+
+    Args:
+      kernel: ``paged_decode_attention`` of a backend.
+      **statics: keywords every call takes (e.g. ``interpret=True``).
+    """
+    call = paged_call(kernel, **statics)
+    inputs = _small_inputs()
+    q, pages, table = inputs["query"], inputs["key_pages"], inputs["page_table"]
+    return [
+        ("table_float", call(page_table=table.astype(jnp.float32)), TypeError, "page_table must be an integer"),
+        ("table_shape", call(page_table=table[:1]), ValueError, r"page_table must have shape \[B, M\]=\(2, M >= 1\)"),
+        ("page_id", call(page_table=table.at[0, 1].set(6)), ValueError,
+         r"page_table\[0, 1\]=6 with lengths\[0\]=20"),
+        ("unused_entry_ok_but_length", call(lengths=jnp.array([20, 17])), ValueError, r"page_table\[1, 1\]=-1"),
+        ("pages_rank", call(key_pages=pages[0]), ValueError, r"key_pages must have rank 4 \[P,page_size,K,H\]"),
+        ("value_page_size", call(value_pages=pages[:, :8]), ValueError, "value_pages .* must match key_pages"),
+        ("query_rank", call(query=q[0]), ValueError, r"query must have rank 4 \[B,T,N,H\]"),
+        ("head_dim", call(query=q[..., :8]), ValueError,
+         r"query and key_pages head dims differ: query.shape\[3\]=8, key_pages.shape\[3\]=16"),
+        ("heads", call(query=q[:, :, :3]), ValueError, "num_heads N=3 must be a multiple of num_kv_heads K=2"),
+        ("dtype", call(query=q.astype(jnp.bfloat16)), TypeError, "query.dtype=bfloat16, key_pages.dtype=float32"),
+        ("int_pages", call(query=q.astype(jnp.int32), key_pages=pages.astype(jnp.int32),
+                           value_pages=pages.astype(jnp.int32)), TypeError, "query.dtype=int32"),
+        ("lengths_above_capacity", call(lengths=jnp.array([33, 0])), ValueError,
+         r"key_value_seq_lengths must be <= S=32, got key_value_seq_lengths=\[33, 0\]"),
+        ("lengths_shape", call(lengths=jnp.array([1, 2, 3])), ValueError, r"lengths must be a scalar or have shape"),
+        ("lengths_none", call(lengths=None), ValueError, "lengths is required"),
+        ("window", call(local_window_size=-1), ValueError, "local_window_size must be non-negative"),
+    ]

@@ -25,7 +25,7 @@ from pallas_kernels.gpu.decode_attention import DecodeBlockSizes
 from pallas_kernels.gpu.paged_decode_attention import paged_decode_attention
 from tests.devices import has_gpu
 from tests.kernel_cases import GRAD_TOLERANCE, TOLERANCE, TOLERANCE_TF32, assert_close
-from tests.paged_cases import PagedCase, paged_case_inputs, reference_page_grads
+from tests.paged_cases import PagedCase, paged_bad_calls, paged_case_inputs, reference_page_grads
 from tests.reference import reference_attention
 
 B, N, K, H = 3, 4, 2, 8
@@ -230,28 +230,8 @@ def test_bad_cache_inputs(name, call, error, match):
         call()
 
 
-def _bad_kernel_calls():
-    rng = np.random.default_rng(7)
-    q, pages = _normal(rng, (2, 1, 4, 16)), _normal(rng, (6, 16, 2, 16))
-    table, lengths = jnp.array([[0, 1], [2, -1]], jnp.int32), jnp.array([20, 3], jnp.int32)
-    call = lambda **kw: lambda: paged_decode_attention(  # noqa: E731
-        **dict(dict(query=q, key_pages=pages, value_pages=pages, page_table=table, lengths=lengths, interpret=True),
-               **kw))
-    return [
-        ("table_float", call(page_table=table.astype(jnp.float32)), TypeError, "page_table must be an integer"),
-        ("table_shape", call(page_table=table[:1]), ValueError, r"page_table must have shape \[B, M\]=\(2, M >= 1\)"),
-        ("page_id", call(page_table=table.at[0, 1].set(6)), ValueError,
-         r"page_table\[0, 1\]=6 with lengths\[0\]=20"),
-        ("unused_entry_ok_but_length", call(lengths=jnp.array([20, 17])), ValueError, r"page_table\[1, 1\]=-1"),
-        ("pages_rank", call(key_pages=pages[0]), ValueError, r"key_pages must have rank 4 \[P,page_size,K,H\]"),
-        ("value_page_size", call(value_pages=pages[:, :8]), ValueError, "value_pages .* must match key_pages"),
-        ("head_dim", call(query=q[..., :8]), ValueError, "query and key_pages head dims differ"),
-        ("dtype", call(query=q.astype(jnp.bfloat16)), TypeError, "must share a dtype"),
-        ("lengths", call(lengths=jnp.array([33, 0])), ValueError, "key_value_seq_lengths"),
-    ]
-
-
-@pytest.mark.parametrize("name, call, error, match", _bad_kernel_calls(), ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize("name, call, error, match", paged_bad_calls(paged_decode_attention, interpret=True),
+                         ids=lambda x: x if isinstance(x, str) else "")
 def test_bad_kernel_inputs(name, call, error, match):
     with pytest.raises(error, match=match):
         call()

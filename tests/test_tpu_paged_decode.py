@@ -23,7 +23,7 @@ from gqa_jax.paged_kv_cache import PagedKVCache
 from pallas_kernels import tpu
 from pallas_kernels.paging import gather_pages
 from tests.kernel_cases import GRAD_TOLERANCE, TOLERANCE, assert_close
-from tests.paged_cases import PagedCase, paged_case_inputs, reference_page_grads
+from tests.paged_cases import PagedCase, paged_bad_calls, paged_call, paged_case_inputs, reference_page_grads
 from tests.reference import reference_attention
 from tests.test_tpu_kernels import NEEDS_TPU, jitted
 from tests.test_tpu_lowering import KERNEL_CALL, export_for_tpu
@@ -180,33 +180,8 @@ def test_forward_and_backward_lower_for_tpu(case):
 
 
 def _bad_calls():
-    rng = np.random.default_rng(7)
-    q = jnp.asarray(rng.standard_normal((2, 1, 4, 16)), jnp.float32)
-    pages = jnp.asarray(rng.standard_normal((6, 16, 2, 16)), jnp.float32)
-    table, lengths = jnp.array([[0, 1], [2, -1]], jnp.int32), jnp.array([20, 3], jnp.int32)
-    call = lambda **kw: lambda: tpu.paged_decode_attention(  # noqa: E731
-        **dict(dict(query=q, key_pages=pages, value_pages=pages, page_table=table, lengths=lengths, interpret=True),
-               **kw))
-    return [
-        ("table_float", call(page_table=table.astype(jnp.float32)), TypeError, "page_table must be an integer"),
-        ("table_shape", call(page_table=table[:1]), ValueError, r"page_table must have shape \[B, M\]=\(2, M >= 1\)"),
-        ("page_id", call(page_table=table.at[0, 1].set(6)), ValueError,
-         r"page_table\[0, 1\]=6 with lengths\[0\]=20"),
-        ("unused_entry_ok_but_length", call(lengths=jnp.array([20, 17])), ValueError, r"page_table\[1, 1\]=-1"),
-        ("pages_rank", call(key_pages=pages[0]), ValueError, r"key_pages must have rank 4 \[P,page_size,K,H\]"),
-        ("value_page_size", call(value_pages=pages[:, :8]), ValueError, "value_pages .* must match key_pages"),
-        ("query_rank", call(query=q[0]), ValueError, r"query must have rank 4 \[B,T,N,H\]"),
-        ("head_dim", call(query=q[..., :8]), ValueError,
-         r"query and key_pages head dims differ: query.shape\[3\]=8, key_pages.shape\[3\]=16"),
-        ("heads", call(query=q[:, :, :3]), ValueError, "num_heads N=3 must be a multiple of num_kv_heads K=2"),
-        ("dtype", call(query=q.astype(jnp.bfloat16)), TypeError, "query.dtype=bfloat16, key_pages.dtype=float32"),
-        ("int_pages", call(query=q.astype(jnp.int32), key_pages=pages.astype(jnp.int32),
-                           value_pages=pages.astype(jnp.int32)), TypeError, "query.dtype=int32"),
-        ("lengths_above_capacity", call(lengths=jnp.array([33, 0])), ValueError,
-         r"key_value_seq_lengths must be <= S=32, got key_value_seq_lengths=\[33, 0\]"),
-        ("lengths_shape", call(lengths=jnp.array([1, 2, 3])), ValueError, r"lengths must be a scalar or have shape"),
-        ("lengths_none", call(lengths=None), ValueError, "lengths is required"),
-        ("window", call(local_window_size=-1), ValueError, "local_window_size must be non-negative"),
+    call = paged_call(tpu.paged_decode_attention, interpret=True)
+    return paged_bad_calls(tpu.paged_decode_attention, interpret=True) + [
         ("block_of_keys", call(block_sizes=Blocks(9)), ValueError,
          r"pages_per_block \* page_size = 9 \* 16 = 144 keys per block must be a multiple of NUM_LANES=128"),
         ("interpret", call(interpret="yes"), TypeError, "interpret='yes'"),
