@@ -53,6 +53,16 @@ def check_same_kind(*named_arrays) -> None:
         raise TypeError(f"cache writes need floating (or integer) arrays on both sides, got {got}")
 
 
+def check_cache_dtype(dtype) -> bool:
+    """Whether a cache of ``dtype`` is quantized (int8, float8_e4m3fn); raises ``TypeError`` unless it is that or
+    floating."""
+    quantized = is_quantized_dtype(dtype)
+    if not (quantized or jnp.issubdtype(dtype, jnp.floating)):
+        raise TypeError(f"dtype must be a floating dtype or int8 / float8_e4m3fn (quantized), got "
+                        f"dtype={jnp.dtype(dtype)}")
+    return quantized
+
+
 def check_new_tokens(key_new, value_new, stored_key: tuple[str, Array], stored_value: Array, *,
                      batch_size: int) -> tuple[Array, Array]:
     """Checks the new tokens of a cache write against the cache's storage; returns them as arrays.
@@ -244,10 +254,7 @@ class KVCache:
             ("batch_size", batch_size), ("max_length", max_length), ("num_kv_heads", num_kv_heads),
             ("head_dim", head_dim)))
         Hv = H if value_head_dim is None else positive_int("value_head_dim", value_head_dim)
-        quantized = is_quantized_dtype(dtype)
-        if not (quantized or jnp.issubdtype(dtype, jnp.floating)):
-            raise TypeError(f"dtype must be a floating dtype or int8 / float8_e4m3fn (quantized), got "
-                            f"dtype={jnp.dtype(dtype)}")
+        quantized = check_cache_dtype(dtype)
         return cls(
             key=jnp.zeros((B, S, K, H), dtype),
             value=jnp.zeros((B, S, K, Hv), dtype),

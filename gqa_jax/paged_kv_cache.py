@@ -58,8 +58,8 @@ import numpy as np
 
 from gqa_jax.attention import dot_product_attention
 from gqa_jax.implementations._common import MAX_DECODE_QUERIES
-from gqa_jax.kv_cache import _host_row, check_new_tokens, newest_queries
-from gqa_jax.quantization import is_quantized_dtype, quantize
+from gqa_jax.kv_cache import _host_row, check_cache_dtype, check_new_tokens, newest_queries
+from gqa_jax.quantization import quantize
 from gqa_jax.request import concrete_value
 from pallas_kernels.arguments import KERNEL_DTYPES, positive_int, row_vector
 from pallas_kernels.gpu.paged_decode_attention import paged_decode_attention
@@ -153,10 +153,7 @@ class PagedKVCache:
             ("batch_size", batch_size), ("num_pages", num_pages), ("page_size", page_size),
             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("max_pages_per_row", max_pages_per_row)))
         Hv = H if value_head_dim is None else positive_int("value_head_dim", value_head_dim)
-        quantized = is_quantized_dtype(dtype)
-        if not (quantized or jnp.issubdtype(dtype, jnp.floating)):
-            raise TypeError(f"dtype must be a floating dtype or int8 / float8_e4m3fn (quantized), got "
-                            f"dtype={jnp.dtype(dtype)}")
+        quantized = check_cache_dtype(dtype)
         if P * L >= 2**31:
             raise ValueError(f"num_pages * page_size must be < 2**31 (int32 slot ids), got {num_pages=}, {page_size=}")
         return cls(
@@ -436,12 +433,9 @@ class PagedKVCache:
         if other:
             raise ValueError(f"the paged decode kernel takes only {sorted(KERNEL_KEYWORDS)} besides is_causal, got "
                              f"{other}; use paged_kernel=False or None")
-        if backend == "tpu":
-            out = tpu_paged_decode_attention(query, self.key_pages, self.value_pages, self.page_table,
-                                             self.stored_lengths, is_causal=is_causal, query_offset=offset, **given)
-        else:
-            out = paged_decode_attention(query, self.key_pages, self.value_pages, self.page_table, self.stored_lengths,
-                                         is_causal=is_causal, query_offset=offset, interpret=backend != "gpu", **given)
+        kernel = tpu_paged_decode_attention if backend == "tpu" else paged_decode_attention
+        out = kernel(query, self.key_pages, self.value_pages, self.page_table, self.stored_lengths,
+                     is_causal=is_causal, query_offset=offset, interpret=backend not in ("gpu", "tpu"), **given)
         if num_new is None:
             return out
         return jnp.where((jnp.arange(T) < count[:, None])[:, :, None, None], out, jnp.zeros((), out.dtype))

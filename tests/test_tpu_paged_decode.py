@@ -207,7 +207,7 @@ def tpu_backend(monkeypatch):
 
     def recording(*args, **kwargs):
         calls.append(kwargs)
-        return tpu.paged_decode_attention(*args, **kwargs, interpret=True)
+        return tpu.paged_decode_attention(*args, **dict(kwargs, interpret=True))  # no TPU here: interpret
 
     monkeypatch.setattr(paged_kv_cache, "tpu_paged_decode_attention", recording)
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
@@ -228,6 +228,7 @@ def test_attend_picks_the_tpu_kernel_on_tpu(tpu_backend):
     cache = cache.update(k, v, num_new=n)
     out = cache.attend(q, num_new=n, logits_soft_cap=4.0, implementation=None)
     assert len(tpu_backend) == 1 and tpu_backend[0]["logits_soft_cap"] == 4.0
+    assert tpu_backend[0]["interpret"] is False  # compiled on a TPU
     lengths = np.asarray(cache.stored_lengths)
     dense = [np.asarray(gather_pages(x, cache.page_table), np.float64) for x in (cache.key_pages, cache.value_pages)]
     ref, _ = reference_attention(q, *dense, is_causal=True, query_offset=lengths - np.asarray(n),
