@@ -4,8 +4,9 @@ On any machine: every case the kernel serves lowers to Mosaic GPU for CUDA
 (`jax.export`, which also runs Mosaic GPU's own checks, such as shared-memory
 fit); gradients lower to the Mosaic forward plus the two Mosaic backward
 kernels (dQ, dK/dV), or to the Triton backward kernels where the Mosaic
-backward refuses (head dim 256) or is asked not to run; what it does not serve
-is refused by name. On a Hopper GPU: the shared kernel cases run compiled,
+backward refuses (head dim 256) or is asked not to run; segment ids lower on
+both grids and every head dim, and reach all three kernels; what it does not
+serve is refused by name. On a Hopper GPU: the shared kernel cases run compiled,
 forward and gradients (float32 cases in bfloat16: the kernel has no float32
 path).
 Pallas has no Mosaic-GPU interpreter that runs these kernels on a CPU, so the
@@ -14,6 +15,7 @@ compiled class skips without a Hopper GPU and says so.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -30,11 +32,8 @@ from pallas_kernels.rules import Rules
 from tests.devices import on_hopper
 from tests.kernel_cases import FLASH_CASES, GRAD_CASES, FlashKernelCases, make_inputs
 
-# Cases the kernel refuses: a bias, segment ids, a head dim outside 64/128/256, Hv != H.
-REFUSED = frozenset({
-    "segments_causal", "bias_full", "lengths_window_segments_softcap", "h80_padded_causal_bf16",
-    "scale_and_value_dim", "grad_segments_window_softcap", "grad_bias_bf16",
-})
+# Cases the kernel refuses: a bias, a head dim outside 64/128/256, Hv != H.
+REFUSED = frozenset({"bias_full", "h80_padded_causal_bf16", "scale_and_value_dim", "grad_bias_bf16"})
 SERVED = [c for c in FLASH_CASES if c.name not in REFUSED]
 
 
@@ -138,7 +137,7 @@ def test_backward_block_sizes_validate_and_fit_shared_memory():
 @pytest.mark.parametrize("case", sorted(c.name for c in FLASH_CASES if c.name in REFUSED and not c.bias))
 def test_refuses_what_it_does_not_serve_by_name(case):
     q, k, v, _, rules = _as_bf16(next(c for c in FLASH_CASES if c.name == case))
-    with pytest.raises(NotImplementedError, match="cannot serve this call: .*(segment|head dim|Hv)"):
+    with pytest.raises(NotImplementedError, match="cannot serve this call: .*(head dim|Hv)"):
         mgpu.flash_attention(q, k, v, **rules)
 
 
@@ -183,6 +182,62 @@ def test_both_grids_lower_for_both_masks(is_causal, persistent):
     assert calls == {"mosaic_gpu_v2"}, calls
 
 
+def _segment_ids(B: int, length: int, seed: int) -> np.ndarray:
+    """Sorted random segment ids ``[B, length]`` in ``[0, 4)``: packed sequences of random lengths."""
+    return np.sort(np.random.default_rng(seed).integers(0, 4, (B, length)), axis=1).astype(np.int32)
+
+
+def _mosaic_operands(text: str) -> list[int]:
+    """The operand count of each Mosaic-GPU custom call in lowered ``text``."""
+    return [len(args.split(",")) for args in re.findall(r"custom_call @mosaic_gpu_v2\(([^)]*)\)", text)]
+
+
+# Head dim 256 has no shared memory for the persistent grid's output tile.
+@pytest.mark.parametrize("head_dim,persistent", [(64, False), (64, True), (128, False), (128, True), (256, False)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_segment_ids_lower_on_both_grids(head_dim, persistent, is_causal):
+    # T != S with lengths: both sides' ids are padded to the tiles and masked together with the lengths.
+    q = jax.ShapeDtypeStruct((2, 300, 8, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 500, 2, head_dim), jnp.bfloat16)
+    q_seg, kv_seg = jax.ShapeDtypeStruct((2, 300), jnp.int32), jax.ShapeDtypeStruct((2, 500), jnp.int32)
+    blocks = dataclasses.replace(mgpu.MosaicBlockSizes.for_call(head_dim, is_causal), persistent=persistent)
+
+    def attend(q, k, v, q_seg, kv_seg):
+        return mgpu.flash_attention(q, k, v, is_causal=is_causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                                    key_value_seq_lengths=jnp.array([500, 123]), block_sizes=blocks)
+
+    text = jax.export.export(jax.jit(attend), platforms=["cuda"])(q, kv, kv, q_seg, kv_seg).mlir_module()
+    # offset, q_len, kv_len, q, k, v and the two segment-id arrays; without segment ids the kernel takes six.
+    assert _mosaic_operands(text) == [8], _mosaic_operands(text)
+    plain = jax.export.export(jax.jit(lambda q, k, v: mgpu.flash_attention(q, k, v, is_causal=is_causal,
+                                                                           block_sizes=blocks)),
+                              platforms=["cuda"])(q, kv, kv).mlir_module()
+    assert _mosaic_operands(plain) == [6], _mosaic_operands(plain)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("T,S", [(300, 300), (200, 333)])
+def test_segment_id_gradients_lower_to_mosaic_forward_and_backward(head_dim, is_causal, T, S):
+    q = jnp.asarray(np.random.default_rng(0).standard_normal((2, T, 4, head_dim)), jnp.bfloat16)
+    k = jnp.asarray(np.random.default_rng(1).standard_normal((2, S, 2, head_dim)), jnp.bfloat16)
+    rules = dict(is_causal=is_causal, q_segment_ids=_segment_ids(2, T, 2), kv_segment_ids=_segment_ids(2, S, 3),
+                 query_seq_lengths=np.array([T, T // 2], np.int32), key_value_seq_lengths=np.array([S, 101], np.int32))
+    calls, text = _gradient_calls(q, k, k, rules)
+    assert calls == ["mosaic_gpu_v2"] * 3, calls  # the forward, dQ and dK/dV kernels
+    # Each kernel takes both segment-id arrays: forward 6 + 2; dQ and dK/dV 9 (with lse, dO, delta) + 2.
+    assert sorted(_mosaic_operands(text)) == [8, 11, 11], _mosaic_operands(text)
+
+
+def test_segment_ids_at_head_dim_256_fall_back_to_triton_backward():
+    q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 200, 4, 256)), jnp.bfloat16)
+    seg = _segment_ids(1, 200, 4)
+    calls, text = _gradient_calls(q, q[:, :, :2], q[:, :, :2], dict(is_causal=True, q_segment_ids=seg,
+                                                                    kv_segment_ids=seg))
+    assert calls.count("mosaic_gpu_v2") == 1, calls  # the forward only
+    assert "gqa_flash_dkdv" in text and "gqa_flash_dq" in text
+
+
 def test_dispatch_puts_it_first_on_gpus_and_falls_back_off_hopper(monkeypatch):
     assert gqa_jax.implementations("gpu")[:2] == ("pallas_mosaic_gpu", "pallas_triton")
     monkeypatch.setattr(dispatch, "current_platform", lambda: "gpu")
@@ -190,6 +245,10 @@ def test_dispatch_puts_it_first_on_gpus_and_falls_back_off_hopper(monkeypatch):
     request = gqa_jax.make_request(q, q[:, :, :2], q[:, :, :2], is_causal=True)
     chosen = dispatch.choose(request)
     assert chosen.name == ("pallas_mosaic_gpu" if on_hopper() else "pallas_triton")
+    seg = np.zeros((1, 256), np.int32)
+    chosen = dispatch.choose(gqa_jax.make_request(q, q[:, :, :2], q[:, :, :2], is_causal=True, q_segment_ids=seg,
+                                                  kv_segment_ids=seg))
+    assert chosen.name == ("pallas_mosaic_gpu" if on_hopper() else "pallas_triton")  # segment ids are served
     with pytest.raises(ValueError, match="pallas_mosaic_gpu: .*bias"):
         dispatch.choose(gqa_jax.make_request(q, q, q, bias=np.zeros((256, 256), np.float32)), "pallas_mosaic_gpu")
 

@@ -37,9 +37,10 @@ import numpy as np
 from pallas_kernels.gpu import flash_attention_mgpu as mgpu
 from pallas_kernels.gpu import flash_attention_mgpu_backward as mgpu_bwd
 from pallas_kernels.rules import Rules
-from tools.mgpu_flash_check import BENCH, BF16, FP16, _kwargs, reference, time_fn
+from tools.mgpu_flash_check import BENCH, BF16, FP16, _kwargs, reference, segment_ids, time_fn
 
-# name, (B, T, S, N, K, H), dtype, rules keywords (lengths/offsets as lists)
+# name, (B, T, S, N, K, H), dtype, rules keywords (lengths/offsets as lists; ``segments=n``: random segment ids,
+# `tools.mgpu_flash_check.segment_ids`)
 GRAD_CASES = [
     ("causal_kvlen_g4_h128", (2, 200, 333, 8, 2, 128), BF16, dict(is_causal=True, key_value_seq_lengths=[333, 250])),
     ("full_g4_h64", (2, 256, 256, 8, 2, 64), BF16, {}),
@@ -56,6 +57,11 @@ GRAD_CASES = [
     ("long_causal_g8", (1, 2048, 2048, 16, 2, 128), BF16, dict(is_causal=True)),
     ("decode_T1", (2, 1, 777, 8, 1, 128), BF16, dict(is_causal=True)),
     ("h256_causal_triton_fallback", (1, 256, 256, 4, 2, 256), BF16, dict(is_causal=True)),
+    ("segments_causal_h128", (2, 300, 300, 8, 2, 128), BF16,
+     dict(is_causal=True, segments=4, key_value_seq_lengths=[300, 211])),
+    ("segments_full_TneS_h64", (2, 200, 333, 8, 2, 64), BF16, dict(segments=3, query_seq_lengths=[200, 150])),
+    ("segments_unsorted_window_softcap", (1, 256, 256, 4, 2, 128), BF16,
+     dict(is_causal=True, local_window_size=(64, 0), segments=3, segments_sorted=False, logits_soft_cap=20.0)),
 ]
 TOLERANCE = {BF16: 3e-2, FP16: 1e-2}
 DEFAULT_VARIANTS = "64.64.64.64.3,64.64.64.128.2"
@@ -66,7 +72,7 @@ def check_grad(name, dims, dtype, kw, key: int):
     rng = np.random.default_rng(key)
     q, k, v, do = (jnp.asarray(rng.standard_normal(shape, np.float32))
                    for shape in ((B, T, N, H), (B, S, K, H), (B, S, K, H), (B, T, N, H)))
-    kw = _kwargs(kw)
+    kw = _kwargs(segment_ids(kw, rng, B, T, S))
     args = tuple(x.astype(dtype) for x in (q, k, v))
     which = mgpu.choose_backward(*args, Rules.create(args[0], args[1], **kw))
 

@@ -38,7 +38,8 @@ from pallas_kernels.numerics import DEAD_LSE
 LOG2E = math.log2(math.e)
 BF16, FP16 = jnp.bfloat16, jnp.float16
 
-# name, (B, T, S, N, K, H), dtype, rules keywords (lengths/offsets as lists), blocks (bq, bkv, stages) or None
+# name, (B, T, S, N, K, H), dtype, rules keywords (lengths/offsets as lists; ``segments=n``: random segment ids,
+# `segment_ids`), blocks (bq, bkv, stages) or None
 CASES = [
     ("full_g4_h128", (2, 256, 256, 8, 2, 128), BF16, {}, None),
     ("causal_g4_h128", (2, 256, 256, 8, 2, 128), BF16, dict(is_causal=True), None),
@@ -71,6 +72,15 @@ CASES = [
      (64, 128, 2, True)),
     # Values near bf16's max (issue 17): uniform in +-1e38; the float32 accumulator must not overflow.
     ("bf16_values_near_max", (1, 512, 4096, 4, 2, 128), BF16, dict(is_causal=True, value_scale=1e38), None),
+    # Segment ids: packed sequences (sorted ids), ids in any order, T != S (rows whose segment has no key are dead),
+    # and the persistent grid with more items than SMs (the key tiles' ids ride the K ring across items).
+    ("segments_causal_h128", (2, 300, 300, 8, 2, 128), BF16,
+     dict(is_causal=True, segments=4, key_value_seq_lengths=[300, 211]), None),
+    ("segments_full_TneS_h64", (2, 200, 333, 8, 2, 64), BF16, dict(segments=3, query_seq_lengths=[200, 150]), None),
+    ("segments_unsorted_window_softcap_fp16", (1, 256, 256, 4, 2, 128), FP16,
+     dict(is_causal=True, local_window_size=(64, 0), segments=3, segments_sorted=False, logits_soft_cap=20.0), None),
+    ("segments_h256_causal", (1, 256, 256, 4, 2, 256), BF16, dict(is_causal=True, segments=3), None),
+    ("segments_persistent_full", (4, 512, 512, 16, 2, 128), BF16, dict(segments=5), (64, 128, 2, True)),
 ]
 
 # Gradients: tools/mgpu_flash_bwd_check.py (a superset of the cases this tool had).
@@ -85,7 +95,8 @@ BENCH = [
 
 
 def reference(q, k, v, *, scale=None, is_causal=False, query_offset=None, query_seq_lengths=None,
-              key_value_seq_lengths=None, local_window_size=None, logits_soft_cap=None):
+              key_value_seq_lengths=None, local_window_size=None, logits_soft_cap=None, q_segment_ids=None,
+              kv_segment_ids=None):
     """Float32 attention with its own masks: ``(out [B,T,N,H], lse2 [B,N,T])``; dead rows give 0 and DEAD_LSE."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -114,6 +125,8 @@ def reference(q, k, v, *, scale=None, is_causal=False, query_offset=None, query_
         left, right = (local_window_size, local_window_size) if isinstance(local_window_size, int) \
             else local_window_size
         mask = mask & (s_idx >= q_pos - left) & (s_idx <= q_pos + right)
+    if q_segment_ids is not None:
+        mask = mask & (jnp.asarray(q_segment_ids)[:, :, None] == jnp.asarray(kv_segment_ids)[:, None, :])
     mask = mask[:, None, None]  # [B,1,1,T,S]
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
@@ -150,6 +163,26 @@ def _kwargs(kw):
     return {name: (jnp.asarray(val, jnp.int32) if isinstance(val, list) else val) for name, val in kw.items()}
 
 
+def segment_ids(kw, rng, B, T, S):
+    """``kw`` with ``segments=n`` (and ``segments_sorted``, default True) replaced by random segment ids in ``[0, n)``.
+
+    Sorted ids are packed sequences of random lengths; unsorted ones mix the segments. ``kv_segment_ids`` is
+    ``q_segment_ids`` when ``T == S``, else drawn on its own (queries whose segment has no key see nothing).
+    """
+    kw = dict(kw)
+    count, is_sorted = kw.pop("segments", None), kw.pop("segments_sorted", True)
+    if count is None:
+        return kw
+
+    def draw(length):
+        ids = rng.integers(0, count, (B, length)).astype(np.int32)
+        return np.sort(ids, axis=1) if is_sorted else ids
+
+    kw["q_segment_ids"] = jnp.asarray(draw(T))
+    kw["kv_segment_ids"] = kw["q_segment_ids"] if T == S else jnp.asarray(draw(S))
+    return kw
+
+
 def check_case(name, dims, dtype, kw, blocks, key: int):
     B, T, S, N, K, H = dims
     rng = np.random.default_rng(key)
@@ -159,7 +192,7 @@ def check_case(name, dims, dtype, kw, blocks, key: int):
                for shape in ((B, T, N, H), (B, S, K, H), (B, S, K, H)))
     if value_scale is not None:
         v = jnp.asarray(rng.uniform(-value_scale, value_scale, (B, S, K, H)).astype(np.float32)).astype(dtype)
-    kw = _kwargs(kw)
+    kw = _kwargs(segment_ids(kw, rng, B, T, S))
     fn = jax.jit(lambda q, k, v: mgpu.flash_attention(q, k, v, block_sizes=_blocks(blocks), return_residuals=True,
                                                       **kw))
     out, lse = jax.block_until_ready(fn(q, k, v))

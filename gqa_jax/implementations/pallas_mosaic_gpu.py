@@ -2,8 +2,8 @@
 
 First on GPUs of compute capability 9.x for the prefill-shaped calls its
 kernel serves (`pallas_kernels.gpu.flash_attention_mgpu.unsupported_reason`
-says what it does not: a bias or dense mask, segment ids, float32, head dims
-other than 64/128/256); decode-shaped calls and everything else fall back to
+says what it does not: a bias or dense mask, float32, head dims other than
+64/128/256); decode-shaped calls and everything else fall back to
 ``"pallas_triton"`` per request. The forward runs on Mosaic GPU; the backward
 on the Mosaic-GPU backward kernels from its residuals (head dims 64 and 128),
 on the Triton backward kernels otherwise

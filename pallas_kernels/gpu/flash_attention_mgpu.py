@@ -5,9 +5,9 @@ Layout ``query [B,T,N,H]``, ``key [B,S,K,H]``, ``value [B,S,K,H]``, output
 attention: query head ``n`` streams the tiles of key/value head ``n // G``
 straight from ``key``/``value`` (never repeated).
 
-Serves the rules of `pallas_kernels.rules.Rules` except segment ids: causal
-with per-row query offsets (bottom-right by default when ``T != S``), query
-and key lengths, a sliding window and a logit soft-cap; bf16 and fp16; head
+Serves the rules of `pallas_kernels.rules.Rules`: causal with per-row query
+offsets (bottom-right by default when ``T != S``), query and key lengths,
+segment ids, a sliding window and a logit soft-cap; bf16 and fp16; head
 dims 64, 128 and 256. No bias. `unsupported_reason` says what it refuses, so
 dispatch can fall back to the Triton kernel. The output contract is the
 Triton forward's (`pallas_kernels.numerics`): ``lse = m + log2(l)`` of the
@@ -44,7 +44,12 @@ tile's writes and TMA store.
 Both consumers walk the key tiles the CTA can see (``rules.kv_range`` of its
 rows); tiles outside it are never loaded. For each consumer the tiles its
 rows all see fully (``rules.kv_full_range``) run without mask arithmetic; the
-others are masked (causal/window, key length, query length). Masked logits are
+others are masked (causal/window, key length, query length). With segment ids
+every tile is masked: each consumer loads its rows' query segment ids once
+per item (one per row of its ``wgmma`` logits), and the producer copies each
+key tile's segment ids by TMA into a ring beside K's, behind the same "ready"
+barrier (two arrivals then); the consumers load them (one per column) before
+they release the K slot. Masked logits are
 ``-inf`` and the running max starts at a finite floor, so a row that has seen
 nothing keeps ``p == 0`` and ``l == 0`` and never meets ``inf - inf``. In
 bf16, ``p`` is taken against ``m + P_SHIFT`` (so ``p <= 2^-32`` and the float32
@@ -66,6 +71,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import llvm
 
 from pallas_kernels.arguments import check_qkv, out_struct, pad_axis, round_up, vary_like
 from pallas_kernels.gpu import flash_attention_mgpu_backward as mgpu_backward
@@ -86,6 +93,8 @@ PRODUCER_REGISTERS = 40
 # Floor of the running row max: finite, so exp2(m_old - m_new) is never inf - inf.
 M_FLOOR = -1e30
 RCP_LN2 = 1.0 / math.log(2.0)
+_ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a [64, n] wgmma tile
+_COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
 # bf16 only: p = exp2(logit - (m + P_SHIFT)) <= 2^-P_SHIFT, so the float32 sum of p * v stays finite for values
 # near bf16's max (~2^128) over up to 2^(P_SHIFT - 1) keys; lse adds it back. fp16 needs none (its max is 65504)
 # and its p would lose range; bf16 keeps float32's exponent range, so p loses no precision.
@@ -140,19 +149,20 @@ class MosaicBlockSizes:
             return cls(block_q=64, block_kv=128, max_concurrent_steps=2, persistent=not is_causal)
         return cls(block_q=64, block_kv=64, max_concurrent_steps=2)
 
-    def smem_bytes(self, head_dim: int, itemsize: int) -> int:
-        """Shared memory of the Q/O tiles, the K/V ring and the lse rows."""
+    def smem_bytes(self, head_dim: int, itemsize: int, segments: bool = False) -> int:
+        """Shared memory of the Q/O tiles, the K/V ring, the lse rows and (with segments) the key segment-id ring."""
         q = NUM_CONSUMERS * self.block_q * head_dim * itemsize * (2 if self.persistent else 1)
         kv = 2 * self.max_concurrent_steps * self.block_kv * head_dim * itemsize
-        return q + kv + NUM_CONSUMERS * self.block_q * 4 + SMEM_OVERHEAD
+        kv_seg = self.max_concurrent_steps * self.block_kv * 4 if segments else 0
+        return q + kv + kv_seg + NUM_CONSUMERS * self.block_q * 4 + SMEM_OVERHEAD
 
-    def check(self, head_dim: int, itemsize: int) -> None:
-        """Raises ValueError when the tiles do not fit shared memory for ``head_dim``."""
-        need = self.smem_bytes(head_dim, itemsize)
+    def check(self, head_dim: int, itemsize: int, segments: bool = False) -> None:
+        """Raises ValueError when the tiles do not fit shared memory for ``head_dim`` (and segment ids)."""
+        need = self.smem_bytes(head_dim, itemsize, segments)
         if need > SMEM_BYTES:
             raise ValueError(
                 f"block_kv={self.block_kv} with max_concurrent_steps={self.max_concurrent_steps} needs {need} bytes "
-                f"of shared memory at head_dim={head_dim}, more than SMEM_BYTES={SMEM_BYTES}"
+                f"of shared memory at head_dim={head_dim} ({segments=}), more than SMEM_BYTES={SMEM_BYTES}"
             )
 
 
@@ -192,8 +202,9 @@ def flash_attention(
       query_offset: int or int ``[B]``: position of query 0 of each row.
       query_seq_lengths: int ``[B]`` valid queries (the rest output zeros).
       key_value_seq_lengths: int ``[B]`` valid keys.
-      q_segment_ids: not supported yet (raises).
-      kv_segment_ids: not supported yet (raises).
+      q_segment_ids: int ``[B, T]``: query ``t`` sees key ``s`` only where
+        ``q_segment_ids[b, t] == kv_segment_ids[b, s]``.
+      kv_segment_ids: int ``[B, S]``.
       local_window_size: int or ``(left, right)``.
       logits_soft_cap: ``cap * tanh(logits / cap)``.
       block_sizes: tiles; default `MosaicBlockSizes.for_call`.
@@ -239,7 +250,7 @@ def flash_attention_core(query, key, value, rules: Rules, *, block_sizes: Mosaic
       query: ``[B, T, N, H]``.
       key: ``[B, S, K, H]``.
       value: ``[B, S, K, H]``.
-      rules: the validated rules of the call (no segment ids).
+      rules: the validated rules of the call.
       block_sizes: forward tiles; default `MosaicBlockSizes.for_call`.
       backward: ``"mosaic"``, ``"triton"`` or ``"auto"`` (`choose_backward`).
 
@@ -303,8 +314,6 @@ def _unsupported_inputs(query, key, value, rules: Rules, bias) -> str | None:
     """The shape, dtype and rule checks of `unsupported_reason` (no device check)."""
     if bias is not None:
         return "a bias is not supported"
-    if rules.has_segments:
-        return "segment ids are not supported yet"
     dtype = jnp.dtype(query.dtype)
     if dtype not in DTYPES or jnp.dtype(key.dtype) != dtype or jnp.dtype(value.dtype) != dtype:
         return f"dtypes must be bf16 or fp16 and equal, got {query.dtype=}, {key.dtype=}, {value.dtype=}"
@@ -359,13 +368,13 @@ def forward(query, key, value, rules: Rules, block_sizes: MosaicBlockSizes | Non
       query: ``[B, T, N, H]``.
       key: ``[B, S, K, H]``.
       value: ``[B, S, K, H]``.
-      rules: the validated rules of the call (no segment ids).
+      rules: the validated rules of the call.
       block_sizes: tiles; default `MosaicBlockSizes.for_call`.
     """
     B, T, N, H = query.shape
     S = key.shape[1]
     blocks = block_sizes or MosaicBlockSizes.for_call(H, rules.is_causal)
-    blocks.check(H, jnp.dtype(query.dtype).itemsize)
+    blocks.check(H, jnp.dtype(query.dtype).itemsize, rules.has_segments)
     T_pad = round_up(T, NUM_CONSUMERS * blocks.block_q)
     S_pad = round_up(S, blocks.block_kv)
     q = pad_axis(query, 1, T_pad)
@@ -375,12 +384,17 @@ def forward(query, key, value, rules: Rules, block_sizes: MosaicBlockSizes | Non
     # Keys past S are padding whatever the lengths say (under jit they are not checked).
     kv_len = jnp.minimum(padded.kv_len, S)
     q_len = jnp.minimum(padded.q_len, T)
-    out, lse = _forward_call(padded, blocks, padded.q_offset, q_len, kv_len, q, k, v)
+    segments = (padded.q_segment_ids, padded.kv_segment_ids) if padded.has_segments else None
+    out, lse = _forward_call(padded, blocks, padded.q_offset, q_len, kv_len, q, k, v, segments)
     return out[:, :T], lse[:, :, :T]
 
 
-def _forward_call(rules: Rules, blocks: MosaicBlockSizes, offset, q_len, kv_len, q, k, v):
-    """The ``plgpu.kernel`` on padded inputs: ``(out [B,T_pad,N,H], lse [B,N,T_pad])``."""
+def _forward_call(rules: Rules, blocks: MosaicBlockSizes, offset, q_len, kv_len, q, k, v, segments):
+    """The ``plgpu.kernel`` on padded inputs: ``(out [B,T_pad,N,H], lse [B,N,T_pad])``.
+
+    ``segments`` is ``(q_segment_ids [B,T_pad], kv_segment_ids [B,S_pad])`` or None; the segment work is compiled
+    in only with them.
+    """
     B, T_pad, N, H = q.shape
     K = k.shape[2]
     rows = NUM_CONSUMERS * blocks.block_q
@@ -393,7 +407,9 @@ def _forward_call(rules: Rules, blocks: MosaicBlockSizes, offset, q_len, kv_len,
         plgpu.SMEM((stages, blocks.block_kv, H), k.dtype, transforms=tiled),
         plgpu.SMEM((stages, blocks.block_kv, H), v.dtype, transforms=tiled),
         plgpu.SMEM((NUM_CONSUMERS, blocks.block_q), jnp.float32),
-        plgpu.Barrier(num_barriers=stages),
+        # The key tiles' segment ids, one ring slot per K slot, copied behind K's "ready" barrier (two arrivals).
+        None if segments is None else plgpu.SMEM((stages, blocks.block_kv), jnp.int32),
+        plgpu.Barrier(num_arrivals=1 if segments is None else 2, num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=NUM_CONSUMERS),
     ]
@@ -408,7 +424,7 @@ def _forward_call(rules: Rules, blocks: MosaicBlockSizes, offset, q_len, kv_len,
         grid, grid_names = work, ("heads", "q_tiles", "batch")
     kernel = functools.partial(_forward_kernel, rules=rules.statics(), blocks=blocks, num_groups=N // K, work=work,
                                num_ctas=num_ctas)
-    args = (offset, q_len, kv_len, q, k, v)
+    args = (offset, q_len, kv_len, q, k, v, segments)
     outputs = plgpu.kernel(
         kernel,
         out_type=(out_struct((B, T_pad, N, H), q.dtype, args), out_struct((B, N, T_pad), jnp.float32, args)),
@@ -435,11 +451,22 @@ def num_sms() -> int:
 # Kernel body: two consumer warpgroups and a TMA producer.
 
 
-def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
-                    q_smem, k_smem, v_smem, lse_smem, k_ready, v_ready, q_ready, *o_smem,
+def _fence_proxy_async() -> None:
+    """``fence.proxy.async.shared::cta``: this thread's view of shared memory ordered against TMA's (async proxy)."""
+
+    @plgpu.inline_mgpu()
+    def fence(_):
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.proxy.async.shared::cta;", "", has_side_effects=True)
+
+    fence()
+
+
+def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, seg_refs, out_ref, lse_ref,
+                    q_smem, k_smem, v_smem, lse_smem, kv_seg_smem, k_ready, v_ready, q_ready, *o_smem,
                     rules: Rules, blocks: MosaicBlockSizes, num_groups: int, work: tuple[int, int, int],
                     num_ctas: int | None):
     bq, bkv, stages = blocks.block_q, blocks.block_kv, blocks.max_concurrent_steps
+    q_seg_ref, kv_seg_ref = (None, None) if seg_refs is None else seg_refs
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
     shift = P_SHIFT[jnp.dtype(dtype)]
@@ -509,7 +536,12 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_
         def item(i, steps):
             head, batch, offset, q_len, kv_len, cta_start, blk_lo, blk_hi = item_of(i)
             wg_start = cta_start + wg * bq
-            f_lo, f_hi = full_kv_blocks(rules, wg_start, bq, bkv, offset, q_len, kv_len, blk_lo, blk_hi)
+            if q_seg_ref is None:
+                q_seg = None
+                f_lo, f_hi = full_kv_blocks(rules, wg_start, bq, bkv, offset, q_len, kv_len, blk_lo, blk_hi)
+            else:
+                # One segment id per row of the consumer's [bq, bkv] logits.
+                q_seg = plgpu.load(q_seg_ref.at[batch, pl.ds(wg_start, bq)], (), layout=_ROW, optimized=False)
             if rules.soft_cap is None:
                 pre_scale, scale2 = None, rules.scale * LOG2E
             else:
@@ -536,9 +568,12 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_
                 def qk_product(acc_ref):
                     plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
                     let_other_go()
-                    return acc_ref[...]
+                    # The key tile's segment ids (one per column) load while the wgmma runs; their slot is
+                    # released with K's.
+                    kv_seg = None if q_seg is None else plgpu.load(kv_seg_smem.at[slot], (), layout=_COL)
+                    return acc_ref[...], kv_seg
 
-                s = pl.run_scoped(qk_product, plgpu.ACC((bq, bkv), jnp.float32))
+                s, kv_seg = pl.run_scoped(qk_product, plgpu.ACC((bq, bkv), jnp.float32))
                 bars.arrive(k_consumed_id + slot, ring_threads)
                 if pre_scale is not None:
                     s = jnp.tanh(s * pre_scale)
@@ -550,6 +585,9 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_
                     positional = rules.visible(row + (offset + wg_start), k_idx)
                     if positional is not None:
                         visible = visible & positional
+                    if q_seg is not None:
+                        visible = visible & (lax.broadcast_in_dim(q_seg, s.shape, [0])
+                                             == lax.broadcast_in_dim(kv_seg, s.shape, [1]))
                     s = jnp.where(visible, s, -jnp.inf)
                 # Base-2 online softmax; scale2 > 0 commutes with the max, so p is one FMA per logit.
                 m_new = jnp.maximum(m, s.max(axis=1) * scale2)
@@ -584,9 +622,12 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_
                 return acc, m_new, l
 
             carry = (acc, m, l)
-            carry = lax.fori_loop(blk_lo, f_lo, functools.partial(body, masked=True), carry)
-            carry = lax.fori_loop(f_lo, f_hi, functools.partial(body, masked=False), carry)
-            acc, m, l = lax.fori_loop(f_hi, blk_hi, functools.partial(body, masked=True), carry)
+            if q_seg is None:
+                carry = lax.fori_loop(blk_lo, f_lo, functools.partial(body, masked=True), carry)
+                carry = lax.fori_loop(f_lo, f_hi, functools.partial(body, masked=False), carry)
+                acc, m, l = lax.fori_loop(f_hi, blk_hi, functools.partial(body, masked=True), carry)
+            else:  # segment ids can hide any key from any row: every tile is masked
+                acc, m, l = lax.fori_loop(blk_lo, blk_hi, functools.partial(body, masked=True), carry)
             if first_item is None:
                 pl.when(wg == 0)(let_other_go)
             else:
@@ -626,6 +667,12 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_
 
                 pl.when(refill)(lambda: bars.sync(k_consumed_id + slot, ring_threads))
                 plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+                if kv_seg_ref is not None:
+                    # The consumers read the slot's previous ids with plain loads (generic proxy); order those
+                    # reads before the TMA (async proxy) overwrites them.
+                    pl.when(refill)(_fence_proxy_async)
+                    plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, pl.ds(j * bkv, bkv)], kv_seg_smem.at[slot],
+                                            k_ready.at[slot])
                 pl.when(refill)(lambda: bars.sync(v_consumed_id + slot, ring_threads))
                 plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
 

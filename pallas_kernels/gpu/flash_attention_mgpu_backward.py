@@ -18,12 +18,16 @@ logits, `DEAD_LSE` for rows that see no key), in two ``plgpu.kernel`` calls:
 
 All matrix products are ``wgmma``; ``delta = rowsum(dO * O)`` is computed in
 XLA. Rules come from `pallas_kernels.rules.Rules` as in the forward: causal
-with per-row offsets, query/key lengths, sliding window and the logit soft-cap
-(its derivative ``1 - tanh^2`` is applied to ``dS``). Tiles outside the visible
-range are never loaded (`pallas_kernels.gpu.mgpu_tiles`); tiles every row or
-key of a consumer sees fully skip the mask arithmetic; masked logits are
-``-inf``, so masked and dead entries give ``P == 0`` and zero gradients.
-Sequences are zero-padded to the tiles (lse padded with `DEAD_LSE`).
+with per-row offsets, query/key lengths, segment ids, sliding window and the
+logit soft-cap (its derivative ``1 - tanh^2`` is applied to ``dS``). Tiles
+outside the visible range are never loaded (`pallas_kernels.gpu.mgpu_tiles`);
+tiles every row or key of a consumer sees fully skip the mask arithmetic
+(none with segment ids: every tile is masked); masked logits are ``-inf``, so
+masked and dead entries give ``P == 0`` and zero gradients. With segment ids,
+a consumer loads the ids of the rows (dQ) or keys (dK/dV) it holds once, and
+the producer streams the other side's ids with each tile, as one more
+pipeline input. Sequences are zero-padded to the tiles (lse padded with
+`DEAD_LSE`).
 
 Serves what the forward serves with head dims 64 and 128 (at 256 the two
 float32 ``[block_kv, 256]`` accumulators of a consumer do not fit in
@@ -106,22 +110,24 @@ class MosaicBackwardBlockSizes:
         if not 2 <= self.max_concurrent_steps <= 4:
             raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be in [2, 4]")
 
-    def smem_bytes(self, head_dim: int, itemsize: int) -> int:
-        """Shared memory of the larger of the two kernels."""
+    def smem_bytes(self, head_dim: int, itemsize: int, segments: bool = False) -> int:
+        """Shared memory of the larger of the two kernels (with segments, each streamed tile's segment ids too)."""
         stages = self.max_concurrent_steps
+        seg = 4 if segments else 0
         dkv = (NUM_CONSUMERS * 2 * self.block_kv_dkv * head_dim * itemsize
-               + stages * (2 * self.block_q_dkv * head_dim * itemsize + 2 * self.block_q_dkv * 4))
-        dq = NUM_CONSUMERS * 2 * self.block_q_dq * head_dim * itemsize + stages * 2 * self.block_kv_dq * head_dim * itemsize
+               + stages * (2 * self.block_q_dkv * head_dim * itemsize + (2 * 4 + seg) * self.block_q_dkv))
+        dq = (NUM_CONSUMERS * 2 * self.block_q_dq * head_dim * itemsize
+              + stages * (2 * self.block_kv_dq * head_dim * itemsize + seg * self.block_kv_dq))
         return max(dkv, dq) + SMEM_OVERHEAD
 
-    def check(self, head_dim: int, itemsize: int) -> None:
-        """Raises ValueError when the tiles do not fit shared memory for ``head_dim``."""
-        need = self.smem_bytes(head_dim, itemsize)
+    def check(self, head_dim: int, itemsize: int, segments: bool = False) -> None:
+        """Raises ValueError when the tiles do not fit shared memory for ``head_dim`` (and segment ids)."""
+        need = self.smem_bytes(head_dim, itemsize, segments)
         if need > SMEM_BYTES:
             raise ValueError(
                 f"max_concurrent_steps={self.max_concurrent_steps} with block_q_dkv={self.block_q_dkv}, "
-                f"block_kv_dq={self.block_kv_dq} needs {need} bytes of shared memory at head_dim={head_dim}, "
-                f"more than SMEM_BYTES={SMEM_BYTES}"
+                f"block_kv_dq={self.block_kv_dq} needs {need} bytes of shared memory at head_dim={head_dim} "
+                f"({segments=}), more than SMEM_BYTES={SMEM_BYTES}"
             )
 
 
@@ -137,13 +143,28 @@ def _base2_logits(s, rules: Rules):
     return t, t * (rules.soft_cap * LOG2E)
 
 
-def _masked(logits2, q_idx, k_idx, rules: Rules, offset, q_len, kv_len):
-    """``logits2`` with ``-inf`` where the rules hide key ``k_idx`` from query index ``q_idx``."""
+def _masked(logits2, q_idx, k_idx, rules: Rules, offset, q_len, kv_len, same_segment=None):
+    """``logits2`` with ``-inf`` where the rules hide key ``k_idx`` from query index ``q_idx``.
+
+    ``same_segment`` is the boolean tile of segment-id matches, or None without segment ids.
+    """
     visible = (k_idx < kv_len) & (q_idx < q_len)
     positional = rules.visible(q_idx + offset, k_idx)
     if positional is not None:
         visible = visible & positional
+    if same_segment is not None:
+        visible = visible & same_segment
     return jnp.where(visible, logits2, -jnp.inf)
+
+
+def _step_refs(refs_and_carry):
+    """A pipeline step's arguments after the indices: ``(shared-memory tiles, their consumed barriers, carry)``.
+
+    Both lists follow the pipeline's inputs, whose number depends on whether segment ids are streamed.
+    """
+    *refs, carry = refs_and_carry
+    half = len(refs) // 2
+    return refs[:half], refs[half:], carry
 
 
 def _grad_logits(p, dp, delta_b, tanh):
@@ -154,9 +175,11 @@ def _grad_logits(p, dp, delta_b, tanh):
     return ds
 
 
-def _dkv_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                k_smem2, v_smem2, kv_ready, *, rules: Rules, blocks: MosaicBackwardBlockSizes, num_groups: int):
+def _dkv_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_refs,
+                dk_ref, dv_ref, k_smem2, v_smem2, kv_ready, *, rules: Rules, blocks: MosaicBackwardBlockSizes,
+                num_groups: int):
     bq, bkv = blocks.block_q_dkv, blocks.block_kv_dkv
+    q_seg_ref, kv_seg_ref = (None, None) if seg_refs is None else seg_refs
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
     batch = lax.axis_index("batch")
@@ -173,10 +196,13 @@ def _dkv_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, 
     def compute_context(pipeline_callback):
         plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, kv_ready.at[wg])
         plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, kv_ready.at[wg])
+        # One segment id per row of the consumer's [bkv, bq] logits (its keys).
+        kv_seg = None if kv_seg_ref is None else plgpu.load(kv_seg_ref.at[batch, pl.ds(wg_start, bkv)], (),
+                                                            layout=_ROW, optimized=False)
         plgpu.barrier_wait(kv_ready.at[wg])
 
         def accumulate(dk_acc, dv_acc):
-            pipeline_callback((dk_acc, dv_acc))
+            pipeline_callback((dk_acc, dv_acc, kv_seg))
             return dk_acc[...], dv_acc[...]
 
         acc = plgpu.ACC((bkv, head_dim), jnp.float32)
@@ -189,10 +215,12 @@ def _dkv_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, 
         plgpu.commit_smem_to_gmem_group()
         plgpu.wait_smem_to_gmem(0)
 
-    def step(indices, q_smem, do_smem, lse_smem, delta_smem, q_consumed, do_consumed, lse_consumed, delta_consumed,
-             carry):
+    def step(indices, *refs_and_carry):
+        smems, consumed, carry = _step_refs(refs_and_carry)
+        q_smem, do_smem, lse_smem, delta_smem, *q_seg_smem = smems
+        q_consumed, do_consumed, lse_consumed, delta_consumed, *q_seg_consumed = consumed
         q_blk = blk_lo + indices[0]
-        dk_acc, dv_acc = carry
+        dk_acc, dv_acc, kv_seg = carry
 
         def scores(acc):
             plgpu.wgmma(acc, k_smem, plgpu.transpose_ref(q_smem, (1, 0)))
@@ -200,17 +228,27 @@ def _dkv_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, 
             delta = plgpu.load(delta_smem, (), layout=_COL)
             plgpu.barrier_arrive(lse_consumed)
             plgpu.barrier_arrive(delta_consumed)
-            return acc[...], lse, delta
+            q_seg = None
+            if q_seg_smem:  # the query tile's segment ids, one per column
+                q_seg = plgpu.load(q_seg_smem[0], (), layout=_COL)
+                plgpu.barrier_arrive(q_seg_consumed[0])
+            return acc[...], lse, delta, q_seg
 
-        s_t, lse, delta = pl.run_scoped(scores, plgpu.ACC((bkv, bq), jnp.float32))
+        s_t, lse, delta, q_seg = pl.run_scoped(scores, plgpu.ACC((bkv, bq), jnp.float32))
         tanh, logits2 = _base2_logits(s_t, rules)
 
         def masked():
             k_idx = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 0, layout=plgpu.Layout.WGMMA) + wg_start
             q_idx = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 1, layout=plgpu.Layout.WGMMA) + q_blk * bq
-            return _masked(logits2, q_idx, k_idx, rules, offset, q_len, kv_len)
+            same = None
+            if q_seg is not None:
+                same = lax.broadcast_in_dim(kv_seg, s_t.shape, [0]) == lax.broadcast_in_dim(q_seg, s_t.shape, [1])
+            return _masked(logits2, q_idx, k_idx, rules, offset, q_len, kv_len, same)
 
-        logits2 = lax.cond((q_blk < f_lo) | (q_blk >= f_hi), masked, lambda: logits2)
+        if q_seg is None:
+            logits2 = lax.cond((q_blk < f_lo) | (q_blk >= f_hi), masked, lambda: logits2)
+        else:  # segment ids can hide any key from any query: every tile is masked
+            logits2 = masked()
         p_t = jnp.exp2(logits2 - lax.broadcast_in_dim(lse, s_t.shape, [1]))
 
         def products(acc):
@@ -225,13 +263,23 @@ def _dkv_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, 
         plgpu.barrier_arrive(do_consumed)
         plgpu.wgmma_wait(0)
         plgpu.barrier_arrive(q_consumed)
-        return dk_acc, dv_acc
+        return dk_acc, dv_acc, kv_seg
 
     def head_of(g):
         return kv_head * num_groups + g
 
     rows = functools.partial(plgpu.BlockSpec, (bq, None, head_dim), transforms=_TILED)
     stats = functools.partial(plgpu.BlockSpec, (None, bq))
+    in_specs = [
+        rows(lambda i, g: (blk_lo + i, head_of(g), 0)),  # q
+        rows(lambda i, g: (blk_lo + i, head_of(g), 0)),  # dO
+        stats(lambda i, g: (head_of(g), blk_lo + i)),  # lse
+        stats(lambda i, g: (head_of(g), blk_lo + i)),  # delta
+    ]
+    inputs = [q_ref.at[batch], do_ref.at[batch], lse_ref.at[batch], delta_ref.at[batch]]
+    if q_seg_ref is not None:
+        in_specs.append(stats(lambda i, g: (batch, blk_lo + i)))  # the query tile's segment ids
+        inputs.append(q_seg_ref)
     pipeline = plgpu.emit_pipeline_warp_specialized(
         step,
         grid=(blk_hi - blk_lo, num_groups),
@@ -241,20 +289,16 @@ def _dkv_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, 
         wg_axis="wg",
         manual_consumed_barriers=True,
         compute_context=compute_context,
-        in_specs=[
-            rows(lambda i, g: (blk_lo + i, head_of(g), 0)),  # q
-            rows(lambda i, g: (blk_lo + i, head_of(g), 0)),  # dO
-            stats(lambda i, g: (head_of(g), blk_lo + i)),  # lse
-            stats(lambda i, g: (head_of(g), blk_lo + i)),  # delta
-        ],
+        in_specs=in_specs,
     )
-    pipeline(q_ref.at[batch], do_ref.at[batch], lse_ref.at[batch], delta_ref.at[batch])
+    pipeline(*inputs)
 
 
-def _dq_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+def _dq_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_refs, dq_ref,
                q_smem2, do_smem2, q_ready, *, rules: Rules, blocks: MosaicBackwardBlockSizes, num_groups: int,
                num_q_tiles: int):
     bq, bkv = blocks.block_q_dq, blocks.block_kv_dq
+    q_seg_ref, kv_seg_ref = (None, None) if seg_refs is None else seg_refs
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
     batch = lax.axis_index("batch")
@@ -278,10 +322,12 @@ def _dq_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, l
         stats = (batch, head, pl.ds(wg_start, bq))
         lse = plgpu.load(lse_ref.at[stats], (), layout=_ROW, optimized=False)
         delta = plgpu.load(delta_ref.at[stats], (), layout=_ROW, optimized=False)
+        q_seg = None if q_seg_ref is None else plgpu.load(q_seg_ref.at[batch, pl.ds(wg_start, bq)], (),
+                                                          layout=_ROW, optimized=False)
         plgpu.barrier_wait(q_ready.at[wg])
 
         def accumulate(dq_acc):
-            pipeline_callback((dq_acc, lse, delta))
+            pipeline_callback((dq_acc, lse, delta, q_seg))
             return dq_acc[...]
 
         dq = pl.run_scoped(accumulate, plgpu.ACC((bq, head_dim), jnp.float32))
@@ -290,35 +336,51 @@ def _dq_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, l
         plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
         plgpu.wait_smem_to_gmem(0)
 
-    def step(indices, k_smem, v_smem, k_consumed, v_consumed, carry):
+    def step(indices, *refs_and_carry):
+        (k_smem, v_smem, *kv_seg_smem), (k_consumed, v_consumed, *kv_seg_consumed), carry = _step_refs(refs_and_carry)
         k_blk = blk_lo + indices[0]
-        dq_acc, lse, delta = carry
+        dq_acc, lse, delta, q_seg = carry
 
         def products(s_acc, dp_acc):
             plgpu.wgmma(dp_acc, do_smem, plgpu.transpose_ref(v_smem, (1, 0)))
             plgpu.wgmma(s_acc, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+            kv_seg = None
+            if kv_seg_smem:  # the key tile's segment ids, one per column, loaded while the wgmmas run
+                kv_seg = plgpu.load(kv_seg_smem[0], (), layout=_COL)
+                plgpu.barrier_arrive(kv_seg_consumed[0])
             plgpu.wgmma_wait(1)
             plgpu.barrier_arrive(v_consumed)
-            return s_acc[...], dp_acc[...]
+            return s_acc[...], dp_acc[...], kv_seg
 
         acc = plgpu.ACC((bq, bkv), jnp.float32)
-        s, dp = pl.run_scoped(products, acc, acc)
+        s, dp, kv_seg = pl.run_scoped(products, acc, acc)
         tanh, logits2 = _base2_logits(s, rules)
 
         def masked():
             q_idx = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA) + wg_start
             k_idx = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + k_blk * bkv
-            return _masked(logits2, q_idx, k_idx, rules, offset, q_len, kv_len)
+            same = None
+            if q_seg is not None:
+                same = lax.broadcast_in_dim(q_seg, s.shape, [0]) == lax.broadcast_in_dim(kv_seg, s.shape, [1])
+            return _masked(logits2, q_idx, k_idx, rules, offset, q_len, kv_len, same)
 
-        logits2 = lax.cond((k_blk < f_lo) | (k_blk >= f_hi), masked, lambda: logits2)
+        if q_seg is None:
+            logits2 = lax.cond((k_blk < f_lo) | (k_blk >= f_hi), masked, lambda: logits2)
+        else:  # segment ids can hide any key from any query: every tile is masked
+            logits2 = masked()
         p = jnp.exp2(logits2 - lax.broadcast_in_dim(lse, s.shape, [0]))
         ds = _grad_logits(p, dp, lax.broadcast_in_dim(delta, s.shape, [0]), tanh)
         plgpu.wgmma(dq_acc, ds.astype(dtype), k_smem)
         plgpu.wgmma_wait(0)
         plgpu.barrier_arrive(k_consumed)
-        return dq_acc, lse, delta
+        return dq_acc, lse, delta, q_seg
 
     keys = functools.partial(plgpu.BlockSpec, (bkv, head_dim), transforms=_TILED)
+    in_specs = [keys(lambda i: (blk_lo + i, 0)), keys(lambda i: (blk_lo + i, 0))]
+    inputs = [k_ref.at[batch, :, kv_head, :], v_ref.at[batch, :, kv_head, :]]
+    if kv_seg_ref is not None:
+        in_specs.append(plgpu.BlockSpec((None, bkv), lambda i: (batch, blk_lo + i)))  # the key tile's segment ids
+        inputs.append(kv_seg_ref)
     pipeline = plgpu.emit_pipeline_warp_specialized(
         step,
         grid=(blk_hi - blk_lo,),
@@ -328,9 +390,9 @@ def _dq_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, l
         wg_axis="wg",
         manual_consumed_barriers=True,
         compute_context=compute_context,
-        in_specs=[keys(lambda i: (blk_lo + i, 0)), keys(lambda i: (blk_lo + i, 0))],
+        in_specs=in_specs,
     )
-    pipeline(k_ref.at[batch, :, kv_head, :], v_ref.at[batch, :, kv_head, :])
+    pipeline(*inputs)
 
 
 # ---------------------------------------------------------------------------
@@ -349,8 +411,6 @@ def unsupported_reason(query, key, value, rules: Rules) -> str | None:
     H = query.shape[-1]
     if H not in HEAD_DIMS:
         return f"head dim H={H} is not one of {HEAD_DIMS} (dK and dV accumulators would not fit in registers)"
-    if rules.has_segments:
-        return "segment ids are not supported yet"
     return None
 
 
@@ -365,13 +425,13 @@ def backward(query, key, value, out, lse2, d_out, rules: Rules, block_sizes: Mos
       out: ``[B, T, N, H]`` the forward's output.
       lse2: ``[B, N, T]`` float32, the forward's base-2 log-sum-exp (`DEAD_LSE` for dead rows).
       d_out: ``[B, T, N, H]`` the output cotangent.
-      rules: the validated rules of the call (no segment ids).
+      rules: the validated rules of the call.
       block_sizes: tiles; default `MosaicBackwardBlockSizes()`.
     """
     B, T, N, H = query.shape
     S, K = key.shape[1], key.shape[2]
     blocks = block_sizes or MosaicBackwardBlockSizes()
-    blocks.check(H, jnp.dtype(query.dtype).itemsize)
+    blocks.check(H, jnp.dtype(query.dtype).itemsize, rules.has_segments)
     T_pad = round_up(T, math.lcm(NUM_CONSUMERS * blocks.block_q_dq, blocks.block_q_dkv))
     S_pad = round_up(S, math.lcm(NUM_CONSUMERS * blocks.block_kv_dkv, blocks.block_kv_dq))
     d_out = d_out.astype(query.dtype)
@@ -383,7 +443,8 @@ def backward(query, key, value, out, lse2, d_out, rules: Rules, block_sizes: Mos
     padded = rules.padded(T, S, T_pad, S_pad)
     kv_len = jnp.minimum(padded.kv_len, S)
     q_len = jnp.minimum(padded.q_len, T)
-    args = (padded.q_offset, q_len, kv_len, q, k, v, do, lse2, delta)
+    segments = (padded.q_segment_ids, padded.kv_segment_ids) if padded.has_segments else None
+    args = (padded.q_offset, q_len, kv_len, q, k, v, do, lse2, delta, segments)
     statics = dict(rules=rules.statics(), blocks=blocks, num_groups=N // K)
     params = plgpu.CompilerParams(approx_math=True)
     launch = dict(num_threads=NUM_CONSUMERS + 1, thread_name="wg", compiler_params=params)
