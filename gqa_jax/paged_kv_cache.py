@@ -41,16 +41,17 @@ Quantized caches: ``PagedKVCache.init(..., dtype=jnp.int8)`` (or
 ``jnp.float8_e4m3fn``) stores keys and values in that dtype with float32
 scale pages ``[P, page_size, K]``, one scale per token per KV head in the
 token's slot, as `gqa_jax.KVCache` does (`gqa_jax.quantization.quantize` on
-`PagedKVCache.update`). `PagedKVCache.attend` gathers the pages and the
-scale pages and hands both to `gqa_jax.dot_product_attention`
-(``key_scale=`` / ``value_scale=``), which never dequantizes the whole cache;
-the paged decode kernels take no scales, so a quantized cache always takes
-this dense path.
+`PagedKVCache.update`). `PagedKVCache.attend` hands the scale pages to the
+GPU paged decode kernel, which gathers each tile's scales with its keys, or
+(other calls, and on a TPU, whose paged kernel takes no scales) gathers the
+pages and the scale pages and hands both to `gqa_jax.dot_product_attention`
+(``key_scale=`` / ``value_scale=``); neither dequantizes the whole cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,24 @@ Array = jax.Array
 
 # Keywords of `attend` that the paged decode kernel serves (besides is_causal and the cache's own lengths).
 KERNEL_KEYWORDS = frozenset({"scale", "local_window_size", "logits_soft_cap"})
+# The implementation names whose kernel family includes each backend's paged kernel.
+PAGED_IMPLEMENTATIONS = {"gpu": "pallas_triton", "tpu": "pallas_tpu"}
+
+
+def _is_neutral(name: str, value, backend: str) -> bool:
+    """A keyword that asks nothing of the paged kernel: None, ``dropout_rate=0``, ``return_weights=False``, or the
+    implementation whose kernels include it (``"pallas_triton"`` on a GPU, ``"pallas_tpu"`` on a TPU; first of a
+    sequence of names) — what a layer passes on every call."""
+    if value is None:
+        return True
+    if name == "dropout_rate":
+        return isinstance(value, (int, float)) and value == 0
+    if name == "return_weights":
+        return value is False
+    if name == "implementation":  # a name, or names tried in order: the first decides
+        first = value if isinstance(value, str) else next(iter(value), None)
+        return first == PAGED_IMPLEMENTATIONS.get(backend)
+    return False
 
 
 @jax.tree_util.register_dataclass
@@ -382,15 +401,20 @@ class PagedKVCache:
           is_causal: the causal rule (default True).
           paged_kernel: True: the Pallas paged decode kernel (compiled on a
             GPU, the TPU one compiled on a TPU, the GPU one in the Pallas
-            interpreter elsewhere: slow, for tests); False: gather the pages to
-            a dense cache and call `gqa_jax.dot_product_attention` (with
-            the gathered scale pages as ``key_scale`` / ``value_scale`` for a
-            quantized cache); None (default): the kernel on a GPU or TPU
-            when the cache is not quantized, ``T <= 16``, the query dtype is
-            bfloat16, float16 or float32 and ``kwargs`` sets only ``scale``,
-            ``local_window_size`` and ``logits_soft_cap`` (keywords given as
-            None count as unset, so ``implementation=None`` does not pin the
-            dense path), else the dense path.
+            interpreter elsewhere: slow, for tests), with the scale pages of
+            a quantized cache (not on a TPU: its kernel takes no scales);
+            False: gather the pages to a dense cache and call
+            `gqa_jax.dot_product_attention` (with the gathered scale pages as
+            ``key_scale`` / ``value_scale`` for a quantized cache); None
+            (default): the kernel on a GPU, or on a TPU when the cache is not
+            quantized, when ``T <= 16``, the query dtype is bfloat16, float16
+            or float32 and ``kwargs`` sets only ``scale``,
+            ``local_window_size`` and ``logits_soft_cap``, else the dense
+            path. Keywords that ask nothing of the kernel count as unset
+            (None, ``dropout_rate=0``, ``return_weights=False``, and
+            ``implementation="pallas_triton"`` on a GPU or ``"pallas_tpu"``
+            on a TPU, alone or first of several: the paged kernel is of
+            that family), so a layer that passes them still gets the kernel.
           **kwargs: any other keyword of `gqa_jax.dot_product_attention`
             (``implementation``, ``local_window_size``, ``logits_soft_cap``
             ...); the kernel takes the three above.
@@ -402,7 +426,7 @@ class PagedKVCache:
           ValueError: for a query that does not fit the cache, (when
             concrete) ``num_new`` above the tokens written (`update` first),
             or ``paged_kernel=True`` with keywords the kernel does not take
-            or on a quantized cache (the kernels take no scales).
+            or on a quantized cache on a TPU (its kernel takes no scales).
           TypeError: as `gqa_jax.dot_product_attention`, or a
             ``paged_kernel`` that is not a bool or None.
         """
@@ -412,11 +436,13 @@ class PagedKVCache:
         if paged_kernel is not None and not isinstance(paged_kernel, (bool, np.bool_)):
             raise TypeError(f"paged_kernel must be True, False or None, got {paged_kernel=}")
         T = query.shape[1]
-        given = {name: value for name, value in kwargs.items() if value is not None}
-        other = sorted(set(given) - KERNEL_KEYWORDS)
         backend = jax.default_backend()
+        given = {name: value for name, value in kwargs.items() if not _is_neutral(name, value, backend)}
+        other = sorted(set(given) - KERNEL_KEYWORDS)
+        # The TPU paged kernel takes no scales: a quantized cache there takes the dense path.
+        scales_on_tpu = backend == "tpu" and self.is_quantized
         if paged_kernel is None:
-            paged_kernel = (backend in ("gpu", "tpu") and not self.is_quantized and T <= MAX_DECODE_QUERIES
+            paged_kernel = (backend in ("gpu", "tpu") and not scales_on_tpu and T <= MAX_DECODE_QUERIES
                             and not other and query.dtype in KERNEL_DTYPES)
         if not paged_kernel:
             def dense(pages):  # [P, page_size, ...] -> [B, M * page_size, ...]; None (no scales) stays None
@@ -427,13 +453,17 @@ class PagedKVCache:
                 query_seq_lengths=None if num_new is None else count, key_value_seq_lengths=self.stored_lengths,
                 key_scale=dense(self.key_scale_pages), value_scale=dense(self.value_scale_pages), **kwargs,
             )
-        if self.is_quantized:
-            raise ValueError(f"the paged decode kernels take no scales, got paged_kernel=True on a quantized cache "
-                             f"(key_pages.dtype={self.key_pages.dtype}); use paged_kernel=False or None")
+        if scales_on_tpu:
+            raise ValueError(f"the TPU paged decode kernel takes no scales, got paged_kernel=True on a quantized "
+                             f"cache (key_pages.dtype={self.key_pages.dtype}); use paged_kernel=False or None")
         if other:
             raise ValueError(f"the paged decode kernel takes only {sorted(KERNEL_KEYWORDS)} besides is_causal, got "
                              f"{other}; use paged_kernel=False or None")
-        kernel = tpu_paged_decode_attention if backend == "tpu" else paged_decode_attention
+        if backend == "tpu":
+            kernel = tpu_paged_decode_attention
+        else:
+            kernel = functools.partial(paged_decode_attention, key_scale_pages=self.key_scale_pages,
+                                       value_scale_pages=self.value_scale_pages)
         out = kernel(query, self.key_pages, self.value_pages, self.page_table, self.stored_lengths,
                      is_causal=is_causal, query_offset=offset, interpret=backend not in ("gpu", "tpu"), **given)
         if num_new is None:

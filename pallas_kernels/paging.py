@@ -2,10 +2,11 @@
 
 A pool ``key_pages [P, page_size, K, H]`` / ``value_pages [P, page_size, K,
 Hv]`` holds every row's keys and values; key ``s`` of row ``b`` sits in page
-``page_table[b, s // page_size]`` at slot ``s % page_size``. Here: the checks
-and rules both kernels' wrappers start from (`paged_request`), and the dense
-view of a row's pages (`gather_pages`) their backward passes and the XLA path
-use.
+``page_table[b, s // page_size]`` at slot ``s % page_size``; a quantized pool
+(int8 or float8_e4m3fn pages, read by the GPU kernel) has scale pages ``[P,
+page_size, K]`` beside. Here: the checks and rules both kernels' wrappers
+start from (`paged_request`), and the dense view of a row's pages
+(`gather_pages`) their backward passes and the XLA path use.
 """
 
 from __future__ import annotations
@@ -14,21 +15,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.arguments import KERNEL_DTYPES, check_qkv, row_vector
+from pallas_kernels.arguments import KERNEL_DTYPES, row_vector
+from pallas_kernels.quantized import check_tensors
 from pallas_kernels.rules import Rules, check_int32_range, concrete_value
 
 
 def paged_request(query, key_pages, value_pages, page_table, lengths, *, scale, is_causal, query_offset,
-                  local_window_size, logits_soft_cap):
+                  local_window_size, logits_soft_cap, key_scale_pages=None, value_scale_pages=None):
     """Checked ``(query, key_pages, value_pages, page_table int32, rules)`` of a paged decode call.
 
     The rules are those of the dense cache the pages stand for, ``[B, M *
-    page_size, K, H]`` with key lengths ``lengths``.
+    page_size, K, H]`` with key lengths ``lengths``. A quantized pool (int8 or
+    float8_e4m3fn pages) needs both scale pages, floating ``[P, page_size,
+    K]``; the caller takes them as float32. Float pages take none.
 
     Raises:
       ValueError: for inconsistent shapes or rules, a pool of ``P * page_size
-        >= 2**31`` slots, or a known page id outside ``[0, P)`` for a page that
-        holds valid keys.
+        >= 2**31`` slots, a known page id outside ``[0, P)`` for a page that
+        holds valid keys, or a missing scale.
       TypeError: for dtypes that differ or are not served.
     """
     query, key_pages, value_pages = jnp.asarray(query), jnp.asarray(key_pages), jnp.asarray(value_pages)
@@ -46,11 +50,12 @@ def paged_request(query, key_pages, value_pages, page_table, lengths, *, scale, 
     page_table = check_page_table(page_table, B)
     if P * page_size >= 2**31:
         raise ValueError(f"the pool must have < 2**31 slots (int32 row ids), got num_pages P={P} * {page_size=}")
-    # The rows as dense caches [B, M * page_size, K, H]: what the rules and the tensor checks see.
-    S = page_table.shape[1] * page_size
-    dense_key = jax.ShapeDtypeStruct((B, S, K, H), key_pages.dtype)
-    dense_value = jax.ShapeDtypeStruct((B, S, K, value_pages.shape[3]), value_pages.dtype)
-    check_qkv(query, dense_key, dense_value, names=("query", "key_pages", "value_pages"), dtypes=KERNEL_DTYPES)
+    # The tensor checks see the pool as a cache of P rows of page_size keys (and a query of P rows: the batch is
+    # the page table's), so the scale pages are checked as [B,S,K] = [P,page_size,K] scales.
+    check_tensors(jax.ShapeDtypeStruct((P, *query.shape[1:]), query.dtype), key_pages, value_pages, key_scale_pages,
+                  value_scale_pages, names=("query", "key_pages", "value_pages"), dtypes=KERNEL_DTYPES)
+    # The rules see the rows as dense caches [B, M * page_size, K, H].
+    dense_key = jax.ShapeDtypeStruct((B, page_table.shape[1] * page_size, K, H), key_pages.dtype)
     rules = Rules.create(
         query, dense_key, scale=scale, is_causal=is_causal, query_offset=query_offset,
         key_value_seq_lengths=row_vector("lengths", lengths, B), local_window_size=local_window_size,

@@ -1,4 +1,5 @@
-"""Cases shared by the paged decode kernels' tests (GPU Triton, TPU Mosaic): sizes, rules and a shuffled pool."""
+"""Cases shared by the paged decode kernels' tests (GPU Triton, TPU Mosaic): sizes, rules and a shuffled pool
+(float, or quantized for the GPU kernel)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from gqa_jax.quantization import quantize
 from tests.reference import reference_attention_grads
 
 
@@ -52,9 +54,31 @@ def paged_case_inputs(case: PagedCase, seed: int = 0):
     dtype = jnp.dtype(case.dtype)
     q = jnp.asarray(rng.standard_normal((B, case.T, case.N, case.H)), dtype)
     key_pages, value_pages = (jnp.asarray(rng.standard_normal((P, L, case.K, case.H)), dtype) for _ in range(2))
-    dense = [np.asarray(x, np.float64)[np.maximum(table, 0)].reshape(B, M * L, case.K, case.H)
-             for x in (key_pages, value_pages)]
+    dense = [rows64(x, table) for x in (key_pages, value_pages)]
     return q, key_pages, value_pages, jnp.asarray(table), np.array(case.lengths, np.int32), dense
+
+
+def rows64(pages, table, scale_pages=None) -> np.ndarray:
+    """Each row's pages in order, in float64 by NumPy indexing: ``[B, M * page_size, ...]`` (times the scale pages
+    ``[P, page_size, K]`` when given: the dequantized values)."""
+    pages = np.asarray(jnp.asarray(pages, jnp.float32), np.float64)
+    if scale_pages is not None:
+        pages = pages * np.asarray(scale_pages, np.float64)[..., None]
+    table = np.maximum(np.asarray(table), 0)
+    return pages[table].reshape(*table.shape[:1], -1, *pages.shape[2:])
+
+
+def quantized_paged_case_inputs(case: PagedCase, dtype, seed: int = 0):
+    """`paged_case_inputs` with the pools quantized to ``dtype`` (`gqa_jax.quantization.quantize`).
+
+    Returns:
+      ``(q, key_pages, value_pages, key_scale_pages, value_scale_pages,
+      page_table, lengths, [key, value])``, the last the rows' dense caches
+      dequantized in float64.
+    """
+    q, key_pages, value_pages, table, lengths, _ = paged_case_inputs(case, seed)
+    (kq, ks), (vq, vs) = quantize(key_pages, dtype), quantize(value_pages, dtype)
+    return q, kq, vq, ks, vs, table, lengths, [rows64(kq, table, ks), rows64(vq, table, vs)]
 
 
 def reference_page_grads(case: PagedCase, q, key_pages, value_pages, table, lengths, dense, d_out):

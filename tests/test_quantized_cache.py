@@ -159,6 +159,22 @@ class QuantizedDecodeCases:
         tol = self.f32_tolerance if case.dtype == "float32" else TOLERANCE["bfloat16"]
         assert_close(out, _decode_reference(q, kq, vq, ks, vs, lengths, case.T, **rules), case.dtype, tol)
 
+    @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+    def test_values_past_the_float16_range(self, dtype):
+        """bfloat16 queries and dequantized values far beyond float16's 65504 stay exact to bfloat16 rounding."""
+        rng = np.random.default_rng(6)
+        B, T, N, K, S, H = 2, 1, 4, 2, 80, 32
+        magnitude = rng.choice([1e-3, 1.0, 3e5, 1e30], (B, T, N, 1))  # per query head, some past float16's max
+        q = jnp.asarray(rng.standard_normal((B, T, N, H)) * magnitude / np.sqrt(magnitude * 30.0), jnp.bfloat16)
+        k = rng.standard_normal((B, S, K, H))
+        v = rng.standard_normal((B, S, K, H)) * rng.choice([1e-2, 1e6, 1e36], (B, S, K, 1))  # per key and head
+        (kq, ks), (vq, vs) = quantize(k, dtype), quantize(v, dtype)
+        lengths = np.array([80, 37], np.int32)
+        out = self.decode(q, kq, vq, ks, vs, jnp.asarray(lengths))
+        ref = _decode_reference(q, kq, vq, ks, vs, lengths, T)
+        assert np.isfinite(np.asarray(out, np.float32)).all()
+        assert_close(out, ref, "bfloat16")
+
 
 class TestQuantizedDecodeInterpret(QuantizedDecodeCases):
     def decode(self, q, kq, vq, ks, vs, lengths, **rules):

@@ -25,12 +25,14 @@ cache quantized (`gqa_jax.quantization`, before timing) while cuDNN reads the
 bf16 one; GB/s then counts the bf16 bytes, so every ratio is a time ratio
 (issue 16's target: int8 >= 1.7x cuDNN at B >= 8).
 
-With ``--paged``: the compiled cases of ``tests/test_paged_kv_cache.py``,
-then, on `PAGED_SHAPES`, the paged decode kernel
-(`pallas_kernels.gpu.paged_decode_attention`) on the same cache laid out in
-pages of 64 and 128 tokens (each row's pages shuffled through the pool), at
-tiles of 64 and 128 keys, checked against and timed beside our dense decode
-kernel (issue 16's target: paged within 10% of dense at page size >= 64).
+With ``--paged``: the compiled cases of ``tests/test_paged_kv_cache.py``
+and ``tests/test_quantized_paged_cache.py``, then, on `PAGED_SHAPES`, the
+paged decode kernel (`pallas_kernels.gpu.paged_decode_attention`) on the same
+cache laid out in pages of 64 and 128 tokens (each row's pages shuffled
+through the pool), at tiles of 64 and 128 keys, checked against and timed
+beside our dense decode kernel on that cache: bf16, then int8 (values and
+scales in pages, against the dense int8 kernel). Issue 16's target: paged
+within 10% of dense at page size >= 64.
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ import numpy as np
 import gqa_jax
 from gqa_jax.bench import decode
 from gqa_jax.bench.timing import environment, time_fn
-from gqa_jax.quantization import quantize
 from pallas_kernels.gpu.decode_attention import DecodeBlockSizes, decode_attention, default_block_sizes, gpu_sm_count
 from pallas_kernels.gpu.paged_decode_attention import paged_decode_attention
 
@@ -60,16 +61,23 @@ CACHES = {"bf16": None, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 PAGED_SHAPES = [decode.DecodeShape(8, 8192, 32, 8), decode.DecodeShape(8, 8192, 32, 8, ragged=True)]
 PAGE_SIZES = (64, 128)
 PAGED_TILES = (64, 128)
+PAGED_CACHES = ("bf16", "int8")
 
 
 def _short(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}".splitlines()[0][:100]
 
 
-def run_compiled_tests(path: str = "tests/test_gpu_decode.py") -> int:
+def _scale_keywords(scales) -> dict:
+    """``key_scale`` and ``value_scale`` keywords from ``(key_scale, value_scale)``, or none from ``()``."""
+    return dict(zip(("key_scale", "value_scale"), scales))
+
+
+def run_compiled_tests(*paths: str) -> int:
     import pytest
 
-    return int(pytest.main(["-q", "-p", "no:cacheprovider", path, "-k", "compiled"]))
+    return int(pytest.main(["-q", "-p", "no:cacheprovider", *(paths or ("tests/test_gpu_decode.py",)), "-k",
+                            "compiled"]))
 
 
 def _relative_error(out, ref) -> float:
@@ -87,7 +95,7 @@ def sweep_shape(shape: decode.DecodeShape, copy_gbs: float, cache_dtype=None) ->
     # Ours and XLA read `our_args` (a quantized cache and its scales with --cache); cuDNN always the bf16 one.
     our_args = args
     if cache_dtype is not None:
-        (k_q, k_scale), (v_q, v_scale) = quantize(k, cache_dtype), quantize(v, cache_dtype)
+        k_q, v_q, k_scale, v_scale = decode.quantize_cache(k, v, cache_dtype)
         our_args = [(q, k_q, v_q, lengths, k_scale, v_scale)]
     row = {"shape": shape.name, "kv_mb": kv_bytes / 1e6}
 
@@ -103,7 +111,7 @@ def sweep_shape(shape: decode.DecodeShape, copy_gbs: float, cache_dtype=None) ->
 
     print(f"{shape.name}: K/V read {kv_bytes / 1e6:.0f} MB, lengths mean {lengths_np.mean():.0f} of S={shape.S}")
     xla = jax.jit(lambda q, k, v, n, *s: gqa_jax.dot_product_attention(
-        q, k, v, key_value_seq_lengths=n, implementation="xla", **dict(zip(("key_scale", "value_scale"), s))))
+        q, k, v, key_value_seq_lengths=n, implementation="xla", **_scale_keywords(s)))
     xla_out = xla(*our_args[0])
     row["cudnn"] = measure("cudnn", jax.jit(lambda q, k, v, n: jax.nn.dot_product_attention(
         q, k, v, key_value_seq_lengths=n, implementation="cudnn")))
@@ -119,7 +127,7 @@ def sweep_shape(shape: decode.DecodeShape, copy_gbs: float, cache_dtype=None) ->
         label = f"ours bk{config.block_k} st{config.num_stages} w{config.num_warps} sp{config.num_splits}"
 
         fn = jax.jit(lambda q, k, v, n, *s: decode_attention(
-            q, k, v, n, block_sizes=config, **dict(zip(("key_scale", "value_scale"), s))))
+            q, k, v, n, block_sizes=config, **_scale_keywords(s)))
         try:
             error = _relative_error(fn(*our_args[0]), xla_out)
         except Exception as e:  # e.g. shared memory exceeded for this tile config
@@ -178,21 +186,25 @@ def print_table(rows: list[dict], copy_gbs: float) -> None:
         print(f"{r['shape']}: default config {r['default_config']}")
 
 
-def paged_rows(shape: decode.DecodeShape) -> list[dict]:
-    """The paged kernel at each page size and tile against our dense kernel on one shape: times and errors."""
+def paged_rows(shape: decode.DecodeShape, cache: str) -> list[dict]:
+    """The paged kernel at each page size and tile against our dense kernel on one shape and cache (bf16, or
+    quantized: values and scales in pages): times and errors."""
     q, k, v, lengths = decode.make_inputs(shape, jax.random.key(0))
-    dense = jax.jit(decode_attention)
-    dense_out = dense(q, k, v, lengths)
-    dense_seconds = time_fn(dense, [(q, k, v, lengths)], reps=REPS)
+    caches = (k, v) if CACHES[cache] is None else decode.quantize_cache(k, v, CACHES[cache])
+    dense = jax.jit(lambda q, n, k, v, *s: decode_attention(q, k, v, n, **_scale_keywords(s)))
+    dense_out = dense(q, lengths, *caches)
+    dense_seconds = time_fn(dense, [(q, lengths, *caches)], reps=REPS)
     kv_bytes = shape.kv_bytes(q.dtype.itemsize)
-    print(f"{shape.name}: dense kernel {dense_seconds * 1e6:.1f} us", flush=True)
+    print(f"{shape.name} {cache}: dense kernel {dense_seconds * 1e6:.1f} us", flush=True)
+    paged = paged_decode_attention if CACHES[cache] is None else decode.paged_quantized
     rows = []
     for page_size in PAGE_SIZES:
-        k_pages, v_pages, table = decode.to_pages(k, v, page_size, jax.random.key(1))
-        args = (q, k_pages, v_pages, table, lengths)
+        *pools, table = decode.to_pages(page_size, jax.random.key(1), *caches)
+        args = (q, *pools, table, lengths)
         for block_k in PAGED_TILES:
-            fn = jax.jit(functools.partial(paged_decode_attention, block_sizes=DecodeBlockSizes(block_k=block_k)))
-            row = {"shape": shape.name, "page": page_size, "block_k": block_k, "dense_us": dense_seconds * 1e6}
+            fn = jax.jit(functools.partial(paged, block_sizes=DecodeBlockSizes(block_k=block_k)))
+            row = {"shape": shape.name, "cache": cache, "page": page_size, "block_k": block_k,
+                   "dense_us": dense_seconds * 1e6}
             try:
                 row["error"] = _relative_error(fn(*args), dense_out)
                 if row["error"] <= TOLERANCE:
@@ -206,10 +218,11 @@ def paged_rows(shape: decode.DecodeShape) -> list[dict]:
 
 
 def print_paged_table(rows: list[dict]) -> None:
-    print("\npaged vs dense decode kernel (bf16, T=1; paged/dense: ratio of times, target <= 1.10)")
-    header = ("shape", "page", "block_k", "dense us", "paged us", "paged/dense", "GB/s", "rel err")
+    print("\npaged vs dense decode kernel on the same cache (T=1; paged/dense: ratio of times, target <= 1.10; "
+          "GB/s: bf16 bytes, so int8 rows are bf16-equivalent)")
+    header = ("shape", "cache", "page", "block_k", "dense us", "paged us", "paged/dense", "GB/s", "rel err")
     lines = [header] + [(
-        r["shape"], r["page"], r["block_k"], _fmt(r["dense_us"], ".1f"), _fmt(r.get("paged_us"), ".1f"),
+        r["shape"], r["cache"], r["page"], r["block_k"], _fmt(r["dense_us"], ".1f"), _fmt(r.get("paged_us"), ".1f"),
         _fmt(r["paged_us"] / r["dense_us"] if r.get("paged_us") else None, ".3f"), _fmt(r.get("gbs")),
         r.get("failed") or _fmt(r.get("error"), ".1e")) for r in rows]
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
@@ -230,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         print("needs an NVIDIA GPU; nothing to do")
         return 1
     if options.paged:
-        status = 0 if options.no_tests else run_compiled_tests("tests/test_paged_kv_cache.py")
-        print_paged_table([row for shape in PAGED_SHAPES for row in paged_rows(shape)])
+        status = 0 if options.no_tests else run_compiled_tests("tests/test_paged_kv_cache.py",
+                                                               "tests/test_quantized_paged_cache.py")
+        print_paged_table([row for shape in PAGED_SHAPES for cache in PAGED_CACHES
+                           for row in paged_rows(shape, cache)])
         if status:
             print(f"compiled tests FAILED (pytest exit code {status})")
         return status

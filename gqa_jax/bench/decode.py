@@ -8,7 +8,8 @@ rows count the same bf16 bytes, so their GB/s is a bf16-equivalent rate and
 their ratio to a peer is the ratio of times per step. On the ragged shapes
 it also runs on the same cache laid out in a pool of pages
 (`pallas_kernels.gpu.paged_decode_attention`, each row's pages shuffled
-through the pool, laid out once before timing).
+through the pool, laid out once before timing), bf16 and int8 (values and
+scales in pages).
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ QUICK_SHAPES = [DecodeShape(2, 256, 4, 2, H=64, ragged=True)]
 TRITON = "gqa_jax pallas_triton"
 # Our kernel on the cache quantized to these dtypes.
 QUANTIZED = {"gqa_jax pallas_triton int8 cache": jnp.int8, "gqa_jax pallas_triton fp8 cache": jnp.float8_e4m3fn}
-# Our paged kernel on the cache in pages of these sizes (ragged shapes).
-PAGED = {"gqa_jax paged p64": 64, "gqa_jax paged p128": 128}
+# Our paged kernel on the cache in pages of these sizes (ragged shapes): (page size, quantized dtype or None).
+PAGED = {"gqa_jax paged p64": (64, None), "gqa_jax paged p128": (128, None),
+         "gqa_jax paged p64 int8 cache": (64, jnp.int8)}
 OURS = (TRITON, *QUANTIZED, *PAGED)
 # --quick runs our kernel in interpret mode: a correctness smoke run, not a speed; no ratio is printed for it.
 INTERPRETED = "gqa_jax pallas_triton (interpret mode)"
@@ -93,25 +95,38 @@ def _quantized(dtype):
 
         @jax.jit
         def prepare(q, k, v, n):
-            (k, k_scale), (v, v_scale) = quantize(k, dtype), quantize(v, dtype)
-            return q, k, v, k_scale, v_scale, n
+            return q, *quantize_cache(k, v, dtype), n
 
         return fn, prepare
     return build
 
 
-def to_pages(k, v, page_size: int, key) -> tuple:
-    """``k, v [B, S, K, H]`` as pools ``[B * S / page_size, page_size, K, H]`` and a page table ``[B, S / page_size]``
-    that puts each row's pages at random places in the pool (``S`` a multiple of ``page_size``)."""
-    B, S = k.shape[:2]
+def quantize_cache(k, v, dtype) -> tuple:
+    """``(k, v, k_scale, v_scale)``: the cache ``k, v [B, S, K, H]`` quantized to ``dtype`` (`gqa_jax.quantization`)."""
+    (k, k_scale), (v, v_scale) = quantize(k, dtype), quantize(v, dtype)
+    return k, v, k_scale, v_scale
+
+
+def to_pages(page_size: int, key, *caches) -> tuple:
+    """``(*pools, table)``: each cache ``[B, S, ...]`` (values ``[B, S, K, H]`` or scales ``[B, S, K]``) as a pool
+    ``[B * S / page_size, page_size, ...]``, and one page table ``[B, S / page_size]`` for all of them that puts
+    each row's pages at random places in the pool (``S`` a multiple of ``page_size``)."""
+    B, S = caches[0].shape[:2]
     table = jax.random.permutation(key, B * S // page_size).reshape(B, S // page_size).astype(jnp.int32)
     pool = lambda x: jnp.zeros_like(x).reshape(-1, page_size, *x.shape[2:]).at[table.reshape(-1)].set(  # noqa: E731
         x.reshape(-1, page_size, *x.shape[2:]))
-    return pool(k), pool(v), table
+    return *(pool(x) for x in caches), table
 
 
-def _paged(page_size: int):
-    """Our paged kernel: ``(fn, prepare)``; ``prepare`` lays the cache out in pages once, untimed."""
+def paged_quantized(q, k_pages, v_pages, k_scale_pages, v_scale_pages, table, n, **options):
+    """`paged_decode_attention` on a quantized pool, its arguments in the order `to_pages` gives them."""
+    return paged_decode_attention(q, k_pages, v_pages, table, n, key_scale_pages=k_scale_pages,
+                                  value_scale_pages=v_scale_pages, **options)
+
+
+def _paged(page_size: int, dtype=None):
+    """Our paged kernel: ``(fn, prepare)``; ``prepare`` quantizes the cache to ``dtype`` (None: bf16 as it is) and
+    lays it out in pages once, untimed."""
     def build(shape: DecodeShape, interpret: bool):
         if interpret:
             raise ValueError("compiled GPU kernels only")
@@ -120,9 +135,10 @@ def _paged(page_size: int):
 
         @jax.jit
         def prepare(q, k, v, n):
-            return q, *to_pages(k, v, page_size, jax.random.key(1)), n
+            caches = (k, v) if dtype is None else quantize_cache(k, v, dtype)
+            return q, *to_pages(page_size, jax.random.key(1), *caches), n
 
-        return paged_decode_attention, prepare
+        return (paged_decode_attention if dtype is None else paged_quantized), prepare
     return build
 
 
@@ -155,7 +171,7 @@ def implementations(quick: bool) -> dict[str, Callable]:
     impls = {INTERPRETED if quick else TRITON: _ours, "jax.nn xla": _jax_nn("xla")}
     if not quick:
         impls.update({name: _quantized(dtype) for name, dtype in QUANTIZED.items()})
-        impls.update({name: _paged(size) for name, size in PAGED.items()})
+        impls.update({name: _paged(size, dtype) for name, (size, dtype) in PAGED.items()})
         impls["jax.nn cudnn"] = _jax_nn("cudnn")
         impls[CUDNN_CAPACITY] = _jax_nn("cudnn", capacity=True)
         impls["jax pallas decode op"] = _jax_pallas_decode_op

@@ -498,7 +498,7 @@ def _decode_kernel(
 ):
     (k_scale_ref, v_scale_ref), refs = (refs[:2], refs[2:]) if quantized else ((None, None), refs)
     sink_ref, out_refs = (refs[0], refs[1:]) if has_sinks else (None, refs)
-    shift = 0.0 if products_dtype == jnp.float16 else OVERFLOW_SHIFT
+    shift = probability_shift(products_dtype)
     block_rows, block_k, num_splits = blocks.block_rows, blocks.block_k, blocks.num_splits
     batch_row, kv_head, row_block, split = (pl.program_id(axis) for axis in range(4))
     length, offset = lengths_ref[()], offsets_ref[()]
@@ -541,11 +541,8 @@ def _decode_kernel(
         correction = jnp.exp2(m_prev - m_next)
         p = jnp.where(mask, jnp.exp2(s - (m_next[:, None] + shift)), 0.0)
         v = _convert(_load_tile(v_ref, k_start, block_k, in_range, value_head_dim), products_dtype)
-        p_v = p
-        if quantized:  # dequantized values: p . (v * scale) = (p * scale) . v
-            p_v = p * plgpu.load(v_scale_ref.at[pl.ds(k_start, block_k)], mask=in_range, other=0.0)[None, :]
-        pv = lax.dot_general(p_v.astype(products_dtype), v, (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+        v_scale = plgpu.load(v_scale_ref.at[pl.ds(k_start, block_k)], mask=in_range, other=0.0) if quantized else None
+        pv = _value_product(p, v, v_scale, products_dtype)
         return acc * correction[:, None] + pv, m_next, l_prev * correction + jnp.sum(p, axis=1)
 
     m, l = jnp.full((block_rows,), MASK_VALUE, jnp.float32), jnp.zeros((block_rows,), jnp.float32)
@@ -599,6 +596,23 @@ def _base2_logits(qk, scale: float, soft_cap: float | None):
     if soft_cap is None:
         return qk * (scale * LOG2E)
     return jnp.tanh(qk * (scale / soft_cap)) * (soft_cap * LOG2E)
+
+
+def probability_shift(products_dtype) -> float:
+    """The static base-2 shift of the unnormalized probabilities: `OVERFLOW_SHIFT`, or 0 for float16 products."""
+    return 0.0 if products_dtype == jnp.float16 else OVERFLOW_SHIFT
+
+
+def _value_product(p, v, v_scale, products_dtype):
+    """``p . v`` in float32 for probabilities ``p [rows, block_k]`` and a value tile ``v [block_k, Hv]``.
+
+    With ``v_scale [block_k]`` (a quantized tile, converted by `_convert`) the
+    values are dequantized through the probabilities: ``p . (v * scale) =
+    (p * scale) . v``.
+    """
+    weights = p if v_scale is None else p * v_scale[None, :]
+    return lax.dot_general(weights.astype(products_dtype), v, (((1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
 
 
 def _convert(tile, dtype):

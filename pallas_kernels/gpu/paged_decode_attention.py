@@ -21,10 +21,18 @@ works and the tile size stays the one the dense kernel measured fastest. Page
 ids are clamped into ``[0, P)``: a wrong page table gives wrong values, never
 a read outside the pool.
 
+A quantized pool (int8 or float8_e4m3fn pages with float32 scale pages
+``[P, page_size, K]``, as `gqa_jax.PagedKVCache` keeps it) is read as the
+dense kernel reads a quantized cache (tiles converted in registers,
+per-key scales applied after ``q . k`` and before ``p . v``, with that
+kernel's helpers); a tile's scales are gathered through the same pool rows
+as its keys.
+
 Grid ``(B, K, row_blocks, num_splits)``. Outputs are in the input dtype; rows
-that see no key give zeros. The backward pass is the flash-attention backward
-on the row's pages gathered to a dense cache (decoding rarely
-differentiates; gradients are correct, not tuned).
+that see no key give zeros. The backward pass is the dense decode kernel's
+(the flash-attention backward, a quantized pool dequantized for it) on the
+row's pages gathered to a dense cache (decoding rarely differentiates;
+gradients are correct, not tuned).
 """
 
 from __future__ import annotations
@@ -40,16 +48,18 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.arguments import next_power_of_two
 from pallas_kernels.gpu.decode_attention import (
-    OVERFLOW_SHIFT,
     DecodeBlockSizes,
     _base2_logits,
     _combine_splits,
     _convert,
+    _decode_bwd,
+    _products_dtype,
     _row_offsets,
     _store,
+    _value_product,
     default_block_sizes,
+    probability_shift,
 )
-from pallas_kernels.gpu.flash_attention import flash_attention_core
 from pallas_kernels.numerics import MASK_VALUE
 from pallas_kernels.paging import gather_pages, paged_request
 from pallas_kernels.rules import Rules
@@ -71,6 +81,8 @@ def paged_decode_attention(
     query_offset=None,
     local_window_size: int | tuple[int, int] | None = None,
     logits_soft_cap: float | None = None,
+    key_scale_pages=None,
+    value_scale_pages=None,
     block_sizes: DecodeBlockSizes | None = None,
     interpret: bool = False,
 ):
@@ -81,13 +93,16 @@ def paged_decode_attention(
     * page_size``): query head ``n`` reads KV head ``n // G``; query ``t`` of
     row ``b`` sits at ``lengths[b] - T + t`` unless ``query_offset`` says
     otherwise; keys ``s < lengths[b]`` are valid; a row of length 0 gives
-    zeros. Pages holding no key below a row's length are never read.
+    zeros. Pages holding no key below a row's length are never read. A
+    quantized pool gives what the dense kernel gives on the gathered cache
+    and scales (``key_scale=gather_pages(key_scale_pages, page_table)``).
 
     Args:
       query: ``[B, T, N, H]``; T is small (1 to 16).
       key_pages: ``[P, page_size, K, H]`` with ``N % K == 0``, the query's
-        dtype (bfloat16, float16 or float32).
-      value_pages: ``[P, page_size, K, Hv]``, the same dtype.
+        dtype (bfloat16, float16 or float32), or int8 / float8_e4m3fn with
+        ``key_scale_pages`` (a quantized pool).
+      value_pages: ``[P, page_size, K, Hv]``, the key pages' dtype.
       page_table: int ``[B, M]``: row ``b``'s ``j``-th page. Entries for the
         pages of keys ``>= lengths[b]`` are not read (-1 is fine); when known
         here (not traced) the others must be in ``[0, P)``.
@@ -99,6 +114,11 @@ def paged_decode_attention(
       local_window_size: int or ``(left, right)``: a query at position ``p``
         sees keys in ``[p - left, p + right]``.
       logits_soft_cap: ``cap * tanh(logits / cap)`` on the scaled logits.
+      key_scale_pages: float ``[P, page_size, K]`` scales of a quantized
+        pool: the key in slot ``i`` of page ``p`` is ``key_pages[p, i, k] *
+        key_scale_pages[p, i, k]``.
+      value_scale_pages: float ``[P, page_size, K]`` scales of a quantized
+        value pool.
       block_sizes: tuning overrides (`DecodeBlockSizes`; ``block_k`` keys per
         tile, independent of ``page_size``); fields left None are picked by
         `pallas_kernels.gpu.decode_attention.default_block_sizes`.
@@ -106,13 +126,15 @@ def paged_decode_attention(
 
     Returns:
       ``[B, T, N, Hv]`` in the query dtype. Differentiable (flash backward on
-      the gathered pages).
+      the gathered pages; a quantized pool gets gradients for its scale
+      pages only).
 
     Raises:
       ValueError: for inconsistent shapes or rules, a pool of ``P *
-        page_size >= 2**31`` slots, or a known page id outside ``[0, P)``
-        for a page that holds valid keys.
-      TypeError: for dtypes that differ or are not served.
+        page_size >= 2**31`` slots, a known page id outside ``[0, P)`` for a
+        page that holds valid keys, or a quantized pool without both scales.
+      TypeError: for dtypes that differ or are not served, or scales with
+        float pages.
 
     Example::
 
@@ -128,7 +150,10 @@ def paged_decode_attention(
     query, key_pages, value_pages, page_table, rules = paged_request(
         query, key_pages, value_pages, page_table, lengths, scale=scale, is_causal=is_causal,
         query_offset=query_offset, local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
+        key_scale_pages=key_scale_pages, value_scale_pages=value_scale_pages,
     )
+    if key_scale_pages is not None:
+        key_scale_pages, value_scale_pages = (jnp.asarray(x, jnp.float32) for x in (key_scale_pages, value_scale_pages))
     B, S = query.shape[0], page_table.shape[1] * key_pages.shape[1]
     K, H = key_pages.shape[2:]
     T, N = query.shape[1:3]
@@ -139,34 +164,51 @@ def paged_decode_attention(
     )
     if overrides.block_rows is not None:
         blocks = dataclasses.replace(blocks, block_rows=overrides.block_rows)
-    return _paged_decode(query, key_pages, value_pages, page_table, rules, rules.statics(), blocks, bool(interpret))
+    return _paged_decode(query, key_pages, value_pages, page_table, rules, key_scale_pages, value_scale_pages,
+                         rules.statics(), blocks, bool(interpret))
 
 
 # ---------------------------------------------------------------------------
 # Differentiable core.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _paged_decode(query, key_pages, value_pages, page_table, rules: Rules, statics: Rules, blocks: DecodeBlockSizes,
-                  interpret: bool):
-    return _paged_forward(query, key_pages, value_pages, page_table, rules, statics, blocks, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _paged_decode(query, key_pages, value_pages, page_table, rules: Rules, key_scale_pages, value_scale_pages,
+                  statics: Rules, blocks: DecodeBlockSizes, interpret: bool):
+    return _paged_forward(query, key_pages, value_pages, page_table, rules, key_scale_pages, value_scale_pages,
+                          statics, blocks, interpret)
 
 
-def _paged_decode_fwd(query, key_pages, value_pages, page_table, rules, statics, blocks, interpret):
-    out = _paged_forward(query, key_pages, value_pages, page_table, rules, statics, blocks, interpret)
-    return out, (query, key_pages, value_pages, page_table, rules)
+def _paged_decode_fwd(query, key_pages, value_pages, page_table, rules, key_scale_pages, value_scale_pages, statics,
+                      blocks, interpret):
+    out = _paged_forward(query, key_pages, value_pages, page_table, rules, key_scale_pages, value_scale_pages,
+                         statics, blocks, interpret)
+    return out, (query, key_pages, value_pages, page_table, rules, key_scale_pages, value_scale_pages)
 
 
 def _paged_decode_bwd(statics, blocks, interpret, residuals, d_out):
-    """The flash-attention backward on the gathered pages; the gather's transpose sums into the pool."""
-    query, key_pages, value_pages, page_table, rules = residuals
+    """The dense decode kernel's backward on the gathered pages; the gather's transpose sums into the pools.
 
-    def dense(q, k_pages, v_pages):
-        k, v = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)
-        return flash_attention_core(q, k, v, rules, interpret=interpret)
+    Float pages get gradients; a quantized pool's scale pages get them and
+    its values none (`pallas_kernels.gpu.decode_attention._decode_bwd`).
+    """
+    query, key_pages, value_pages, page_table, rules, key_scale_pages, value_scale_pages = residuals
 
-    _, pullback = jax.vjp(dense, query, key_pages, value_pages)
-    return (*pullback(d_out), None, None)
+    def gather_pair(x, y):
+        return gather_pages(x, page_table), gather_pages(y, page_table)
+
+    # Gather the pools that get gradients under jax.vjp: its pullback is the gather's transpose.
+    if key_scale_pages is None:
+        (key, value), transpose = jax.vjp(gather_pair, key_pages, value_pages)
+        scales = (None, None)
+    else:
+        key, value = gather_pair(key_pages, value_pages)
+        scales, transpose = jax.vjp(gather_pair, key_scale_pages, value_scale_pages)
+    d_query, d_key, d_value, _, d_key_scale, d_value_scale, _ = _decode_bwd(
+        statics, blocks, interpret, (query, key, value, rules, *scales, None), d_out)
+    if key_scale_pages is None:
+        return d_query, *transpose((d_key, d_value)), None, None, None, None
+    return d_query, None, None, None, None, *transpose((d_key_scale, d_value_scale))
 
 
 _paged_decode.defvjp(_paged_decode_fwd, _paged_decode_bwd)
@@ -177,8 +219,8 @@ _paged_decode.defvjp(_paged_decode_fwd, _paged_decode_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("statics", "blocks", "interpret"))
-def _paged_forward(query, key_pages, value_pages, page_table, rules: Rules, statics: Rules, blocks: DecodeBlockSizes,
-                   interpret: bool):
+def _paged_forward(query, key_pages, value_pages, page_table, rules: Rules, key_scale_pages, value_scale_pages,
+                   statics: Rules, blocks: DecodeBlockSizes, interpret: bool):
     B, T, N, H = query.shape
     P, page_size, K, Hv = value_pages.shape
     M = page_table.shape[1]
@@ -202,6 +244,9 @@ def _paged_forward(query, key_pages, value_pages, page_table, rules: Rules, stat
         pl.BlockSpec((P * page_size, None, head_padded), lambda b, k, r, s: (0, k, 0)),
         pl.BlockSpec((P * page_size, None, value_padded), lambda b, k, r, s: (0, k, 0)),
     ]
+    quantized = key_scale_pages is not None
+    if quantized:  # the scale pools of one KV head, as rows [P * page_size]: gathered through the keys' rows
+        in_specs += [pl.BlockSpec((P * page_size, None), lambda b, k, r, s: (0, k))] * 2
     if splits == 1:
         out_shape = [jax.ShapeDtypeStruct((tokens * Hv,), query.dtype)]
     else:
@@ -221,6 +266,8 @@ def _paged_forward(query, key_pages, value_pages, page_table, rules: Rules, stat
         page_size=page_size,
         num_pages=P,
         blocks=blocks,
+        quantized=quantized,
+        products_dtype=_products_dtype(query.dtype, key_pages.dtype),
     )
     results = pl.pallas_call(
         kernel,
@@ -232,7 +279,8 @@ def _paged_forward(query, key_pages, value_pages, page_table, rules: Rules, stat
         interpret=interpret,
         name="gqa_paged_decode_attention",
     )(kv_len, rules.q_offset, page_table, query.reshape(-1), key_pages.reshape(P * page_size, K, H),
-      value_pages.reshape(P * page_size, K, Hv))
+      value_pages.reshape(P * page_size, K, Hv),
+      *((key_scale_pages.reshape(P * page_size, K), value_scale_pages.reshape(P * page_size, K)) if quantized else ()))
     if splits == 1:
         return results[0].reshape(B, T, N, Hv)
     acc, m, l = results
@@ -251,7 +299,8 @@ def _paged_decode_kernel(
     q_ref,  # [B*T*N*H] the whole query, flat
     k_ref,  # [P * page_size, Hp] the key pool of one KV head, as rows
     v_ref,  # [P * page_size, Hvp]
-    *out_refs,  # (out [B*T*N*Hv],) or (acc [splits*B*T*N*Hv], m [splits*B*T*N], l [splits*B*T*N]), flat
+    *refs,  # quantized: the key and value scale pools [P * page_size]; then the outputs:
+    # (out [B*T*N*Hv],) or (acc [splits*B*T*N*Hv], m [splits*B*T*N], l [splits*B*T*N]), flat
     rules: Rules,
     q_len: int,
     num_heads: int,
@@ -261,9 +310,11 @@ def _paged_decode_kernel(
     page_size: int,
     num_pages: int,
     blocks: DecodeBlockSizes,
+    quantized: bool,
+    products_dtype: jnp.dtype,
 ):
-    products_dtype = q_ref.dtype
-    shift = 0.0 if products_dtype == jnp.float16 else OVERFLOW_SHIFT
+    (k_scale_ref, v_scale_ref), out_refs = (refs[:2], refs[2:]) if quantized else ((None, None), refs)
+    shift = probability_shift(products_dtype)
     block_rows, block_k, num_splits = blocks.block_rows, blocks.block_k, blocks.num_splits
     batch_row, kv_head, row_block, split = (pl.program_id(axis) for axis in range(4))
     length, offset = lengths_ref[()], offsets_ref[()]
@@ -287,7 +338,7 @@ def _paged_decode_kernel(
     stop = jnp.minimum(start + per_split, first_tile + num_tiles)
 
     q_offsets, q_mask = _row_offsets(0, token, head_dim, real)
-    q = plgpu.load(q_ref.at[q_offsets], mask=q_mask, other=0.0)
+    q = plgpu.load(q_ref.at[q_offsets], mask=q_mask, other=0.0).astype(products_dtype)
 
     def body(tile, carry):
         acc, m_prev, l_prev = carry
@@ -299,6 +350,8 @@ def _paged_decode_kernel(
         pool_rows = jnp.clip(page, 0, num_pages - 1) * page_size + lax.rem(k_pos, page_size)
         k = _convert(_gather_rows(k_ref, pool_rows, in_range, head_dim), products_dtype)
         qk = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if quantized:  # dequantized keys: q . (k * scale) = (q . k) * scale
+            qk = qk * plgpu.load(k_scale_ref.at[pool_rows], mask=in_range, other=0.0)[None, :]
         s = _base2_logits(qk, rules.scale, rules.soft_cap)
         mask = in_range[None, :]
         rule = rules.visible(q_pos[:, None], k_pos[None, :])
@@ -309,8 +362,8 @@ def _paged_decode_kernel(
         correction = jnp.exp2(m_prev - m_next)
         p = jnp.where(mask, jnp.exp2(s - (m_next[:, None] + shift)), 0.0)
         v = _convert(_gather_rows(v_ref, pool_rows, in_range, value_head_dim), products_dtype)
-        pv = lax.dot_general(p.astype(products_dtype), v, (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+        v_scale = plgpu.load(v_scale_ref.at[pool_rows], mask=in_range, other=0.0) if quantized else None
+        pv = _value_product(p, v, v_scale, products_dtype)
         return acc * correction[:, None] + pv, m_next, l_prev * correction + jnp.sum(p, axis=1)
 
     init = (
