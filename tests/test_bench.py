@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gqa_jax.bench import e2e
 from gqa_jax.bench.__main__ import main
+from gqa_jax.paged_kv_cache import PagedKVCache
 
 
 def test_quick_benchmark_writes_results(tmp_path, capsys):
@@ -22,6 +28,50 @@ def test_quick_benchmark_writes_results(tmp_path, capsys):
     for family in ("Prefill", "Decode", "End-to-end"):
         assert family in printed
     assert (tmp_path / "prefill.png").stat().st_size > 0 and (tmp_path / "decode.png").stat().st_size > 0
+    # End to end: every cache kind; on a CPU the Triton rows are skipped and XLA runs each cache.
+    e2e_rows = {r["impl"]: r for r in results["results"] if r["mode"] == "generate"}
+    assert list(e2e_rows) == [e2e.row_name(impl, cache) for impl, cache in e2e.variants(quick=True)]
+    for cache in e2e.CACHES:
+        assert e2e_rows[e2e.row_name("pallas_triton", cache)]["error"] == "skipped: GPU kernels only"
+        row = e2e_rows[e2e.row_name("xla", cache)]
+        assert row["seconds"] > 0 and row["tokens_per_s"] > 0, row
+        assert 0 <= row["agreement"] <= 1 and row["agreement_with"] == "xla bf16 dense cache", row
+        assert f"| xla {cache} cache |" in printed
+    assert e2e_rows["xla bf16 paged cache"]["agreement"] == 1.0  # paging moves no value
+
+
+def test_end_to_end_paged_cache_generates_the_dense_cache_tokens():
+    """The bf16 paged rows generate exactly the bf16 dense rows' tokens (paging must not change results)."""
+    shape = e2e.shapes(quick=True)[0]
+    dense, paged = (np.asarray(e2e.make_generate(shape, "xla", cache)()) for cache in ("bf16 dense", "bf16 paged"))
+    assert dense.shape == (shape.B, shape.new_tokens)
+    np.testing.assert_array_equal(paged, dense)
+
+
+def test_end_to_end_full_rows_and_cache_sizes():
+    """The GPU run's rows: Triton on each cache, XLA on bf16 dense; every cache holds P + new tokens per row."""
+    assert [e2e.row_name(impl, cache) for impl, cache in e2e.variants(quick=False)] == [
+        "pallas_triton bf16 dense cache", "pallas_triton int8 dense cache", "pallas_triton bf16 paged cache",
+        "pallas_triton int8 paged cache", "xla bf16 dense cache"]
+    assert e2e.implementation_for("pallas_triton", "int8 paged") == ("pallas_triton", "xla")  # XLA prefills int8
+    assert e2e.implementation_for("pallas_triton", "bf16 paged") == "pallas_triton"
+    shape = e2e.shapes(quick=False)[0]
+    config = shape.config
+    for cache in e2e.CACHES:
+        layers = jax.eval_shape(lambda: e2e.make_cache(shape, config, cache))  # shapes only: no memory
+        assert len(layers) == config.num_layers
+        layer = layers[0]
+        if isinstance(layer, PagedKVCache):
+            assert layer.key_pages.shape == (shape.B * shape.pages_per_row(), shape.page_size, config.num_kv_heads,
+                                             config.head_dim)
+            assert layer.page_table.shape == (shape.B, shape.pages_per_row())
+            capacity = shape.pages_per_row() * shape.page_size
+        else:
+            capacity = layer.key.shape[1]
+        assert capacity == shape.P + shape.new_tokens, cache
+        key = layer.key_pages if isinstance(layer, PagedKVCache) else layer.key
+        assert key.dtype == (jnp.int8 if cache.startswith("int8") else config.dtype), cache
+        assert layer.is_quantized == cache.startswith("int8"), cache
 
 
 def test_sharded_mode_on_two_simulated_devices(tmp_path):

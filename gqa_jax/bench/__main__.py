@@ -67,23 +67,32 @@ def run_family(shapes, impls: dict, make_inputs: Callable, modes: Callable, mode
     return results, done
 
 
-def run_end_to_end(shapes, quick: bool, reps: int, bar: ProgressBar, done: int) -> tuple[list[dict], int]:
-    """Tokens/s of the reference decoder's generation loop per attention implementation."""
-    results = []
+def run_end_to_end(shapes, variants, quick: bool, reps: int, bar: ProgressBar, done: int) -> tuple[list[dict], int]:
+    """Tokens/s of the reference decoder's generation loop per ``(implementation, cache)`` of ``variants``.
+
+    Each row with tokens also gets ``agreement``: the fraction of its greedy tokens equal to those of the case's
+    first bf16 dense run (named in ``agreement_with``).
+    """
+    results, timer = [], functools.partial(time_fn, reps=max(3, reps // 3))
     for shape in shapes:
-        for impl in e2e.IMPLEMENTATIONS:
-            row = {"case": shape.name, "mode": "generate", "impl": impl, "seconds": None}
+        reference = None  # (row name, tokens) of the case's first bf16 dense run
+        for impl, cache in variants:
+            row = {"case": shape.name, "mode": "generate", "impl": e2e.row_name(impl, cache), "seconds": None}
             if quick and impl != "xla":
                 row["error"] = "skipped: GPU kernels only"
             else:
                 try:
-                    row["seconds"] = time_fn(e2e.make_generate(shape, impl), [()], reps=max(3, reps // 3))
+                    row["seconds"], tokens = e2e.time_generate(shape, impl, cache, timer)
                     row["tokens_per_s"] = shape.new_token_count() / row["seconds"]
-                except Exception as e:  # an implementation that cannot serve on this platform
+                    if reference is None and cache == e2e.BF16_DENSE:
+                        reference = (row["impl"], tokens)
+                    if reference is not None:
+                        row["agreement"], row["agreement_with"] = e2e.agreement(tokens, reference[1]), reference[0]
+                except Exception as e:  # an implementation that cannot serve on this platform, out of memory ...
                     row["error"] = _short(e)
             results.append(row)
             done += 1
-            bar.update(done, f"{shape.name} {impl}")
+            bar.update(done, f"{shape.name} {row['impl']}")
     return results, done
 
 
@@ -112,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
                                         if not any(text in name for text in args.skip)}
                                        for impls in (prefill_impls, decode_impls))
     e2e_shapes = e2e.shapes(args.quick)
+    e2e_variants = [(impl, cache) for impl, cache in e2e.variants(args.quick)
+                    if not any(text in e2e.row_name(impl, cache) for text in args.skip)]
     total = (run_prefill * 2 * len(prefill_shapes) * len(prefill_impls)
              + run_decode * len(decode_shapes) * len(decode_impls)
-             + run_e2e * len(e2e_shapes) * len(e2e.IMPLEMENTATIONS))
+             + run_e2e * len(e2e_shapes) * len(e2e_variants))
     bar = ProgressBar(max(total, 1), label="bench")
     timing = functools.partial(run_family, quick=args.quick, reps=reps, bar=bar)
     prefill_rows, decode_rows, e2e_rows, done, copy = [], [], [], 0, None
@@ -129,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda shape, mode, s: {"gbps": shape.kv_bytes() / s / 1e9,
                                     "of_copy": shape.kv_bytes() / s / 1e9 / copy}, done=done)
     if run_e2e:
-        e2e_rows, done = run_end_to_end(e2e_shapes, args.quick, reps, bar, done)
+        e2e_rows, done = run_end_to_end(e2e_shapes, e2e_variants, args.quick, reps, bar, done)
     bar.close()
     sharded_rows = []
     if args.only == "sharded":
@@ -152,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
               "int8/fp8 cache rows: bf16-equivalent GB/s, so ratios are ratios of time)\n")
         print(markdown_table(decode_rows, decode.OURS, "gbps", "GB/s", extra="of_copy"))
     if e2e_rows:
-        print("\nEnd-to-end greedy decoding with gqa_jax.decoding.generate (new tokens/s, prefill included)\n")
-        print(markdown_table(e2e_rows, "pallas_triton", "tokens_per_s", "tokens/s"))
+        print("\nEnd-to-end greedy decoding with gqa_jax.decoding.generate (new tokens/s, prefill included; int8 "
+              "rows: Triton decode steps, XLA prefill; paged rows: the paged decode kernel; agreement: fraction of "
+              "greedy tokens equal to the first bf16 dense row's)\n")
+        print(markdown_table(e2e_rows, e2e.OURS, "tokens_per_s", "tokens/s", extra="agreement"))
     if sharded_rows:
         print(f"\nSharded attention on {jax.device_count()} devices against one (default implementation)\n")
         print(sharded.markdown(sharded_rows))
