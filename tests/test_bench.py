@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gqa_jax.bench import e2e
+from gqa_jax.bench import e2e, prefill
 from gqa_jax.bench.__main__ import main
 from gqa_jax.paged_kv_cache import PagedKVCache
 
@@ -95,3 +95,15 @@ def test_sharded_mode_on_two_simulated_devices(tmp_path):
 def test_sharded_mode_says_it_needs_devices(tmp_path, capsys):
     assert main(["--quick", "--only", "sharded", "--reps", "1", "--out", str(tmp_path)]) == 0
     assert "skipped: needs 2 or more devices" in capsys.readouterr().out
+
+
+def test_packed_prefill_gives_our_kernel_ids_and_the_peers_the_same_mask():
+    """The packed shape's segment ids (our kernel) and boolean mask (jax.nn peers) describe the same attention."""
+    shape = next(s for s in prefill.QUICK_SHAPES if s.segments)
+    q, k, v, _ = prefill.make_inputs(shape, jax.random.key(0))
+    ours = prefill.implementations(quick=True)[prefill.INTERPRETED](shape, interpret=True)(q, k, v)
+    peer = prefill.implementations(quick=True)["jax.nn xla"](shape, interpret=True)(q, k, v)
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(peer, np.float32), atol=2e-2)
+    unpacked = prefill.PrefillShape(shape.B, shape.S, shape.N, shape.K, shape.H, shape.causal)
+    apart = prefill.implementations(quick=True)["jax.nn xla"](unpacked, interpret=True)(q, k, v)
+    assert np.abs(np.asarray(apart, np.float32) - np.asarray(peer, np.float32)).max() > 0.1  # the mask matters

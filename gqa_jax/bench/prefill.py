@@ -12,13 +12,21 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import gqa_jax
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefillShape:
-    """Self-attention over ``S`` tokens: query ``[B,S,N,H]``, key/value ``[B,S,K,H]``."""
+    """Self-attention over ``S`` tokens: query ``[B,S,N,H]``, key/value ``[B,S,K,H]``.
+
+    ``segments > 0`` packs that many equal documents into each row (segment
+    ids): our kernels take the ids, the peers without segment ids a boolean
+    mask ``[B, 1, S, S]`` built from them inside the timed call. FLOPs count
+    the whole row's (causal) logits for every implementation, so the ratios
+    are ratios of time.
+    """
 
     B: int
     S: int
@@ -26,10 +34,28 @@ class PrefillShape:
     K: int
     H: int
     causal: bool
+    segments: int = 0
 
     @property
     def name(self) -> str:
-        return f"B{self.B} S{self.S} N{self.N} K{self.K} H{self.H} {'causal' if self.causal else 'full'}"
+        packed = f" packed{self.segments}" if self.segments else ""
+        return f"B{self.B} S{self.S} N{self.N} K{self.K} H{self.H} {'causal' if self.causal else 'full'}{packed}"
+
+    def segment_ids(self):
+        """int32 ``[B, S]`` ids of the packed documents (position * segments // S), or None without packing."""
+        if not self.segments:
+            return None
+        return jnp.asarray(np.broadcast_to(np.arange(self.S) * self.segments // self.S, (self.B, self.S)), jnp.int32)
+
+    def segment_keywords(self) -> dict:
+        """``q_segment_ids`` / ``kv_segment_ids`` for our kernels (empty without packing)."""
+        ids = self.segment_ids()
+        return {} if ids is None else {"q_segment_ids": ids, "kv_segment_ids": ids}
+
+    def mask(self):
+        """The packed documents as a boolean mask ``[B, 1, S, S]`` for peers without segment ids, or None."""
+        ids = self.segment_ids()
+        return None if ids is None else ids[:, None, :, None] == ids[:, None, None, :]
 
     def flops(self, mode: str) -> float:
         forward = 4.0 * self.B * self.S * self.S * self.N * self.H
@@ -45,7 +71,10 @@ FULL_SHAPES = [
     ]
     for causal in (True, False)
 ]
-QUICK_SHAPES = [PrefillShape(1, 128, 4, 2, 64, causal) for causal in (True, False)]
+# Packed documents (segment ids): the Mosaic-GPU kernel serves them since 2026-12-07; this shape measures that path.
+FULL_SHAPES.append(PrefillShape(2, 4096, 32, 8, 128, True, segments=4))
+QUICK_SHAPES = [PrefillShape(1, 128, 4, 2, 64, causal) for causal in (True, False)] + [
+    PrefillShape(1, 128, 4, 2, 64, True, segments=3)]
 
 MOSAIC = "gqa_jax pallas_mosaic_gpu"
 TRITON = "gqa_jax pallas_triton"
@@ -58,16 +87,18 @@ def _triton(shape: PrefillShape, interpret: bool) -> Callable:
     if interpret:
         from pallas_kernels.gpu import flash_attention
 
-        return lambda q, k, v: flash_attention(q, k, v, is_causal=shape.causal, interpret=True)
+        return lambda q, k, v: flash_attention(q, k, v, is_causal=shape.causal, interpret=True,
+                                               **shape.segment_keywords())
     return lambda q, k, v: gqa_jax.dot_product_attention(q, k, v, is_causal=shape.causal,
-                                                         implementation="pallas_triton")
+                                                         implementation="pallas_triton", **shape.segment_keywords())
 
 
 def _mosaic(shape: PrefillShape, interpret: bool) -> Callable:
     """The Mosaic-GPU kernel itself (its Triton backward included), also where dispatch prefers Triton."""
     from pallas_kernels.gpu import flash_attention_mgpu
 
-    return lambda q, k, v: flash_attention_mgpu.flash_attention(q, k, v, is_causal=shape.causal)
+    return lambda q, k, v: flash_attention_mgpu.flash_attention(q, k, v, is_causal=shape.causal,
+                                                                **shape.segment_keywords())
 
 
 # The XLA path materializes float32 logits [B,N,S,S]: skip it where they pass this size.
@@ -79,7 +110,7 @@ def _jax_nn(implementation: str):
         logits_bytes = 4 * shape.B * shape.N * shape.S * shape.S
         if implementation == "xla" and logits_bytes > XLA_LOGITS_LIMIT_BYTES:
             raise MemoryError(f"skipped: float32 logits need {logits_bytes / 2**30:.0f} GiB")
-        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=shape.causal,
+        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=shape.mask(), is_causal=shape.causal,
                                                             implementation=implementation)
     return build
 
@@ -92,7 +123,7 @@ def _jax_pallas_op(shape: PrefillShape, interpret: bool) -> Callable:
 
     def fn(q, k, v):
         k, v = gqa_jax.repeat_kv(k, G), gqa_jax.repeat_kv(v, G)
-        return attention.mha(q, k, v, None, sm_scale=1.0 / math.sqrt(shape.H), causal=shape.causal,
+        return attention.mha(q, k, v, shape.segment_ids(), sm_scale=1.0 / math.sqrt(shape.H), causal=shape.causal,
                              interpret=interpret)
     return fn
 
@@ -103,7 +134,7 @@ def _tokamax(implementation: str):
         from absl import flags
 
         flags.FLAGS.mark_as_parsed()  # tokamax reads absl flags; keep it off our command line
-        return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=shape.causal,
+        return lambda q, k, v: tokamax.dot_product_attention(q, k, v, mask=shape.mask(), is_causal=shape.causal,
                                                              implementation=implementation)
     return build
 
