@@ -18,8 +18,8 @@ Quantized caches: ``KVCache.init(..., dtype=jnp.int8)`` (or
 scales ``[B, S, K]``, one per token per KV head (symmetric absmax,
 `gqa_jax.quantization.quantize`); `KVCache.update` quantizes the new tokens and
 `KVCache.attend` hands values and scales to `gqa_jax.dot_product_attention`,
-which never dequantizes the whole cache (the Triton decode kernel dequantizes
-tiles in registers; XLA in its products).
+which never dequantizes the whole cache (the Triton and TPU decode kernels
+dequantize tiles in registers; XLA in its products).
 """
 
 from __future__ import annotations

@@ -42,16 +42,16 @@ Quantized caches: ``PagedKVCache.init(..., dtype=jnp.int8)`` (or
 scale pages ``[P, page_size, K]``, one scale per token per KV head in the
 token's slot, as `gqa_jax.KVCache` does (`gqa_jax.quantization.quantize` on
 `PagedKVCache.update`). `PagedKVCache.attend` hands the scale pages to the
-GPU paged decode kernel, which gathers each tile's scales with its keys, or
-(other calls, and on a TPU, whose paged kernel takes no scales) gathers the
-pages and the scale pages and hands both to `gqa_jax.dot_product_attention`
-(``key_scale=`` / ``value_scale=``); neither dequantizes the whole cache.
+paged decode kernel of the backend (the GPU one gathers each tile's scales
+with its keys, the TPU one copies each block's scales beside its pages), or
+(other calls) gathers the pages and the scale pages and hands both to
+`gqa_jax.dot_product_attention` (``key_scale=`` / ``value_scale=``); neither
+dequantizes the whole cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -402,13 +402,12 @@ class PagedKVCache:
           paged_kernel: True: the Pallas paged decode kernel (compiled on a
             GPU, the TPU one compiled on a TPU, the GPU one in the Pallas
             interpreter elsewhere: slow, for tests), with the scale pages of
-            a quantized cache (not on a TPU: its kernel takes no scales);
-            False: gather the pages to a dense cache and call
-            `gqa_jax.dot_product_attention` (with the gathered scale pages as
-            ``key_scale`` / ``value_scale`` for a quantized cache); None
-            (default): the kernel on a GPU, or on a TPU when the cache is not
-            quantized, when ``T <= 16``, the query dtype is bfloat16, float16
-            or float32 and ``kwargs`` sets only ``scale``,
+            a quantized cache; False: gather the pages to a dense cache and
+            call `gqa_jax.dot_product_attention` (with the gathered scale
+            pages as ``key_scale`` / ``value_scale`` for a quantized cache);
+            None (default): the kernel on a GPU or a TPU when ``T <= 16``,
+            the query dtype is bfloat16, float16 or float32 and ``kwargs``
+            sets only ``scale``,
             ``local_window_size`` and ``logits_soft_cap``, else the dense
             path. Keywords that ask nothing of the kernel count as unset
             (None, ``dropout_rate=0``, ``return_weights=False``, and
@@ -425,8 +424,7 @@ class PagedKVCache:
         Raises:
           ValueError: for a query that does not fit the cache, (when
             concrete) ``num_new`` above the tokens written (`update` first),
-            or ``paged_kernel=True`` with keywords the kernel does not take
-            or on a quantized cache on a TPU (its kernel takes no scales).
+            or ``paged_kernel=True`` with keywords the kernel does not take.
           TypeError: as `gqa_jax.dot_product_attention`, or a
             ``paged_kernel`` that is not a bool or None.
         """
@@ -439,11 +437,9 @@ class PagedKVCache:
         backend = jax.default_backend()
         given = {name: value for name, value in kwargs.items() if not _is_neutral(name, value, backend)}
         other = sorted(set(given) - KERNEL_KEYWORDS)
-        # The TPU paged kernel takes no scales: a quantized cache there takes the dense path.
-        scales_on_tpu = backend == "tpu" and self.is_quantized
         if paged_kernel is None:
-            paged_kernel = (backend in ("gpu", "tpu") and not scales_on_tpu and T <= MAX_DECODE_QUERIES
-                            and not other and query.dtype in KERNEL_DTYPES)
+            paged_kernel = (backend in ("gpu", "tpu") and T <= MAX_DECODE_QUERIES and not other
+                            and query.dtype in KERNEL_DTYPES)
         if not paged_kernel:
             def dense(pages):  # [P, page_size, ...] -> [B, M * page_size, ...]; None (no scales) stays None
                 return None if pages is None else gather_pages(pages, self.page_table)
@@ -453,19 +449,13 @@ class PagedKVCache:
                 query_seq_lengths=None if num_new is None else count, key_value_seq_lengths=self.stored_lengths,
                 key_scale=dense(self.key_scale_pages), value_scale=dense(self.value_scale_pages), **kwargs,
             )
-        if scales_on_tpu:
-            raise ValueError(f"the TPU paged decode kernel takes no scales, got paged_kernel=True on a quantized "
-                             f"cache (key_pages.dtype={self.key_pages.dtype}); use paged_kernel=False or None")
         if other:
             raise ValueError(f"the paged decode kernel takes only {sorted(KERNEL_KEYWORDS)} besides is_causal, got "
                              f"{other}; use paged_kernel=False or None")
-        if backend == "tpu":
-            kernel = tpu_paged_decode_attention
-        else:
-            kernel = functools.partial(paged_decode_attention, key_scale_pages=self.key_scale_pages,
-                                       value_scale_pages=self.value_scale_pages)
+        kernel = tpu_paged_decode_attention if backend == "tpu" else paged_decode_attention
         out = kernel(query, self.key_pages, self.value_pages, self.page_table, self.stored_lengths,
-                     is_causal=is_causal, query_offset=offset, interpret=backend not in ("gpu", "tpu"), **given)
+                     is_causal=is_causal, query_offset=offset, key_scale_pages=self.key_scale_pages,
+                     value_scale_pages=self.value_scale_pages, interpret=backend not in ("gpu", "tpu"), **given)
         if num_new is None:
             return out
         return jnp.where((jnp.arange(T) < count[:, None])[:, :, None, None], out, jnp.zeros((), out.dtype))

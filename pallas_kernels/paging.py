@@ -3,7 +3,7 @@
 A pool ``key_pages [P, page_size, K, H]`` / ``value_pages [P, page_size, K,
 Hv]`` holds every row's keys and values; key ``s`` of row ``b`` sits in page
 ``page_table[b, s // page_size]`` at slot ``s % page_size``; a quantized pool
-(int8 or float8_e4m3fn pages, read by the GPU kernel) has scale pages ``[P,
+(int8 or float8_e4m3fn pages, read by both paged kernels) has scale pages ``[P,
 page_size, K]`` beside. Here: the checks and rules both kernels' wrappers
 start from (`paged_request`), and the dense view of a row's pages
 (`gather_pages`) their backward passes and the XLA path use.

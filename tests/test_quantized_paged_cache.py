@@ -7,8 +7,8 @@ each row's tokens (read back page by page through the page table, in NumPy)
 and what a quantized dense `gqa_jax.KVCache` fed the same tokens holds;
 ``attend`` equals the dense cache's and the float64 oracle's on the values
 dequantized in float64. Eager and under jit, freeing and page reuse, the
-default paths (the GPU paged kernel with the scale pages on a GPU; on a TPU,
-whose paged kernel takes no scales, the dense one), bad inputs, and greedy
+default paths (the paged kernel of the backend with the scale pages on a GPU
+and on a TPU), bad inputs, and greedy
 `generate` with the reference decoder on an int8 paged cache against an int8
 dense cache.
 
@@ -34,12 +34,13 @@ import gqa_jax
 import gqa_jax.paged_kv_cache
 from gqa_jax import KVCache, PagedKVCache
 from gqa_jax.decoding import generate
-from gqa_jax.implementations import pallas_triton
+from gqa_jax.implementations import pallas_tpu, pallas_triton
 from gqa_jax.models import Decoder, DecoderConfig, params_from_hf
 from gqa_jax.quantization import quantize
 from pallas_kernels.gpu.decode_attention import DecodeBlockSizes, decode_attention
 from pallas_kernels.gpu.paged_decode_attention import paged_decode_attention
 from pallas_kernels.paging import gather_pages
+from tests import test_tpu_paged_decode
 from tests.devices import has_gpu
 from tests.kernel_cases import GRAD_TOLERANCE, TOLERANCE, TOLERANCE_TF32, assert_close
 from tests.paged_cases import PagedCase, paged_call, paged_case_inputs, quantized_paged_case_inputs, rows64
@@ -54,6 +55,8 @@ CAPACITY = MAX_PAGES * PAGE_SIZE  # the dense cache has the paged rows' capacity
 # Prefills of different lengths, then 1-2 tokens per step (0: the row waits); rows grow in turn.
 STEPS = [[5, 3, 9], [1, 2, 0], [2, 1, 1], [0, 2, 1], [1, 1, 2], [2, 0, 1]]
 needs_gpu = pytest.mark.skipif(not has_gpu(), reason="needs an NVIDIA GPU")
+# The fixture faking a TPU for `PagedKVCache.attend`: the TPU paged kernel runs in interpret mode, its calls recorded.
+tpu_backend = test_tpu_paged_decode.tpu_backend
 
 
 def _normal(rng, shape):
@@ -210,18 +213,14 @@ def test_default_path_on_a_gpu_is_the_paged_kernel(monkeypatch):
     assert len(calls) == 3
 
 
-def test_on_a_tpu_a_quantized_cache_takes_the_dense_path(monkeypatch):
-    """The TPU paged kernel takes no scales: ``paged_kernel=None`` gathers the pages (XLA here), True raises."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the TPU paged decode kernel was called on a quantized cache")
-
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    monkeypatch.setattr(gqa_jax.paged_kv_cache, "tpu_paged_decode_attention", refuse)
+def test_default_path_on_a_tpu_is_the_tpu_paged_kernel(tpu_backend, monkeypatch):
+    """On a TPU, ``paged_kernel=None`` sends a quantized cache's decode step to the TPU paged kernel with its scale
+    pages (in interpret mode here); the dense twin's step goes to the TPU decode kernel (``"pallas_tpu"``)."""
+    monkeypatch.setattr(pallas_tpu, "interpret", True)
     paged, dense, q, n = _grown(jnp.int8, 3, ([5, 2, 7], [1, 0, 1]))
-    _assert_attends(paged.attend(q, num_new=n), dense.attend(q, num_new=n), paged, q, n)
-    with pytest.raises(ValueError, match=r"TPU paged decode kernel takes no scales, got paged_kernel=True on a "
-                                         r"quantized cache \(key_pages.dtype=int8\)"):
-        paged.attend(q, num_new=n, paged_kernel=True)
+    out = paged.attend(q, num_new=n)
+    assert len(tpu_backend) == 1 and tpu_backend[0]["key_scale_pages"] is paged.key_scale_pages
+    _assert_attends(out, dense.attend(q, num_new=n, implementation="pallas_tpu"), paged, q, n)
 
 
 def _bad_calls():

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
+from gqa_jax.quantization import quantize
 from pallas_kernels import tpu
 from tests.kernel_cases import DECODE_CASES, FLASH_CASES, GRAD_CASES, make_inputs
 from tests.test_tpu_kernels import LONG, LONG_BLOCKS, SMALL_BLOCKS, with_traced_rules
@@ -74,6 +75,21 @@ def test_decode_forward_and_backward_lower_for_tpu(case, block_k):
         return tpu.decode_attention(q, k, v, lengths, block_sizes=blocks, **kw)
 
     exported = export_for_tpu(_with_grads(decode), (q, k, v, lengths), rules)
+    assert exported.count(KERNEL_CALL) == 4  # decode; its backward: flash forward, dQ, dK/dV
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
+@pytest.mark.parametrize("case", [DECODE_CASES[1], DECODE_CASES[6]], ids=str)  # two heads a program; one, float16
+def test_quantized_decode_forward_and_backward_lower_for_tpu(case, dtype):
+    """int8 / float8 tiles and float32 scale tiles; the backward differentiates the query and the scales."""
+    q, k, v, _, rules = make_inputs(case)
+    lengths = rules.pop("lengths")
+    (kq, ks), (vq, vs) = quantize(k, dtype), quantize(v, dtype)
+
+    def decode(q, ks, vs, kq, vq, lengths, **kw):
+        return tpu.decode_attention(q, kq, vq, lengths, key_scale=ks, value_scale=vs, **kw)
+
+    exported = export_for_tpu(_with_grads(decode), (q, ks, vs, kq, vq, lengths), rules)
     assert exported.count(KERNEL_CALL) == 4  # decode; its backward: flash forward, dQ, dK/dV
 
 

@@ -7,7 +7,10 @@ float16 and float32), against the dense TPU decode kernel on the gathered
 cache (same tiling: the same values), its gradients, bad inputs, its lowering
 for TPUs (checked on this CPU by ``jax.export``), and `PagedKVCache.attend`
 picking it when the backend is a TPU. On a TPU the oracle cases also run
-compiled.
+compiled. Quantized pools (int8 and float8 pages with float32 scale pages):
+against the oracle on the dequantized values, the dense TPU kernel on the
+gathered cache and scales, XLA's gradients of the query and the scale pages,
+and the lowering for TPUs.
 """
 
 from __future__ import annotations
@@ -18,12 +21,21 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+import gqa_jax
 import gqa_jax.paged_kv_cache as paged_kv_cache
 from gqa_jax.paged_kv_cache import PagedKVCache
+from gqa_jax.quantization import quantize
 from pallas_kernels import tpu
 from pallas_kernels.paging import gather_pages
 from tests.kernel_cases import GRAD_TOLERANCE, TOLERANCE, assert_close
-from tests.paged_cases import PagedCase, paged_bad_calls, paged_call, paged_case_inputs, reference_page_grads
+from tests.paged_cases import (
+    PagedCase,
+    paged_bad_calls,
+    paged_call,
+    paged_case_inputs,
+    quantized_paged_case_inputs,
+    reference_page_grads,
+)
 from tests.reference import reference_attention
 from tests.test_tpu_kernels import NEEDS_TPU, jitted
 from tests.test_tpu_lowering import KERNEL_CALL, export_for_tpu
@@ -176,12 +188,97 @@ def test_forward_and_backward_lower_for_tpu(case):
 
 
 # ---------------------------------------------------------------------------
+# Quantized pools.
+
+QUANTIZED = [jnp.int8, jnp.float8_e4m3fn]
+QUANTIZED_IDS = ["int8", "fp8"]
+
+
+def _quantized_paged(q, kq, vq, ks, vs, table, lengths, rules, **static):
+    return jitted(lambda q, kq, vq, ks, vs, table, lengths, **kw: tpu.paged_decode_attention(
+        q, kq, vq, table, lengths, key_scale_pages=ks, value_scale_pages=vs, **kw),
+        q, kq, vq, ks, vs, table, lengths, rules=rules, **static)
+
+
+@pytest.mark.parametrize("dtype", QUANTIZED, ids=QUANTIZED_IDS)
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[4]], ids=str)
+def test_quantized_pools_match_float64_oracle(case, dtype):
+    q, kq, vq, ks, vs, table, lengths, (k64, v64) = quantized_paged_case_inputs(case, dtype)
+    out = _quantized_paged(q, kq, vq, ks, vs, table, jnp.asarray(lengths), dict(case.rules),
+                           block_sizes=case.block_sizes, interpret=True)
+    assert out.dtype == q.dtype
+    rules = _oracle_rules(case, lengths)
+    ref, _ = reference_attention(q, k64, v64, logits_soft_cap=rules.pop("logits_soft_cap", None), **rules)
+    assert_close(out, ref, case.dtype)
+
+
+@pytest.mark.parametrize("dtype", QUANTIZED, ids=QUANTIZED_IDS)
+def test_quantized_pools_equal_dense_tpu_kernel_on_gathered_cache(dtype):
+    """Two K/V heads per program, blocks of 128 keys in both kernels: the same tiles give the same values."""
+    case = PagedCase("dense", 2, 4, 2, 64, 16, (230, 97), dtype="bfloat16", block_sizes=Blocks(8))
+    q, kq, vq, ks, vs, table, lengths, _ = quantized_paged_case_inputs(case, dtype, seed=5)
+    table = jnp.pad(table, ((0, 0), (0, 16 - table.shape[1])), constant_values=-1)  # capacity 256 keys: 2 tiles
+    lengths = jnp.asarray(lengths)
+    rules = {"logits_soft_cap": 8.0}
+    paged = _quantized_paged(q, kq, vq, ks, vs, table, lengths, rules, block_sizes=case.block_sizes, interpret=True)
+    dense = jitted(lambda q, kq, vq, ks, vs, lengths, **kw: tpu.decode_attention(
+        q, kq, vq, lengths, key_scale=ks, value_scale=vs, **kw), q, *(gather_pages(x, table) for x in (kq, vq, ks, vs)),
+        lengths, rules=rules, block_sizes=tpu.DecodeBlockSizes(block_k=128), interpret=True)
+    np.testing.assert_array_equal(np.asarray(paged, np.float32), np.asarray(dense, np.float32))
+
+
+def test_quantized_pool_gradients_match_xla():
+    """The query and the scale pages get the gradients of XLA's attention on the gathered, dequantized pages."""
+    case = PagedCase("grads", 2, 4, 2, 64, 16, (30, 9))
+    q, kq, vq, ks, vs, table, lengths, _ = quantized_paged_case_inputs(case, jnp.float8_e4m3fn, seed=1)
+    d_out = np.random.default_rng(2).standard_normal(q.shape)
+
+    def paged(q, ks, vs):
+        return tpu.paged_decode_attention(q, kq, vq, table, jnp.asarray(lengths), key_scale_pages=ks,
+                                          value_scale_pages=vs, interpret=True)
+
+    def xla(q, ks, vs):
+        return gqa_jax.dot_product_attention(
+            q, *(gather_pages(x, table) for x in (kq, vq)), key_scale=gather_pages(ks, table),
+            value_scale=gather_pages(vs, table), is_causal=True, query_offset=lengths - case.T,
+            key_value_seq_lengths=lengths, implementation="xla")
+
+    def grads(fn):
+        return jax.grad(lambda *args: jnp.sum(fn(*args) * d_out), (0, 1, 2))
+
+    got = jitted(grads(paged), q, ks, vs, rules={})
+    expected = jax.jit(grads(xla))(q, ks, vs)
+    for g, e, what in zip(got, expected, ("d_query", "d_key_scale_pages", "d_value_scale_pages")):
+        assert_close(g, np.asarray(e), "float32", GRAD_TOLERANCE["float32"], what)
+
+
+@pytest.mark.parametrize("dtype", QUANTIZED, ids=QUANTIZED_IDS)
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=str)
+def test_quantized_forward_and_backward_lower_for_tpu(case, dtype):
+    q, kq, vq, ks, vs, table, lengths, _ = quantized_paged_case_inputs(case, dtype)
+
+    def value_and_grads(q, ks, vs, kq, vq, table, lengths, **kw):
+        def loss(q, ks, vs):
+            out = tpu.paged_decode_attention(q, kq, vq, table, lengths, key_scale_pages=ks, value_scale_pages=vs,
+                                             block_sizes=case.block_sizes, **kw)
+            return jnp.sum(out.astype(jnp.float32)), out
+        return jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, ks, vs)
+
+    text = export_for_tpu(value_and_grads, (q, ks, vs, kq, vq, table, jnp.asarray(lengths)), dict(case.rules))
+    assert text.count(KERNEL_CALL) == 4  # the paged kernel; its backward: flash forward, dQ, dK/dV
+
+
+# ---------------------------------------------------------------------------
 # Bad inputs: the GPU kernel's checks and messages, and the TPU block sizes.
 
 
 def _bad_calls():
     call = paged_call(tpu.paged_decode_attention, interpret=True)
+    # A quantized pool of the calls' shape (6 pages of 16 slots, K=2 heads of 16).
+    (kq, ks), (vq, _) = (quantize(np.random.default_rng(i).standard_normal((6, 16, 2, 16)), jnp.int8) for i in (5, 6))
     return paged_bad_calls(tpu.paged_decode_attention, interpret=True) + [
+        ("quantized_missing_scale", call(key_pages=kq, value_pages=vq, key_scale_pages=ks), ValueError,
+         r"key_pages.dtype=int8 is quantized: .* got value_scale=None"),
         ("block_of_keys", call(block_sizes=Blocks(9)), ValueError,
          r"pages_per_block \* page_size = 9 \* 16 = 144 keys per block must be a multiple of NUM_LANES=128"),
         ("interpret", call(interpret="yes"), TypeError, "interpret='yes'"),

@@ -1,12 +1,16 @@
 """The ``"pallas_tpu"`` implementation: our Mosaic TPU kernels (`pallas_kernels.tpu`).
 
 Decode-shaped requests without query lengths go to the decode kernel, the rest
-to flash attention; a dense boolean mask becomes an additive ``-inf`` bias.
-The kernels run compiled on TPUs; tests set `interpret` to run this adapter on
-CPUs.
+to flash attention; a dense boolean mask becomes an additive ``-inf`` bias. A
+quantized cache is served by the decode kernel only (decode-shaped calls on
+one device, query lengths included: padded queries are computed, then
+zeroed); XLA serves the rest. The kernels run compiled on TPUs; tests set
+`interpret` to run this adapter on CPUs.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from gqa_jax.implementations._common import (
     Implementation,
@@ -14,6 +18,7 @@ from gqa_jax.implementations._common import (
     kernel_refusal,
     mask_as_bias,
     per_device,
+    zero_invalid_rows,
 )
 from gqa_jax.request import AttentionRequest
 from pallas_kernels import tpu
@@ -23,8 +28,10 @@ interpret: bool = False
 
 
 def supports(request: AttentionRequest) -> str | None:
-    if request.is_quantized:
-        return f"does not serve a quantized cache (key.dtype={request.key.dtype}) yet"
+    if request.is_quantized and not is_decode_shaped(request):
+        return "serves a quantized cache in decode-shaped calls only (T <= 16 queries, no dense mask or segments)"
+    if request.is_quantized and request.placement is not None:
+        return "serves a quantized cache on one device only"
     if request.has_sinks:
         return "does not support sinks yet"
     return kernel_refusal(request)
@@ -36,6 +43,10 @@ def tpu_attention(request: AttentionRequest):
 
 def _local(request: AttentionRequest):
     q, k, v, rules = request.query, request.key, request.value, request.rules
+    if request.is_quantized:  # flash attention takes no scales: query lengths are served by zeroing padded queries
+        out = tpu.decode_attention_core(q, k, v, dataclasses.replace(rules, q_len=None), key_scale=request.key_scale,
+                                        value_scale=request.value_scale, interpret=interpret)
+        return zero_invalid_rows(request, out) if rules.q_len is not None else out
     if is_decode_shaped(request) and not request.has_query_lengths:
         return tpu.decode_attention_core(q, k, v, rules, interpret=interpret)
     return tpu.flash_attention_core(q, k, v, rules, bias=mask_as_bias(request), interpret=interpret)

@@ -18,11 +18,21 @@ read once and no other:
   computed nor copied in (the index map holds the last visited tile). Keys and
   values past the length inside the last tile are masked, values to zero, so
   stale or uninitialised cache slots never leak in (not even NaN).
+* Quantized caches: int8 or float8_e4m3fn K/V tiles (half the bytes of
+  bfloat16) are copied in as they are and converted in VMEM (through
+  float32) to the products' dtype, the query's (float32 for float16
+  queries); the logits are scaled per key after ``q . k`` and the
+  probabilities per key before ``p . v``, as the GPU kernel does
+  (`pallas_kernels.quantized`: float32 scales ``[B, S, K]``). The scales
+  reach the kernel as tiles ``[hb, block_k]`` with the keys along lanes
+  (`pallas_kernels.tpu.common.scale_tiles`: a transposed copy made before the
+  call, 16 bytes per key and head against the ``H + Hv`` the kernel reads).
 
 Grid ``(B, K // hb, kv_steps)``; float32 softmax statistics, outputs in the
 input dtype, zeros for rows that see no key (``lengths == 0``). The backward
 pass (decoding rarely differentiates) is the flash-attention backward with the
-same rules, so gradients are correct.
+same rules, so gradients are correct; a quantized cache is dequantized
+(float32) for it, and its scales get gradients, its values none.
 """
 
 from __future__ import annotations
@@ -36,15 +46,18 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.arguments import check_qkv, out_struct, pad_axis, round_up, row_vector
+from pallas_kernels.arguments import KERNEL_DTYPES, out_struct, pad_axis, round_up, row_vector
 from pallas_kernels.numerics import LN2, prob_shift
+from pallas_kernels.quantized import check_tensors, is_quantized_dtype
 from pallas_kernels.rules import Rules
 from pallas_kernels.tpu.common import (
     NUM_LANES,
     NUM_SUBLANES,
     compute_dtype,
+    head_rows,
     interpret_params,
     lanes,
+    scale_tiles,
     scaled_logits,
     softmax_finish,
     softmax_init,
@@ -96,6 +109,8 @@ def decode_attention(
     query_offset=None,
     local_window_size: int | tuple[int, int] | None = None,
     logits_soft_cap: float | None = None,
+    key_scale=None,
+    value_scale=None,
     block_sizes: DecodeBlockSizes | None = None,
     interpret: bool | pltpu.InterpretParams = False,
 ):
@@ -109,8 +124,10 @@ def decode_attention(
 
     Args:
       query: ``[B, T, N, H]``, ``T`` small (1 to 16).
-      key_cache: ``[B, S, K, H]`` with ``N % K == 0``; read in place.
-      value_cache: ``[B, S, K, Hv]``.
+      key_cache: ``[B, S, K, H]`` with ``N % K == 0``, the query's dtype
+        (bfloat16, float16 or float32), or int8 / float8_e4m3fn with
+        ``key_scale`` (a quantized cache); read in place.
+      value_cache: ``[B, S, K, Hv]``, the key cache's dtype.
       lengths: int scalar or ``[B]`` valid keys per row, in ``[0, S]``; 0
         gives zeros.
       scale: logit scale, default ``1/sqrt(H)``.
@@ -118,18 +135,24 @@ def decode_attention(
       query_offset: int or int ``[B]`` position of query 0 of each row.
       local_window_size: int or ``(left, right)`` window around each query.
       logits_soft_cap: positive cap, or None.
+      key_scale: float ``[B, S, K]`` scales of a quantized key cache: key
+        ``s`` is ``key_cache[b, s, k] * key_scale[b, s, k]``.
+      value_scale: float ``[B, S, K]`` scales of a quantized value cache.
       block_sizes: `DecodeBlockSizes`; default ``block_k=512``.
       interpret: False (compiled for TPU), True (``pltpu.InterpretParams()``)
         or a ``pltpu.InterpretParams``.
 
     Returns:
-      ``[B, T, N, Hv]`` in the query dtype.
+      ``[B, T, N, Hv]`` in the query dtype. A quantized cache gets gradients
+      for its scales only.
 
     Raises:
-      ValueError, TypeError: for inconsistent shapes, dtypes or arguments.
+      ValueError, TypeError: for inconsistent shapes, dtypes or arguments, or
+        a quantized cache without both scales.
     """
     query, key_cache, value_cache = jnp.asarray(query), jnp.asarray(key_cache), jnp.asarray(value_cache)
-    check_qkv(query, key_cache, value_cache, names=("query", "key_cache", "value_cache"))
+    key_scale, value_scale = check_tensors(query, key_cache, value_cache, key_scale, value_scale,
+                                           names=("query", "key_cache", "value_cache"), dtypes=KERNEL_DTYPES)
     B = query.shape[0]
     if lengths is None:
         raise ValueError(f"lengths must be an int [B]=({B},) array of valid keys per row, got {lengths=}")
@@ -138,10 +161,11 @@ def decode_attention(
         key_value_seq_lengths=row_vector("lengths", lengths, B), local_window_size=local_window_size,
         logits_soft_cap=logits_soft_cap,
     )
-    return decode_attention_core(query, key_cache, value_cache, rules, block_sizes=block_sizes, interpret=interpret)
+    return decode_attention_core(query, key_cache, value_cache, rules, key_scale=key_scale, value_scale=value_scale,
+                                 block_sizes=block_sizes, interpret=interpret)
 
 
-def decode_attention_core(query, key_cache, value_cache, rules: Rules, *,
+def decode_attention_core(query, key_cache, value_cache, rules: Rules, *, key_scale=None, value_scale=None,
                           block_sizes: DecodeBlockSizes | None = None,
                           interpret: bool | pltpu.InterpretParams = False):
     """`decode_attention` on checked inputs: ``rules`` from `Rules.create` (no query lengths or segments).
@@ -151,6 +175,7 @@ def decode_attention_core(query, key_cache, value_cache, rules: Rules, *,
       key_cache: ``[B, S, K, H]``.
       value_cache: ``[B, S, K, Hv]``.
       rules: the validated rules; ``kv_len`` None means every row holds ``S`` keys.
+      key_scale, value_scale: float32 ``[B, S, K]`` for a quantized cache, else None.
       block_sizes: `DecodeBlockSizes`; default ``block_k=512``.
       interpret: as in `decode_attention`.
 
@@ -169,13 +194,15 @@ def decode_attention_core(query, key_cache, value_cache, rules: Rules, *,
         interpret=interpret_params(interpret),
     )
     dtype = compute_dtype(query.dtype)
-    q, k, v = query.astype(dtype), key_cache.astype(dtype), value_cache.astype(dtype)
+    q, k, v = query.astype(dtype), key_cache, value_cache
+    if key_scale is None:  # a quantized cache stays as it is: its tiles are converted in VMEM
+        k, v = k.astype(dtype), v.astype(dtype)
     Hv = v.shape[3]
     if _heads_per_tile(k.shape[2], H, Hv) is None:
         # Head dims such as 80 fill no whole lane block: pad them (a copy of the cache).
         q, k = pad_axis(q, 3, round_up(H, NUM_LANES)), pad_axis(k, 3, round_up(H, NUM_LANES))
         v = pad_axis(v, 3, round_up(Hv, NUM_LANES))
-    return _decode(st, q, k, v, rules)[..., :Hv].astype(query.dtype)
+    return _decode(st, q, k, v, key_scale, value_scale, rules)[..., :Hv].astype(query.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -183,28 +210,63 @@ def decode_attention_core(query, key_cache, value_cache, rules: Rules, *,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _decode(st: _Static, q, k, v, rules: Rules):
-    return _forward(st, q, k, v, rules.kv_len, rules.q_offset)
+def _decode(st: _Static, q, k, v, key_scale, value_scale, rules: Rules):
+    return _forward(st, q, k, v, key_scale, value_scale, rules.kv_len, rules.q_offset)
 
 
-def _decode_fwd(st: _Static, q, k, v, rules):
-    return _decode(st, q, k, v, rules), (q, k, v, rules)
+def _decode_fwd(st: _Static, q, k, v, key_scale, value_scale, rules):
+    return _decode(st, q, k, v, key_scale, value_scale, rules), (q, k, v, key_scale, value_scale, rules)
 
 
-def _decode_bwd(st: _Static, residuals, do):
-    q, k, v, rules = residuals
-    _, vjp = jax.vjp(lambda q, k, v: flash_attention_core(q, k, v, rules, interpret=st.interpret), q, k, v)
-    return (*vjp(do), None)
+def _decode_bwd(st: _Static, residuals, d_out):
+    q, k, v, key_scale, value_scale, rules = residuals
+    attend = functools.partial(flash_on_cache, rules=rules, interpret=st.interpret)
+    return (*cache_vjp(attend, q, k, v, key_scale, value_scale, d_out), None)
 
 
 _decode.defvjp(_decode_fwd, _decode_bwd)
+
+
+def flash_on_cache(q, k, v, key_scale, value_scale, *, rules: Rules, interpret):
+    """Flash attention over a decode call's cache: what the TPU decode kernels' backward passes differentiate.
+
+    A quantized cache (``key_scale`` given) is dequantized in float32 for it,
+    the queries too (the flash kernel takes one dtype); the output is back in
+    the query dtype.
+
+    Args:
+      q: ``[B, T, N, H]``.
+      k, v: ``[B, S, K, H]`` and ``[B, S, K, Hv]``, the query's dtype or quantized.
+      key_scale, value_scale: float32 ``[B, S, K]`` for a quantized cache, else None.
+      rules: the call's rules.
+      interpret: as in `decode_attention`.
+    """
+    if key_scale is None:
+        return flash_attention_core(q, k, v, rules, interpret=interpret)
+    k, v = (x.astype(jnp.float32) * scale[..., None] for x, scale in ((k, key_scale), (v, value_scale)))
+    return flash_attention_core(q.astype(jnp.float32), k, v, rules, interpret=interpret).astype(q.dtype)
+
+
+def cache_vjp(attend, q, k, v, key_scale, value_scale, d_out):
+    """``(d_q, d_k, d_v, d_key_scale, d_value_scale)``: cotangents of ``attend(q, k, v, key_scale, value_scale)``.
+
+    A float cache's keys and values get cotangents; a quantized cache's
+    scales get them (``sum_h d(dequantized) * values``) and its int8 or float8
+    values none (None).
+    """
+    if key_scale is None:
+        _, pullback = jax.vjp(lambda q, k, v: attend(q, k, v, None, None), q, k, v)
+        return (*pullback(d_out), None, None)
+    _, pullback = jax.vjp(lambda q, k_scale, v_scale: attend(q, k, v, k_scale, v_scale), q, key_scale, value_scale)
+    d_q, d_key_scale, d_value_scale = pullback(d_out)
+    return d_q, None, None, d_key_scale, d_value_scale
 
 
 # ---------------------------------------------------------------------------
 # pallas_call builder.
 
 
-def _forward(st: _Static, q, k, v, lengths, q_off):
+def _forward(st: _Static, q, k, v, key_scale, value_scale, lengths, q_off):
     B, T, N, H = q.shape
     _, S, K, Hv = v.shape
     G, hb = N // K, _heads_per_tile(K, H, Hv)
@@ -221,8 +283,12 @@ def _forward(st: _Static, q, k, v, lengths, q_off):
     def kv_index(b, c, j, len_ref, off_ref):
         return b, _visit(st, off_ref[b], len_ref[b], j, num_tiles)[0], c
 
+    def scale_index(b, c, j, len_ref, off_ref):
+        return b, c, _visit(st, off_ref[b], len_ref[b], j, num_tiles)[0], 0, 0
+
+    scales = () if key_scale is None else tuple(scale_tiles(x, hb, st.block_k) for x in (key_scale, value_scale))
     out = pl.pallas_call(
-        functools.partial(_decode_kernel, st=st),
+        functools.partial(_decode_kernel, st=st, rows_per_head=G * T),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(B, C, num_tiles),
@@ -231,16 +297,18 @@ def _forward(st: _Static, q, k, v, lengths, q_off):
                 pl.BlockSpec((None, None, R_pad, hb * H), lambda b, c, j, *_: (b, c, 0, 0)),
                 pl.BlockSpec((None, st.block_k, hb * H), kv_index),
                 pl.BlockSpec((None, st.block_k, hb * Hv), kv_index),
+                # A quantized cache's key and value scales: the tile's keys along lanes, one row per head.
+                *[pl.BlockSpec((None, None, None, hb, st.block_k), scale_index)] * len(scales),
             ],
             out_specs=pl.BlockSpec((None, None, R_pad, hb * Hv), lambda b, c, j, *_: (b, c, 0, 0)),
             scratch_shapes=[pltpu.VMEM((R_pad, NUM_LANES), jnp.float32), pltpu.VMEM((R_pad, NUM_LANES), jnp.float32),
                             pltpu.VMEM((R_pad, hb * Hv), jnp.float32)],
         ),
-        out_shape=out_struct((B, C, R_pad, hb * Hv), q.dtype, q, k, v, lengths, q_off),
+        out_shape=out_struct((B, C, R_pad, hb * Hv), q.dtype, q, k, v, scales, lengths, q_off),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=st.interpret,
         name="gqa_decode_attention",
-    )(lengths, q_off, row_t, q_rows, k.reshape(B, S, K * H), v.reshape(B, S, K * Hv))
+    )(lengths, q_off, row_t, q_rows, k.reshape(B, S, K * H), v.reshape(B, S, K * Hv), *scales)
     # Keep each row's own head columns: [B, C, hb, G, T, hb, Hv] -> diagonal over the two hb axes.
     out = jnp.diagonal(out[:, :, :R].reshape(B, C, hb, G, T, hb, Hv), axis1=2, axis2=5)  # [B, C, G, T, Hv, hb]
     return out.transpose(0, 3, 1, 5, 2, 4).reshape(B, T, N, Hv)
@@ -250,11 +318,13 @@ def _forward(st: _Static, q, k, v, lengths, q_off):
 # Kernel body.
 
 
-def _decode_kernel(len_ref, off_ref, row_t_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, st: _Static):
+def _decode_kernel(len_ref, off_ref, row_t_ref, q_ref, k_ref, v_ref, *refs, st: _Static, rows_per_head: int):
+    # A quantized cache brings its key and value scale tiles [hb, block_k] before the output and scratch refs.
+    scale_refs, (o_ref, m_ref, l_ref, acc_ref) = (refs[:2], refs[2:]) if is_quantized_dtype(k_ref.dtype) else (
+        (), refs)
     b, j = pl.program_id(0), pl.program_id(2)
     length, q_off = len_ref[b], off_ref[b]
     tile, run, lo, hi = _visit(st, q_off, length, j, pl.num_programs(2))
-    k_start = tile * st.block_k
 
     @pl.when(j == 0)
     def _init():
@@ -262,26 +332,60 @@ def _decode_kernel(len_ref, off_ref, row_t_ref, q_ref, k_ref, v_ref, o_ref, m_re
 
     @pl.when(run)
     def _compute():
-        s, _ = scaled_logits(q_ref[...], k_ref[...], st.rules.scale, st.rules.soft_cap)
-        k_pos = k_start + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        mask = k_pos < length
-        positional = st.rules.visible(q_off + lanes(row_t_ref[...], s.shape[1]), k_pos)
-        if positional is not None:
-            mask &= positional
-        s = jnp.where(mask, s, -jnp.inf)
-        v = v_ref[...]
-        # Values no query sees become zeros: stale cache slots (even NaN) never leak in.
-        v_pos = k_start + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
-        v_valid = (v_pos >= lo) & (v_pos < hi)
-        # Selected in float32: 32-bit masks and values share one layout on every TPU generation.
-        v = jnp.where(v_valid, v.astype(jnp.float32), 0.0).astype(v.dtype)
-        # Weights <= 2**-PROB_SHIFT (none for float16 values): the float32 sum of p * v cannot overflow.
-        softmax_update(s, v, m_ref, l_ref, acc_ref, shift=prob_shift(v.dtype) * LN2)
+        scales = tuple(ref[...] for ref in scale_refs) or (None, None)
+        attend_keys(st.rules, q_ref[...], k_ref[...], v_ref[...], *scales, row_t_ref[...], m_ref, l_ref, acc_ref,
+                    rows_per_head=rows_per_head, k_start=tile * st.block_k, q_off=q_off, lo=lo, hi=hi)
 
     @pl.when(j == pl.num_programs(2) - 1)
     def _finish():
         out, _ = softmax_finish(m_ref, l_ref, acc_ref)
         o_ref[...] = out.astype(o_ref.dtype)
+
+
+def attend_keys(rules: Rules, q, k, v, key_scale, value_scale, row_t, m_ref, l_ref, acc_ref, *, rows_per_head: int,
+                k_start, q_off, lo, hi) -> None:
+    """One online-softmax step of the TPU decode kernels over the keys ``[k_start, k_start + block_k)``.
+
+    Keys outside ``[lo, hi)`` or hidden from a row by the rules are masked:
+    logits ``-inf``, values (and value scales) zero, so stale cache slots or
+    buffer slots never leak in (not even NaN).
+
+    Args:
+      rules: the call's static rules.
+      q: ``[R_pad, W]`` query rows, in the products' dtype; rows head-major,
+        ``rows_per_head`` per K/V head.
+      k: ``[block_k, W]`` keys, the query's dtype or int8 / float8 (a
+        quantized tile, converted here through float32: the conversion Mosaic
+        has for those).
+      v: ``[block_k, Wv]`` values, likewise.
+      key_scale, value_scale: float32 ``[hb, block_k]`` per-key scales of a
+        quantized tile's ``hb`` heads, else None.
+      row_t: ``[R_pad, 128]`` token index of each query row, lane-replicated.
+      m_ref, l_ref, acc_ref: the running softmax statistics and output.
+      rows_per_head: query rows per K/V head, ``G * T``.
+      k_start: position of the tile's first key.
+      q_off: position of the row's first query.
+      lo, hi: the keys ``[lo, hi)`` any query of the row sees.
+    """
+    if k.dtype != q.dtype:
+        k = k.astype(jnp.float32).astype(q.dtype)
+    if key_scale is not None:
+        key_scale = head_rows(key_scale, rows_per_head, q.shape[0])
+    s, _ = scaled_logits(q, k, rules.scale, rules.soft_cap, key_scale=key_scale)
+    k_pos = k_start + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    mask = (k_pos >= lo) & (k_pos < hi)
+    positional = rules.visible(q_off + lanes(row_t, s.shape[1]), k_pos)
+    if positional is not None:
+        mask &= positional
+    s = jnp.where(mask, s, -jnp.inf)
+    v_pos = k_start + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
+    # Selected in float32: 32-bit masks and values share one layout on every TPU generation.
+    v = jnp.where((v_pos >= lo) & (v_pos < hi), v.astype(jnp.float32), 0.0).astype(q.dtype)
+    if value_scale is not None:
+        value_scale = jnp.where(mask, head_rows(value_scale, rows_per_head, q.shape[0]), 0.0)
+    # Weights <= 2**-PROB_SHIFT: the float32 sum of p * v cannot overflow, nor that of (p * scale) . v for
+    # dequantized values up to the float32 maximum.
+    softmax_update(s, v, m_ref, l_ref, acc_ref, shift=prob_shift(v.dtype) * LN2, value_scale=value_scale)
 
 
 # ---------------------------------------------------------------------------

@@ -31,12 +31,22 @@ the dense TPU decode kernel, `pallas_kernels.tpu.decode_attention`:
   the pool. Buffer slots of pages not copied hold stale data; logits there are
   masked to ``-inf`` and values to zero by selects, so nothing (not even NaN)
   leaks in.
-* Numerics of the dense TPU kernel: float32 online softmax with natural
-  ``exp``, masked logits ``-inf``, running max from the lowest finite float32,
-  unnormalized weights shifted to at most ``2**-32``, zeros for rows that see
-  no key; outputs in the query dtype. float16 runs in float32 (a float32 copy
-  of the pools, as the dense kernel copies the cache; TPUs have no float16
-  units).
+* Numerics of the dense TPU kernel (its per-tile step,
+  `pallas_kernels.tpu.decode_attention.attend_keys`): float32 online softmax
+  with natural ``exp``, masked logits ``-inf``, running max from the lowest
+  finite float32, unnormalized weights shifted to at most ``2**-32``, zeros
+  for rows that see no key; outputs in the query dtype. float16 runs in
+  float32 (a float32 copy of the pools, as the dense kernel copies the cache;
+  TPUs have no float16 units).
+* Quantized pools (int8 or float8_e4m3fn pages with float32 scale pages
+  ``[P, page_size, K]``, as `gqa_jax.PagedKVCache` keeps them): pages are
+  copied as they are (half the bytes of bfloat16) and converted in VMEM,
+  per-key scales applied after ``q . k`` and before ``p . v``, as in the
+  dense kernel. Each row's scale pages are gathered through its page table
+  before the call into tiles ``[hb, block_k]`` with the keys along lanes
+  (`pallas_kernels.tpu.common.scale_tiles`: 16 bytes per slot and head of
+  the row's capacity, against the ``H + Hv`` bytes per key and head of the
+  pages), and each block's scale tile is copied beside its pages.
 
 Grid ``(B, K // hb)``, both "parallel" (each program waits for every copy it
 starts); the walk over a row's blocks is a loop inside the program, bounded by
@@ -46,8 +56,9 @@ as in jax's TPU paged-attention kernels, which bounds ``B * M``. Pages of a
 multiple of 8 tokens (16 for bfloat16) are the layout-friendly sizes: a
 block's pages are merged into ``[block_k, lanes]`` tiles (bfloat16 blocks of
 8-token pages go through float32 for that). The backward pass (decoding rarely
-differentiates) is the TPU flash-attention backward on the gathered pages, so
-gradients are correct, not tuned.
+differentiates) is the TPU flash-attention backward on the gathered pages (a
+quantized pool dequantized for it: its scale pages get gradients, its pages
+none), so gradients are correct, not tuned.
 """
 
 from __future__ import annotations
@@ -65,21 +76,18 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.arguments import out_struct, pad_axis, round_up
 from pallas_kernels.paging import gather_pages, paged_request
-from pallas_kernels.numerics import LN2, prob_shift
+from pallas_kernels.quantized import is_quantized_dtype
 from pallas_kernels.rules import Rules
 from pallas_kernels.tpu.common import (
     NUM_LANES,
     NUM_SUBLANES,
     compute_dtype,
     interpret_params,
-    lanes,
-    scaled_logits,
+    scale_tiles,
     softmax_finish,
     softmax_init,
-    softmax_update,
 )
-from pallas_kernels.tpu.decode_attention import _heads_per_tile
-from pallas_kernels.tpu.flash_attention import flash_attention_core
+from pallas_kernels.tpu.decode_attention import _heads_per_tile, attend_keys, cache_vjp, flash_on_cache
 
 # Keys per block the default block size aims at: the dense TPU decode kernel's tile.
 DEFAULT_BLOCK_K = 512
@@ -155,6 +163,8 @@ def paged_decode_attention(
     query_offset=None,
     local_window_size: int | tuple[int, int] | None = None,
     logits_soft_cap: float | None = None,
+    key_scale_pages=None,
+    value_scale_pages=None,
     block_sizes: PagedDecodeBlockSizes | None = None,
     interpret: bool | pltpu.InterpretParams = False,
 ):
@@ -167,13 +177,16 @@ def paged_decode_attention(
     head ``n`` reads KV head ``n // G``; query ``t`` of row ``b`` sits at
     ``lengths[b] - T + t`` unless ``query_offset`` says otherwise; keys ``s <
     lengths[b]`` are valid; a row of length 0 gives zeros. Pages holding no key
-    that a row's queries can see are never read.
+    that a row's queries can see are never read. A quantized pool gives what
+    the dense kernel gives on the gathered cache and scales
+    (``key_scale=gather_pages(key_scale_pages, page_table)``).
 
     Args:
       query: ``[B, T, N, H]``; T is small (1 to 16).
       key_pages: ``[P, page_size, K, H]`` with ``N % K == 0``, the query's
-        dtype (bfloat16, float16 or float32).
-      value_pages: ``[P, page_size, K, Hv]``, the same dtype.
+        dtype (bfloat16, float16 or float32), or int8 / float8_e4m3fn with
+        ``key_scale_pages`` (a quantized pool).
+      value_pages: ``[P, page_size, K, Hv]``, the key pages' dtype.
       page_table: int ``[B, M]``: row ``b``'s ``j``-th page. Entries for the
         pages of keys ``>= lengths[b]`` are not read (-1 is fine); when known
         here (not traced) the others must be in ``[0, P)``.
@@ -185,6 +198,11 @@ def paged_decode_attention(
       local_window_size: int or ``(left, right)``: a query at position ``p``
         sees keys in ``[p - left, p + right]``.
       logits_soft_cap: ``cap * tanh(logits / cap)`` on the scaled logits.
+      key_scale_pages: float ``[P, page_size, K]`` scales of a quantized
+        pool: the key in slot ``i`` of page ``p`` is ``key_pages[p, i, k] *
+        key_scale_pages[p, i, k]``.
+      value_scale_pages: float ``[P, page_size, K]`` scales of a quantized
+        value pool.
       block_sizes: `PagedDecodeBlockSizes` (pages per block); default about
         512 keys per block.
       interpret: False (compiled for TPU), True (``pltpu.InterpretParams()``,
@@ -193,14 +211,17 @@ def paged_decode_attention(
 
     Returns:
       ``[B, T, N, Hv]`` in the query dtype. Differentiable (TPU flash backward
-      on the gathered pages).
+      on the gathered pages; a quantized pool gets gradients for its scale
+      pages only).
 
     Raises:
       ValueError: for inconsistent shapes, rules or block sizes, a pool of
-        ``P * page_size >= 2**31`` slots, or a known page id outside ``[0, P)``
-        for a page that holds valid keys.
-      TypeError: for dtypes that differ or are not served, or an ``interpret``
-        that is neither a bool nor a ``pltpu.InterpretParams``.
+        ``P * page_size >= 2**31`` slots, a known page id outside ``[0, P)``
+        for a page that holds valid keys, or a quantized pool without both
+        scales.
+      TypeError: for dtypes that differ or are not served, scales with float
+        pages, or an ``interpret`` that is neither a bool nor a
+        ``pltpu.InterpretParams``.
 
     Example::
 
@@ -216,14 +237,19 @@ def paged_decode_attention(
     query, key_pages, value_pages, page_table, rules = paged_request(
         query, key_pages, value_pages, page_table, lengths, scale=scale, is_causal=is_causal,
         query_offset=query_offset, local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
+        key_scale_pages=key_scale_pages, value_scale_pages=value_scale_pages,
     )
+    if key_scale_pages is not None:
+        key_scale_pages, value_scale_pages = (jnp.asarray(x, jnp.float32) for x in (key_scale_pages, value_scale_pages))
     S = page_table.shape[1] * key_pages.shape[1]
     P, page_size, K, H = key_pages.shape
     T, Hv = query.shape[1], value_pages.shape[3]
     pages_per_block = (block_sizes or PagedDecodeBlockSizes()).fit(page_size, page_table.shape[1])
     rules = dataclasses.replace(rules, kv_len=jnp.clip(rules.lengths(T, S)[1], 0, S))
     dtype = compute_dtype(query.dtype)
-    q, k, v = query.astype(dtype), key_pages.astype(dtype), value_pages.astype(dtype)
+    q, k, v = query.astype(dtype), key_pages, value_pages
+    if key_scale_pages is None:  # quantized pages stay as they are: they are converted in VMEM
+        k, v = k.astype(dtype), v.astype(dtype)
     hb = _heads_per_tile(K, H, Hv)
     if hb is None:
         # Head dims such as 80 with too few K/V heads fill no whole lane block: pad them (a copy of the pools).
@@ -231,7 +257,8 @@ def paged_decode_attention(
         v, hb = pad_axis(v, 3, round_up(Hv, NUM_LANES)), 1
     st = _Static(rules=rules.statics(), q_len=T, page_size=page_size, pages_per_block=pages_per_block,
                  heads_per_program=hb, interpret=interpret_params(interpret))
-    return _paged_decode(st, q, k, v, page_table, rules)[..., :Hv].astype(query.dtype)
+    return _paged_decode(st, q, k, v, key_scale_pages, value_scale_pages, page_table, rules)[..., :Hv].astype(
+        query.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -239,25 +266,30 @@ def paged_decode_attention(
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _paged_decode(st: _Static, q, key_pages, value_pages, page_table, rules: Rules):
-    return _forward(st, q, key_pages, value_pages, page_table, rules.kv_len, rules.q_offset)
+def _paged_decode(st: _Static, q, key_pages, value_pages, key_scale_pages, value_scale_pages, page_table,
+                  rules: Rules):
+    return _forward(st, q, key_pages, value_pages, key_scale_pages, value_scale_pages, page_table, rules.kv_len,
+                    rules.q_offset)
 
 
-def _paged_decode_fwd(st: _Static, q, key_pages, value_pages, page_table, rules):
-    out = _paged_decode(st, q, key_pages, value_pages, page_table, rules)
-    return out, (q, key_pages, value_pages, page_table, rules)
+def _paged_decode_fwd(st: _Static, q, key_pages, value_pages, key_scale_pages, value_scale_pages, page_table, rules):
+    out = _paged_decode(st, q, key_pages, value_pages, key_scale_pages, value_scale_pages, page_table, rules)
+    return out, (q, key_pages, value_pages, key_scale_pages, value_scale_pages, page_table, rules)
 
 
 def _paged_decode_bwd(st: _Static, residuals, d_out):
-    """The TPU flash-attention backward on the gathered pages; the gather's transpose sums into the pools."""
-    q, key_pages, value_pages, page_table, rules = residuals
+    """The dense decode kernel's backward on the gathered pages; the gather's transpose sums into the pools.
 
-    def dense(q, k_pages, v_pages):
-        k, v = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)
-        return flash_attention_core(q, k, v, rules, interpret=st.interpret)
+    Float pages get gradients; a quantized pool's scale pages get them and
+    its pages none (`pallas_kernels.tpu.decode_attention.cache_vjp`).
+    """
+    q, key_pages, value_pages, key_scale_pages, value_scale_pages, page_table, rules = residuals
 
-    _, pullback = jax.vjp(dense, q, key_pages, value_pages)
-    return (*pullback(d_out), None, None)
+    def dense(q, *pools):  # the pools gathered to a dense cache (None, for no scales, stays None)
+        k, v, k_scale, v_scale = (None if x is None else gather_pages(x, page_table) for x in pools)
+        return flash_on_cache(q, k, v, k_scale, v_scale, rules=rules, interpret=st.interpret)
+
+    return (*cache_vjp(dense, q, key_pages, value_pages, key_scale_pages, value_scale_pages, d_out), None, None)
 
 
 _paged_decode.defvjp(_paged_decode_fwd, _paged_decode_bwd)
@@ -268,7 +300,7 @@ _paged_decode.defvjp(_paged_decode_fwd, _paged_decode_bwd)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _forward(st: _Static, q, key_pages, value_pages, page_table, lengths, q_off):
+def _forward(st: _Static, q, key_pages, value_pages, key_scale_pages, value_scale_pages, page_table, lengths, q_off):
     B, T, N, H = q.shape
     P, L, K, Hv = value_pages.shape
     M = page_table.shape[1]
@@ -283,8 +315,12 @@ def _forward(st: _Static, q, key_pages, value_pages, page_table, lengths, q_off)
     row_t = jnp.broadcast_to(pad_axis(jnp.tile(jnp.arange(T, dtype=jnp.int32), hb * G), 0, R_pad)[:, None],
                              (R_pad, NUM_LANES))
     ppb = st.pages_per_block
+    quantized = key_scale_pages is not None
+    # A quantized pool's scales, each row's gathered through its page table: [B, C, blocks, hb, ppb * page_size].
+    scales = tuple(scale_tiles(gather_pages(x, page_table), hb, ppb * L) for x in (key_scale_pages, value_scale_pages)
+                   ) if quantized else ()
     out = pl.pallas_call(
-        functools.partial(_paged_decode_kernel, st=st, num_pages=P, max_pages=M),
+        functools.partial(_paged_decode_kernel, st=st, num_pages=P, max_pages=M, rows_per_head=G * T),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
             grid=(B, C),
@@ -293,6 +329,7 @@ def _forward(st: _Static, q, key_pages, value_pages, page_table, lengths, q_off)
                 pl.BlockSpec((None, None, R_pad, W), lambda b, c, *_: (b, c, 0, 0)),
                 pl.BlockSpec(memory_space=pl.ANY),  # the key pool, [P, page_size, K*H], stays in HBM
                 pl.BlockSpec(memory_space=pl.ANY),  # the value pool, [P, page_size, K*Hv]
+                *[pl.BlockSpec(memory_space=pl.ANY)] * len(scales),  # the scale tiles, copied a block at a time
             ],
             out_specs=pl.BlockSpec((None, None, R_pad, Wv), lambda b, c, *_: (b, c, 0, 0)),
             scratch_shapes=[
@@ -303,14 +340,18 @@ def _forward(st: _Static, q, key_pages, value_pages, page_table, lengths, q_off)
                 pltpu.VMEM((R_pad, NUM_LANES), jnp.float32),
                 pltpu.VMEM((R_pad, NUM_LANES), jnp.float32),
                 pltpu.VMEM((R_pad, Wv), jnp.float32),
+                # Quantized: two blocks of key and of value scales, and their DMA semaphores.
+                *([pltpu.VMEM((2, hb, ppb * L), jnp.float32)] * 2 + [pltpu.SemaphoreType.DMA((2,))] if quantized
+                  else []),
             ],
         ),
-        out_shape=out_struct((B, C, R_pad, Wv), q.dtype, q, key_pages, value_pages, page_table, lengths, q_off),
+        out_shape=out_struct((B, C, R_pad, Wv), q.dtype, q, key_pages, value_pages, scales, page_table, lengths,
+                             q_off),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=st.interpret,
         name="gqa_paged_decode_attention",
     )(lengths, q_off, page_table.reshape(-1), row_t, q_rows, key_pages.reshape(P, L, K * H),
-      value_pages.reshape(P, L, K * Hv))
+      value_pages.reshape(P, L, K * Hv), *scales)
     # Keep each row's own head columns: [B, C, hb, G, T, hb, Hv] -> diagonal over the two hb axes.
     out = jnp.diagonal(out[:, :, :R].reshape(B, C, hb, G, T, hb, Hv), axis1=2, axis2=5)  # [B, C, G, T, Hv, hb]
     return out.transpose(0, 3, 1, 5, 2, 4).reshape(B, T, N, Hv)
@@ -328,19 +369,24 @@ def _paged_decode_kernel(
     q_ref,  # [R_pad, W] this program's query rows
     k_hbm,  # [P, page_size, K*H] the key pool (HBM)
     v_hbm,  # [P, page_size, K*Hv] the value pool (HBM)
-    o_ref,  # [R_pad, Wv]
-    k_buf,  # VMEM [2, ppb, page_size, W]
-    v_buf,  # VMEM [2, ppb, page_size, Wv]
-    k_sems,  # DMA semaphores [2], one per buffer
-    v_sems,
-    m_ref,  # [R_pad, 128] running max
-    l_ref,  # [R_pad, 128] running sum
-    acc_ref,  # [R_pad, Wv] running p @ v
-    *,
+    *refs,  # quantized pools: the key and value scale tiles; then the output and scratch (unpacked below)
     st: _Static,
     num_pages: int,
     max_pages: int,
+    rows_per_head: int,
 ):
+    quantized = is_quantized_dtype(k_hbm.dtype)
+    scale_hbm, refs = (refs[:2], refs[2:]) if quantized else ((), refs)  # HBM [B, C, blocks, hb, block_k] each
+    (o_ref,  # [R_pad, Wv]
+     k_buf,  # VMEM [2, ppb, page_size, W]: two blocks of key pages
+     v_buf,  # VMEM [2, ppb, page_size, Wv]
+     k_sems,  # DMA semaphores [2], one per buffer
+     v_sems,
+     m_ref,  # [R_pad, 128] running max
+     l_ref,  # [R_pad, 128] running sum
+     acc_ref,  # [R_pad, Wv] running p @ v
+     *scale_scratch,  # quantized: key and value scale buffers VMEM [2, hb, block_k], their DMA semaphores [2]
+     ) = refs
     b, c = pl.program_id(0), pl.program_id(1)
     length, q_off = len_ref[b], off_ref[b]
     L, ppb = st.page_size, st.pages_per_block
@@ -375,6 +421,10 @@ def _paged_decode_kernel(
             return carry
 
         lax.fori_loop(jnp.clip(first_page - start, 0, ppb), jnp.clip(end_page - start, 0, ppb), copy, 0)
+        if quantized:  # the block's scale tiles, one copy each
+            *scale_buf, scale_sems = scale_scratch
+            for src, dst in zip(scale_hbm, scale_buf):
+                action(pltpu.make_async_copy(src.at[b, c, block], dst.at[slot], scale_sems.at[slot]))
 
     softmax_init(m_ref, l_ref, acc_ref)
 
@@ -390,8 +440,10 @@ def _paged_decode_kernel(
             each_copy(block + 1, 1 - slot, lambda copy: copy.start())
 
         each_copy(block, slot, lambda copy: copy.wait())
-        _attend_block(st, q_ref, row_t_ref, k_buf.at[slot], v_buf.at[slot], m_ref, l_ref, acc_ref,
-                      k_start=block * block_k, q_off=q_off, lo=lo, hi=hi)
+        scales = [buf[slot] for buf in scale_scratch[:2]] or [None, None]
+        attend_keys(st.rules, q_ref[...], _block_rows(k_buf[slot]), _block_rows(v_buf[slot]), *scales,
+                    row_t_ref[...], m_ref, l_ref, acc_ref, rows_per_head=rows_per_head, k_start=block * block_k,
+                    q_off=q_off, lo=lo, hi=hi)
         return carry
 
     lax.fori_loop(0, num_blocks, step, 0)
@@ -399,32 +451,16 @@ def _paged_decode_kernel(
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-def _attend_block(st: _Static, q_ref, row_t_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, k_start, q_off, lo, hi):
-    """One online-softmax step over a block of keys ``[k_start, k_start + block_k)``; keys outside ``[lo, hi)``
-    (stale buffer slots among them) are masked."""
-    k = _block_rows(k_ref[...])
-    s, _ = scaled_logits(q_ref[...], k, st.rules.scale, st.rules.soft_cap)
-    k_pos = k_start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    mask = (k_pos >= lo) & (k_pos < hi)
-    positional = st.rules.visible(q_off + lanes(row_t_ref[...], s.shape[1]), k_pos)
-    if positional is not None:
-        mask &= positional
-    s = jnp.where(mask, s, -jnp.inf)
-    v = _block_rows(v_ref[...])
-    # Values no query sees become zeros: stale slots (even NaN) never leak in.
-    v_pos = k_start + lax.broadcasted_iota(jnp.int32, v.shape, 0)
-    # Selected in float32: 32-bit masks and values share one layout on every TPU generation.
-    v = jnp.where((v_pos >= lo) & (v_pos < hi), v.astype(jnp.float32), 0.0).astype(v.dtype)
-    # Weights <= 2**-PROB_SHIFT: the float32 sum of p * v cannot overflow.
-    softmax_update(s, v, m_ref, l_ref, acc_ref, shift=prob_shift(v.dtype) * LN2)
-
-
 def _block_rows(x):
     """A block of pages ``[ppb, page_size, width]`` as key rows ``[ppb * page_size, width]``.
 
     The merge is free when pages are whole sublane tiles (8 rows of 32 bits,
     16 of bfloat16); bfloat16 pages of a multiple of 8 rows merge as float32.
+    Quantized pages (int8, float8: 32-row tiles) come out in float32, the
+    dtype they are converted through anyway.
     """
+    if is_quantized_dtype(x.dtype):
+        x = x.astype(jnp.float32)
     ppb, L, width = x.shape
     if ppb == 1:
         return x[0]
