@@ -22,7 +22,8 @@ from pallas_kernels.rules import Rules, check_int32_range, concrete_value
 
 def paged_request(query, key_pages, value_pages, page_table, lengths, *, scale, is_causal, query_offset,
                   local_window_size, logits_soft_cap, key_scale_pages=None, value_scale_pages=None):
-    """Checked ``(query, key_pages, value_pages, page_table int32, rules)`` of a paged decode call.
+    """Checked ``(query, key_pages, value_pages, page_table int32, rules, key_scale_pages, value_scale_pages)`` of a
+    paged decode call; the scale pages float32, or None for float pages.
 
     The rules are those of the dense cache the pages stand for, ``[B, M *
     page_size, K, H]`` with key lengths ``lengths``. A quantized pool (int8 or
@@ -52,8 +53,9 @@ def paged_request(query, key_pages, value_pages, page_table, lengths, *, scale, 
         raise ValueError(f"the pool must have < 2**31 slots (int32 row ids), got num_pages P={P} * {page_size=}")
     # The tensor checks see the pool as a cache of P rows of page_size keys (and a query of P rows: the batch is
     # the page table's), so the scale pages are checked as [B,S,K] = [P,page_size,K] scales.
-    check_tensors(jax.ShapeDtypeStruct((P, *query.shape[1:]), query.dtype), key_pages, value_pages, key_scale_pages,
-                  value_scale_pages, names=("query", "key_pages", "value_pages"), dtypes=KERNEL_DTYPES)
+    key_scale_pages, value_scale_pages = check_tensors(
+        jax.ShapeDtypeStruct((P, *query.shape[1:]), query.dtype), key_pages, value_pages, key_scale_pages,
+        value_scale_pages, names=("query", "key_pages", "value_pages"), dtypes=KERNEL_DTYPES)
     # The rules see the rows as dense caches [B, M * page_size, K, H].
     dense_key = jax.ShapeDtypeStruct((B, page_table.shape[1] * page_size, K, H), key_pages.dtype)
     rules = Rules.create(
@@ -62,7 +64,7 @@ def paged_request(query, key_pages, value_pages, page_table, lengths, *, scale, 
         logits_soft_cap=logits_soft_cap,
     )
     check_page_ids(page_table, rules.kv_len, P, page_size)
-    return query, key_pages, value_pages, page_table, rules
+    return query, key_pages, value_pages, page_table, rules, key_scale_pages, value_scale_pages
 
 
 def gather_pages(pages, page_table):

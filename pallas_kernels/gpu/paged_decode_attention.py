@@ -147,13 +147,11 @@ def paged_decode_attention(
         # interpret=True runs on a CPU; leave it out on a GPU.
         out = paged_decode_attention(q, key_pages, value_pages, page_table, lengths, interpret=True)  # [2,1,8,64]
     """
-    query, key_pages, value_pages, page_table, rules = paged_request(
+    query, key_pages, value_pages, page_table, rules, key_scale_pages, value_scale_pages = paged_request(
         query, key_pages, value_pages, page_table, lengths, scale=scale, is_causal=is_causal,
         query_offset=query_offset, local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
         key_scale_pages=key_scale_pages, value_scale_pages=value_scale_pages,
     )
-    if key_scale_pages is not None:
-        key_scale_pages, value_scale_pages = (jnp.asarray(x, jnp.float32) for x in (key_scale_pages, value_scale_pages))
     B, S = query.shape[0], page_table.shape[1] * key_pages.shape[1]
     K, H = key_pages.shape[2:]
     T, N = query.shape[1:3]
