@@ -60,6 +60,15 @@ def kernel_refusal(request: AttentionRequest) -> str | None:
     return None
 
 
+def decode_kernel_refusal(request: AttentionRequest) -> str | None:
+    """`kernel_refusal` for an implementation whose decode kernel is the only one that reads a quantized cache."""
+    if request.is_quantized and not is_decode_shaped(request):
+        return "serves a quantized cache in decode-shaped calls only (T <= 16 queries, no dense mask or segments)"
+    if request.is_quantized and request.placement is not None:
+        return "serves a quantized cache on one device only"
+    return kernel_refusal(request)
+
+
 def is_decode_shaped(request: AttentionRequest) -> bool:
     """A few queries (``T <= 16``) against more keys, with no dense mask, bias or segment ids."""
     return (

@@ -14,8 +14,8 @@ import dataclasses
 
 from gqa_jax.implementations._common import (
     Implementation,
+    decode_kernel_refusal,
     is_decode_shaped,
-    kernel_refusal,
     mask_as_bias,
     per_device,
     zero_invalid_rows,
@@ -28,13 +28,9 @@ interpret: bool = False
 
 
 def supports(request: AttentionRequest) -> str | None:
-    if request.is_quantized and not is_decode_shaped(request):
-        return "serves a quantized cache in decode-shaped calls only (T <= 16 queries, no dense mask or segments)"
-    if request.is_quantized and request.placement is not None:
-        return "serves a quantized cache on one device only"
     if request.has_sinks:
         return "does not support sinks yet"
-    return kernel_refusal(request)
+    return decode_kernel_refusal(request)
 
 
 def tpu_attention(request: AttentionRequest):

@@ -13,8 +13,8 @@ import dataclasses
 
 from gqa_jax.implementations._common import (
     Implementation,
+    decode_kernel_refusal,
     is_decode_shaped,
-    kernel_refusal,
     mask_as_bias,
     per_device,
     zero_invalid_rows,
@@ -27,11 +27,7 @@ interpret: bool = False
 
 
 def supports(request: AttentionRequest) -> str | None:
-    if request.is_quantized and not is_decode_shaped(request):
-        return "serves a quantized cache in decode-shaped calls only (T <= 16 queries, no dense mask or segments)"
-    if request.is_quantized and request.placement is not None:
-        return "serves a quantized cache on one device only"
-    return kernel_refusal(request)
+    return decode_kernel_refusal(request)
 
 
 def triton_attention(request: AttentionRequest):
