@@ -18,7 +18,6 @@ faster there and served those calls undifferentiated).
 
 from __future__ import annotations
 
-
 from gqa_jax.implementations._common import Implementation, is_decode_shaped, kernel_refusal, per_device
 from gqa_jax.request import AttentionRequest
 from pallas_kernels.gpu import flash_attention_mgpu
