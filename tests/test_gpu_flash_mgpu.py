@@ -9,8 +9,9 @@ both grids and every head dim, and reach all three kernels; what it does not
 serve is refused by name. On a Hopper GPU: the shared kernel cases run compiled,
 forward and gradients (float32 cases in bfloat16: the kernel has no float32
 path).
-Pallas has no Mosaic-GPU interpreter that runs these kernels on a CPU, so the
-compiled class skips without a Hopper GPU and says so.
+Pallas's GPU interpret mode (jax 0.10.2) cannot run these kernels on a CPU
+(it has no `run_state`, which holds the wgmma accumulators, and no inline-PTX
+named barriers), so the compiled class skips without a Hopper GPU and says so.
 """
 
 from __future__ import annotations

@@ -143,18 +143,39 @@ def _base2_logits(s, rules: Rules):
     return t, t * (rules.soft_cap * LOG2E)
 
 
-def _masked(logits2, q_idx, k_idx, rules: Rules, offset, q_len, kv_len, same_segment=None):
-    """``logits2`` with ``-inf`` where the rules hide key ``k_idx`` from query index ``q_idx``.
+def _mask_tile(logits2, *, q_axis: int, row_start, col_tile, col_block: int, full_cols, row_seg, col_seg,
+               rules: Rules, offset, q_len, kv_len):
+    """``logits2`` with ``-inf`` where the rules hide a key from a query, on the tiles that need it.
 
-    ``same_segment`` is the boolean tile of segment-id matches, or None without segment ids.
+    A tile's rows are the side the kernel holds (from ``row_start``) and its
+    columns the streamed side's tile ``col_tile`` of ``col_block``: queries
+    on rows in the dQ kernel (``q_axis=0``), keys on rows in the dK/dV kernel
+    (``q_axis=1``). ``row_seg``/``col_seg`` are the segment ids along each
+    axis, or None. Without segment ids only column tiles outside
+    ``full_cols = (lo, hi)`` (the tiles every row sees whole) are masked; with
+    them every tile is.
     """
-    visible = (k_idx < kv_len) & (q_idx < q_len)
-    positional = rules.visible(q_idx + offset, k_idx)
-    if positional is not None:
-        visible = visible & positional
-    if same_segment is not None:
-        visible = visible & same_segment
-    return jnp.where(visible, logits2, -jnp.inf)
+
+    def masked():
+        rows = plgpu.broadcasted_iota(jnp.int32, logits2.shape, 0, layout=plgpu.Layout.WGMMA) + row_start
+        cols = plgpu.broadcasted_iota(jnp.int32, logits2.shape, 1, layout=plgpu.Layout.WGMMA) + col_tile * col_block
+        q_idx, k_idx = (rows, cols) if q_axis == 0 else (cols, rows)
+        same = None
+        if row_seg is not None:
+            same = (lax.broadcast_in_dim(row_seg, logits2.shape, [0])
+                    == lax.broadcast_in_dim(col_seg, logits2.shape, [1]))
+        visible = (k_idx < kv_len) & (q_idx < q_len)
+        positional = rules.visible(q_idx + offset, k_idx)
+        if positional is not None:
+            visible = visible & positional
+        if same is not None:
+            visible = visible & same
+        return jnp.where(visible, logits2, -jnp.inf)
+
+    if row_seg is None:
+        lo, hi = full_cols
+        return lax.cond((col_tile < lo) | (col_tile >= hi), masked, lambda: logits2)
+    return masked()  # segment ids can hide any key from any query: every tile is masked
 
 
 def _step_refs(refs_and_carry):
@@ -237,18 +258,9 @@ def _dkv_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, 
         s_t, lse, delta, q_seg = pl.run_scoped(scores, plgpu.ACC((bkv, bq), jnp.float32))
         tanh, logits2 = _base2_logits(s_t, rules)
 
-        def masked():
-            k_idx = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 0, layout=plgpu.Layout.WGMMA) + wg_start
-            q_idx = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 1, layout=plgpu.Layout.WGMMA) + q_blk * bq
-            same = None
-            if q_seg is not None:
-                same = lax.broadcast_in_dim(kv_seg, s_t.shape, [0]) == lax.broadcast_in_dim(q_seg, s_t.shape, [1])
-            return _masked(logits2, q_idx, k_idx, rules, offset, q_len, kv_len, same)
-
-        if q_seg is None:
-            logits2 = lax.cond((q_blk < f_lo) | (q_blk >= f_hi), masked, lambda: logits2)
-        else:  # segment ids can hide any key from any query: every tile is masked
-            logits2 = masked()
+        logits2 = _mask_tile(logits2, q_axis=1, row_start=wg_start, col_tile=q_blk, col_block=bq,
+                             full_cols=(f_lo, f_hi), row_seg=kv_seg, col_seg=q_seg, rules=rules, offset=offset,
+                             q_len=q_len, kv_len=kv_len)
         p_t = jnp.exp2(logits2 - lax.broadcast_in_dim(lse, s_t.shape, [1]))
 
         def products(acc):
@@ -356,18 +368,9 @@ def _dq_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, l
         s, dp, kv_seg = pl.run_scoped(products, acc, acc)
         tanh, logits2 = _base2_logits(s, rules)
 
-        def masked():
-            q_idx = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA) + wg_start
-            k_idx = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + k_blk * bkv
-            same = None
-            if q_seg is not None:
-                same = lax.broadcast_in_dim(q_seg, s.shape, [0]) == lax.broadcast_in_dim(kv_seg, s.shape, [1])
-            return _masked(logits2, q_idx, k_idx, rules, offset, q_len, kv_len, same)
-
-        if q_seg is None:
-            logits2 = lax.cond((k_blk < f_lo) | (k_blk >= f_hi), masked, lambda: logits2)
-        else:  # segment ids can hide any key from any query: every tile is masked
-            logits2 = masked()
+        logits2 = _mask_tile(logits2, q_axis=0, row_start=wg_start, col_tile=k_blk, col_block=bkv,
+                             full_cols=(f_lo, f_hi), row_seg=q_seg, col_seg=kv_seg, rules=rules, offset=offset,
+                             q_len=q_len, kv_len=kv_len)
         p = jnp.exp2(logits2 - lax.broadcast_in_dim(lse, s.shape, [0]))
         ds = _grad_logits(p, dp, lax.broadcast_in_dim(delta, s.shape, [0]), tanh)
         plgpu.wgmma(dq_acc, ds.astype(dtype), k_smem)
