@@ -68,3 +68,47 @@ def check_tensors(query, key, value, key_scale=None, value_scale=None, *,
             raise ValueError(f"{name} must have shape [B,S,K]={tuple(key.shape[:3])}, got {name}.shape={scale.shape}")
         checked.append(scale.astype(jnp.float32))
     return checked[0], checked[1]
+
+
+def attend_dequantized(flash, query, key, value, key_scale, value_scale, *extras):
+    """``flash(query, key, value, *extras)``, a quantized cache dequantized in float32 for it.
+
+    What the decode kernels' backward passes differentiate: a float cache
+    (``key_scale`` None) goes to ``flash`` as it is; a quantized one as
+    ``key * key_scale`` and ``value * value_scale`` in float32, with the
+    queries in float32 too (the flash kernels take one dtype), and the output
+    back in the query dtype.
+
+    Args:
+      flash: the float attention, ``(query, key, value, *extras) -> [B, T, N, Hv]``.
+      query: ``[B, T, N, H]``.
+      key, value: ``[B, S, K, H]`` and ``[B, S, K, Hv]``, the query's dtype or quantized.
+      key_scale, value_scale: float32 ``[B, S, K]`` for a quantized cache, else None.
+      *extras: more arguments of ``flash`` (attention sinks).
+    """
+    if key_scale is None:
+        return flash(query, key, value, *extras)
+    key, value = (x.astype(jnp.float32) * scale[..., None] for x, scale in ((key, key_scale), (value, value_scale)))
+    return flash(query.astype(jnp.float32), key, value, *extras).astype(query.dtype)
+
+
+def cache_vjp(attend, query, key, value, key_scale, value_scale, d_out, *extras):
+    """Cotangents of ``attend(query, key, value, key_scale, value_scale, *extras)``.
+
+    A float cache's keys and values get cotangents; a quantized cache's
+    scales get them (``sum_h d(dequantized) * values``) and its int8 or float8
+    values none.
+
+    Returns:
+      ``(d_query, d_key, d_value, d_key_scale, d_value_scale, *d_extras)``,
+      None for the keys and values of a quantized cache and for the scales of
+      a float one.
+    """
+    if key_scale is None:
+        _, pullback = jax.vjp(lambda q, k, v, *e: attend(q, k, v, None, None, *e), query, key, value, *extras)
+        d_query, d_key, d_value, *d_extras = pullback(d_out)
+        return d_query, d_key, d_value, None, None, *d_extras
+    _, pullback = jax.vjp(lambda q, ks, vs, *e: attend(q, key, value, ks, vs, *e), query, key_scale, value_scale,
+                          *extras)
+    d_query, d_key_scale, d_value_scale, *d_extras = pullback(d_out)
+    return d_query, None, None, d_key_scale, d_value_scale, *d_extras

@@ -51,7 +51,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.arguments import KERNEL_DTYPES, is_power_of_two, next_power_of_two, out_struct, row_vector
 from pallas_kernels.gpu.flash_attention import flash_attention_core
 from pallas_kernels.numerics import LOG2E, MASK_VALUE
-from pallas_kernels.quantized import check_tensors
+from pallas_kernels.quantized import attend_dequantized, cache_vjp, check_tensors
 from pallas_kernels.rules import Rules
 from pallas_kernels.sinks import check_sinks
 
@@ -351,28 +351,21 @@ def _decode_fwd(query, key_cache, value_cache, rules, key_scale, value_scale, si
 
 
 def _decode_bwd(statics, blocks, interpret, residuals, d_out):
-    """The flash-attention backward under the same rules (lengths, offsets, window, soft-cap).
+    """The flash-attention backward under the same rules (lengths, offsets, window, soft-cap, sinks).
 
     A quantized cache is dequantized (float32) for it; its integer or float8
-    values get no gradient, its scales get ``sum_h d(dequantized) * values``.
+    values get no gradient, its scales get ``sum_h d(dequantized) * values``
+    (`pallas_kernels.quantized.cache_vjp`).
     """
     query, key_cache, value_cache, rules, key_scale, value_scale, sinks = residuals
-    if key_scale is None:
-        _, pullback = jax.vjp(
-            lambda q, k, v, sinks: flash_attention_core(q, k, v, rules, sinks=sinks, interpret=interpret),
-            query, key_cache, value_cache, sinks,
-        )
-        d_query, d_key, d_value, d_sinks = pullback(d_out)
-        return d_query, d_key, d_value, None, None, None, d_sinks
-    k, v = (x.astype(jnp.float32) for x in (key_cache, value_cache))
-    _, pullback = jax.vjp(
-        lambda q, k_scale, v_scale, sinks: flash_attention_core(
-            q.astype(jnp.float32), k * k_scale[..., None], v * v_scale[..., None], rules, sinks=sinks,
-            interpret=interpret),
-        query, key_scale, value_scale, sinks,
-    )
-    d_query, d_key_scale, d_value_scale, d_sinks = pullback(d_out.astype(jnp.float32))
-    return d_query, None, None, None, d_key_scale, d_value_scale, d_sinks
+
+    def flash(q, k, v, sinks):
+        return flash_attention_core(q, k, v, rules, sinks=sinks, interpret=interpret)
+
+    d_query, d_key, d_value, d_key_scale, d_value_scale, d_sinks = cache_vjp(
+        functools.partial(attend_dequantized, flash), query, key_cache, value_cache, key_scale, value_scale, d_out,
+        sinks)
+    return d_query, d_key, d_value, None, d_key_scale, d_value_scale, d_sinks
 
 
 _decode.defvjp(_decode_fwd, _decode_bwd)

@@ -48,7 +48,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.arguments import KERNEL_DTYPES, out_struct, pad_axis, round_up, row_vector
 from pallas_kernels.numerics import LN2, prob_shift
-from pallas_kernels.quantized import check_tensors, is_quantized_dtype
+from pallas_kernels.quantized import attend_dequantized, cache_vjp, check_tensors, is_quantized_dtype
 from pallas_kernels.rules import Rules
 from pallas_kernels.tpu.common import (
     NUM_LANES,
@@ -220,46 +220,24 @@ def _decode_fwd(st: _Static, q, k, v, key_scale, value_scale, rules):
 
 def _decode_bwd(st: _Static, residuals, d_out):
     q, k, v, key_scale, value_scale, rules = residuals
-    attend = functools.partial(flash_on_cache, rules=rules, interpret=st.interpret)
-    return (*cache_vjp(attend, q, k, v, key_scale, value_scale, d_out), None)
+    return (*cache_vjp(flash_on_cache(rules, st.interpret), q, k, v, key_scale, value_scale, d_out), None)
 
 
 _decode.defvjp(_decode_fwd, _decode_bwd)
 
 
-def flash_on_cache(q, k, v, key_scale, value_scale, *, rules: Rules, interpret):
-    """Flash attention over a decode call's cache: what the TPU decode kernels' backward passes differentiate.
+def flash_on_cache(rules: Rules, interpret):
+    """``attend(q, k, v, key_scale, value_scale)``: the TPU flash kernel over a decode call's cache.
 
-    A quantized cache (``key_scale`` given) is dequantized in float32 for it,
-    the queries too (the flash kernel takes one dtype); the output is back in
-    the query dtype.
-
-    Args:
-      q: ``[B, T, N, H]``.
-      k, v: ``[B, S, K, H]`` and ``[B, S, K, Hv]``, the query's dtype or quantized.
-      key_scale, value_scale: float32 ``[B, S, K]`` for a quantized cache, else None.
-      rules: the call's rules.
-      interpret: as in `decode_attention`.
+    What the TPU decode kernels' backward passes differentiate
+    (`pallas_kernels.quantized.attend_dequantized`: a quantized cache is
+    dequantized in float32 for it).
     """
-    if key_scale is None:
+
+    def flash(q, k, v):
         return flash_attention_core(q, k, v, rules, interpret=interpret)
-    k, v = (x.astype(jnp.float32) * scale[..., None] for x, scale in ((k, key_scale), (v, value_scale)))
-    return flash_attention_core(q.astype(jnp.float32), k, v, rules, interpret=interpret).astype(q.dtype)
 
-
-def cache_vjp(attend, q, k, v, key_scale, value_scale, d_out):
-    """``(d_q, d_k, d_v, d_key_scale, d_value_scale)``: cotangents of ``attend(q, k, v, key_scale, value_scale)``.
-
-    A float cache's keys and values get cotangents; a quantized cache's
-    scales get them (``sum_h d(dequantized) * values``) and its int8 or float8
-    values none (None).
-    """
-    if key_scale is None:
-        _, pullback = jax.vjp(lambda q, k, v: attend(q, k, v, None, None), q, k, v)
-        return (*pullback(d_out), None, None)
-    _, pullback = jax.vjp(lambda q, k_scale, v_scale: attend(q, k, v, k_scale, v_scale), q, key_scale, value_scale)
-    d_q, d_key_scale, d_value_scale = pullback(d_out)
-    return d_q, None, None, d_key_scale, d_value_scale
+    return functools.partial(attend_dequantized, flash)
 
 
 # ---------------------------------------------------------------------------

@@ -76,7 +76,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.arguments import out_struct, pad_axis, round_up
 from pallas_kernels.paging import gather_pages, paged_request
-from pallas_kernels.quantized import is_quantized_dtype
+from pallas_kernels.quantized import cache_vjp, is_quantized_dtype
 from pallas_kernels.rules import Rules
 from pallas_kernels.tpu.common import (
     NUM_LANES,
@@ -87,7 +87,7 @@ from pallas_kernels.tpu.common import (
     softmax_finish,
     softmax_init,
 )
-from pallas_kernels.tpu.decode_attention import _heads_per_tile, attend_keys, cache_vjp, flash_on_cache
+from pallas_kernels.tpu.decode_attention import _heads_per_tile, attend_keys, flash_on_cache
 
 # Keys per block the default block size aims at: the dense TPU decode kernel's tile.
 DEFAULT_BLOCK_K = 512
@@ -279,13 +279,13 @@ def _paged_decode_bwd(st: _Static, residuals, d_out):
     """The dense decode kernel's backward on the gathered pages; the gather's transpose sums into the pools.
 
     Float pages get gradients; a quantized pool's scale pages get them and
-    its pages none (`pallas_kernels.tpu.decode_attention.cache_vjp`).
+    its pages none (`pallas_kernels.quantized.cache_vjp`).
     """
     q, key_pages, value_pages, key_scale_pages, value_scale_pages, page_table, rules = residuals
 
     def dense(q, *pools):  # the pools gathered to a dense cache (None, for no scales, stays None)
         k, v, k_scale, v_scale = (None if x is None else gather_pages(x, page_table) for x in pools)
-        return flash_on_cache(q, k, v, k_scale, v_scale, rules=rules, interpret=st.interpret)
+        return flash_on_cache(rules, st.interpret)(q, k, v, k_scale, v_scale)
 
     return (*cache_vjp(dense, q, key_pages, value_pages, key_scale_pages, value_scale_pages, d_out), None, None)
 
