@@ -5,7 +5,8 @@ The cache against the dense `gqa_jax.KVCache` over ragged multi-step decoding
 exhaustion (eager errors; under jit dropped tokens that are reported and
 never land in another row's pages), bad inputs, and `generate` on a paged
 cache. The kernel against the float64 oracle on tiny shapes in interpret mode
-(compiled too on a GPU), its gradients, and its lowering to Triton.
+(compiled too on a GPU), on page-aligned tiles (one page id read per tile)
+and gathered ones, its gradients, and its lowering to Triton.
 """
 
 from __future__ import annotations
@@ -250,6 +251,12 @@ PAGED_CASES = [
     PagedCase("G4_T2_page16_window_softcap_bf16", 2, 8, 2, 32, 16, (90, 31), dtype="bfloat16",
               rules=(("local_window_size", (20, 0)), ("logits_soft_cap", 5.0))),
     PagedCase("G2_T1_page24_not_a_power_of_two", 1, 4, 2, 16, 24, (50, 71), block_sizes=DecodeBlockSizes(block_k=16)),
+    # Page-aligned tiles (page_size % block_k == 0: one page id per tile, contiguous rows) against gathered ones
+    # (tiles of two pages): lengths 0 and mid-page, a padded head dim (24 of 32 columns), splits, bfloat16.
+    PagedCase("G4_T1_page16_aligned_tile16_zero_mid_page_padded_head_bf16", 1, 8, 2, 24, 16, (0, 37, 16),
+              dtype="bfloat16", block_sizes=DecodeBlockSizes(block_k=16, num_splits=2)),
+    PagedCase("G2_T2_page16_gathered_tile32_zero_mid_page_padded_head", 2, 4, 2, 24, 16, (37, 0, 16),
+              block_sizes=DecodeBlockSizes(block_k=32, num_splits=2)),
 ]
 
 
@@ -294,8 +301,34 @@ def test_kernel_gradients_match_oracle():
         assert_close(got, ref, "float32", GRAD_TOLERANCE["float32"], what)
 
 
-def test_kernel_lowers_to_triton():
-    case = PAGED_CASES[1]
+def _eqns(jaxpr):
+    """The equations of ``jaxpr`` and of its sub-jaxprs (jit, custom_vjp, loops ...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    sub = sub.jaxpr
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("block_k, page_ids", [(16, ()), (32, (32,))], ids=["aligned", "gathered"])
+def test_page_aligned_tiles_read_one_page_id_per_tile(block_k, page_ids):
+    """The int32 reads of the kernel: the row's length and offset, then per tile its page id (a scalar) when
+    ``page_size % block_k == 0``, else the page ids of its ``block_k`` keys."""
+    case = PagedCase("path", 1, 4, 2, 16, 16, (40, 9), block_sizes=DecodeBlockSizes(block_k=block_k))
+    q, key_pages, value_pages, table, lengths, _ = paged_case_inputs(case)
+    jaxpr = jax.make_jaxpr(lambda *args: paged_decode_attention(*args, block_sizes=case.block_sizes))(
+        q, key_pages, value_pages, table, jnp.asarray(lengths))
+    (call,) = [eqn for eqn in _eqns(jaxpr.jaxpr) if eqn.primitive.name == "pallas_call"]
+    reads = [out.aval.shape for eqn in _eqns(call.params["jaxpr"]) if eqn.primitive.name in ("get", "masked_load")
+             for out in eqn.outvars if out.aval.dtype == jnp.int32]
+    assert reads == [(), (), page_ids]
+
+
+@pytest.mark.parametrize("case", [PAGED_CASES[1], PAGED_CASES[2]], ids=["aligned", "gathered"])
+def test_kernel_lowers_to_triton(case):
     q, key_pages, value_pages, table, lengths, _ = paged_case_inputs(case)
     fn = jax.jit(lambda *args: paged_decode_attention(*args, block_sizes=case.block_sizes))
     text = fn.trace(q, key_pages, value_pages, table, jnp.asarray(lengths)).lower(

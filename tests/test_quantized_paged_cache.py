@@ -15,10 +15,11 @@ dense cache.
 The GPU paged decode kernel on quantized pools (int8 and float8 pages, float32
 scale pages), in interpret mode (compiled too on a GPU): against the float64
 oracle on the dequantized values and the dense quantized decode kernel on the
-gathered cache (ragged lengths with 0 and mid-page, shuffled page tables, GQA,
-splits, window and soft-cap), bfloat16 queries and values past float16's
-range, through `PagedKVCache.attend`; its gradients against XLA, its bad
-inputs and its lowering to Triton.
+gathered cache (page-aligned and gathered tiles, ragged lengths with 0 and
+mid-page, shuffled page tables, GQA, splits, window and soft-cap), bfloat16
+queries and values past float16's range, through `PagedKVCache.attend`; its
+gradients against XLA, its bad inputs and its lowering to Triton (both tile
+paths).
 """
 
 from __future__ import annotations
@@ -313,6 +314,13 @@ KERNEL_CASES = [
     PagedCase("G2_T2_page32_bf16_window_softcap", 2, 4, 2, 16, 32, (70, 33), dtype="bfloat16",
               block_sizes=DecodeBlockSizes(block_k=16),
               rules=(("local_window_size", (20, 0)), ("logits_soft_cap", 5.0))),
+    # Page-aligned tiles (one page id per tile; keys, values and scales as contiguous rows): the first case's rows
+    # and pages, tiles of a page in two splits, a padded head dim (24 of 32 columns).
+    PagedCase("G4_T1_page16_aligned_tile16_zero_and_mid_page_padded_head", 1, 8, 2, 24, 16, (40, 0, 17),
+              block_sizes=DecodeBlockSizes(block_k=16, num_splits=2)),
+    # Tiles gathered across pages of 24 slots (not a power of two); all 4 query heads on one KV head.
+    PagedCase("GN_T2_page24_gathered_tile16_zero_and_mid_page", 2, 4, 1, 16, 24, (0, 50, 24),
+              block_sizes=DecodeBlockSizes(block_k=16)),
 ]
 
 
@@ -411,8 +419,8 @@ def test_kernel_gradients_match_xla():
         assert_close(got, np.asarray(ref), "float32", GRAD_TOLERANCE["float32"], what)
 
 
-def test_kernel_lowers_to_triton():
-    case = KERNEL_CASES[1]
+@pytest.mark.parametrize("case", KERNEL_CASES[:2], ids=["gathered", "aligned"])
+def test_kernel_lowers_to_triton(case):
     q, kq, vq, ks, vs, table, lengths, _ = quantized_paged_case_inputs(case, jnp.int8)
     fn = jax.jit(lambda q, kq, vq, ks, vs, table, n: paged_decode_attention(
         q, kq, vq, table, n, key_scale_pages=ks, value_scale_pages=vs, block_sizes=case.block_sizes))

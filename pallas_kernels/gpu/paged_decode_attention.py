@@ -11,22 +11,37 @@ The kernel is the split-K decode kernel of
 `pallas_kernels.gpu.decode_attention` (GQA packing of the ``G*T`` query rows
 of a KV head into one program, loops bounded by each row's visible key range,
 float32 base-2 softmax statistics merged across splits, its block-size table
-and split heuristic) with one change: a tile of ``block_k`` keys is a gather.
-Each program holds its row of the page table; for the keys of a tile it reads
-their page ids (``block_k`` int32, a few bytes per key of ``H`` values), turns
-them into rows of the pool seen as ``[P * page_size, K, H]`` and loads those
-rows, masked at the row's bound like the dense tiles. Tiles and pages are
-independent: a tile may span several pages or part of one, so any page size
-works and the tile size stays the one the dense kernel measured fastest. Page
-ids are clamped into ``[0, P)``: a wrong page table gives wrong values, never
-a read outside the pool.
+and split heuristic) with one change: where a tile of ``block_k`` keys comes
+from. Each program holds its row of the page table and reads the pool seen as
+rows ``[P * page_size, K, H]``, by one of two paths chosen statically:
+
+* Page-aligned tiles (``page_size % block_k == 0``): a tile lies inside one
+  page, so the program reads one page id per tile and loads the tile's keys,
+  values (and scales) as ``block_k`` contiguous pool rows, as the dense kernel
+  loads its tiles (with its helper). Tiles are visited only when they hold
+  valid keys, so the page id read is one the row owns. Not yet timed on a GPU
+  (the next GPU session runs ``tools/gpu_decode_check.py --paged``, which
+  times pages of 64 and 128 at tiles of 64 and 128).
+* Any other page size: a tile is a gather. For the keys of a tile the program
+  reads their page ids (``block_k`` int32, a few bytes per key of ``H``
+  values), turns them into pool rows and loads those rows; a tile may span
+  several pages or part of one, so any page size works with the tile size the
+  dense kernel measured fastest.
+
+Both paths mask the loads at the row's bound like the dense tiles. The
+default ``block_k`` is the dense kernel's, not fitted to the page size (which
+path is faster at which sizes is not measured yet): it is page-aligned when
+it divides ``page_size`` (64 or 128 keys at pages of 128), and a ``block_k``
+override dividing ``page_size`` takes the page-aligned path.
+Page ids are clamped into ``[0, P)``: a wrong page table gives wrong values,
+never a read outside the pool.
 
 A quantized pool (int8 or float8_e4m3fn pages with float32 scale pages
 ``[P, page_size, K]``, as `gqa_jax.PagedKVCache` keeps it) is read as the
 dense kernel reads a quantized cache (tiles converted in registers,
 per-key scales applied after ``q . k`` and before ``p . v``, with that
-kernel's helpers); a tile's scales are gathered through the same pool rows
-as its keys.
+kernel's helpers); a tile's scales are read through the same pool rows as
+its keys (a contiguous slice, or a gather).
 
 Grid ``(B, K, row_blocks, num_splits)``. Outputs are in the input dtype; rows
 that see no key give zeros. The backward pass is the dense decode kernel's
@@ -53,6 +68,7 @@ from pallas_kernels.gpu.decode_attention import (
     _combine_splits,
     _convert,
     _decode_bwd,
+    _load_tile,
     _products_dtype,
     _row_offsets,
     _store,
@@ -120,8 +136,10 @@ def paged_decode_attention(
       value_scale_pages: float ``[P, page_size, K]`` scales of a quantized
         value pool.
       block_sizes: tuning overrides (`DecodeBlockSizes`; ``block_k`` keys per
-        tile, independent of ``page_size``); fields left None are picked by
-        `pallas_kernels.gpu.decode_attention.default_block_sizes`.
+        tile, any power of two >= 16: one dividing ``page_size`` loads each
+        tile from one page, contiguously, others gather it); fields left None
+        are picked by `pallas_kernels.gpu.decode_attention.default_block_sizes`
+        (not fitted to ``page_size``).
       interpret: run the kernel in the Pallas interpreter (CPU).
 
     Returns:
@@ -338,15 +356,24 @@ def _paged_decode_kernel(
     q_offsets, q_mask = _row_offsets(0, token, head_dim, real)
     q = plgpu.load(q_ref.at[q_offsets], mask=q_mask, other=0.0).astype(products_dtype)
 
+    tiles_per_page = page_size // block_k if page_size % block_k == 0 else None  # static: the path
+
+    def tile_rows(tile, k_pos, in_range):
+        """The pool rows of a tile's keys: a slice of one page when tiles are page-aligned, else per-key rows."""
+        if tiles_per_page is not None:  # one page id per tile; the loop visits only tiles holding valid keys
+            page = jnp.clip(page_table_ref[jnp.minimum(lax.div(tile, tiles_per_page), last_page)], 0, num_pages - 1)
+            # Row page * page_size + tile's slot, written as (the pool's tile index) * block_k: aligned, visibly.
+            return pl.ds((page * tiles_per_page + lax.rem(tile, tiles_per_page)) * block_k, block_k)
+        page = plgpu.load(page_table_ref.at[jnp.minimum(lax.div(k_pos, page_size), last_page)], mask=in_range,
+                          other=0)
+        return jnp.clip(page, 0, num_pages - 1) * page_size + lax.rem(k_pos, page_size)
+
     def body(tile, carry):
         acc, m_prev, l_prev = carry
         k_pos = tile * block_k + jnp.arange(block_k, dtype=jnp.int32)
         in_range = k_pos < hi
-        # Pool rows of the tile's keys: page id * page_size + slot.
-        page = plgpu.load(page_table_ref.at[jnp.minimum(lax.div(k_pos, page_size), last_page)], mask=in_range,
-                          other=0)
-        pool_rows = jnp.clip(page, 0, num_pages - 1) * page_size + lax.rem(k_pos, page_size)
-        k = _convert(_gather_rows(k_ref, pool_rows, in_range, head_dim), products_dtype)
+        pool_rows = tile_rows(tile, k_pos, in_range)
+        k = _convert(_load_rows(k_ref, pool_rows, in_range, head_dim), products_dtype)
         qk = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         if quantized:  # dequantized keys: q . (k * scale) = (q . k) * scale
             qk = qk * plgpu.load(k_scale_ref.at[pool_rows], mask=in_range, other=0.0)[None, :]
@@ -359,7 +386,7 @@ def _paged_decode_kernel(
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
         correction = jnp.exp2(m_prev - m_next)
         p = jnp.where(mask, jnp.exp2(s - (m_next[:, None] + shift)), 0.0)
-        v = _convert(_gather_rows(v_ref, pool_rows, in_range, value_head_dim), products_dtype)
+        v = _convert(_load_rows(v_ref, pool_rows, in_range, value_head_dim), products_dtype)
         v_scale = plgpu.load(v_scale_ref.at[pool_rows], mask=in_range, other=0.0) if quantized else None
         pv = _value_product(p, v, v_scale, products_dtype)
         return acc * correction[:, None] + pv, m_next, l_prev * correction + jnp.sum(p, axis=1)
@@ -383,8 +410,11 @@ def _paged_decode_kernel(
         _store(l_ref, split_base + token, real, l)
 
 
-def _gather_rows(ref, rows, in_range, width: int):
-    """Rows ``rows`` (int32 ``[block_k]``) of a ``[R, width_padded]`` ref, zero off ``in_range`` and past ``width``."""
+def _load_rows(ref, rows, in_range, width: int):
+    """Rows of a ``[R, width_padded]`` ref, zero off ``in_range`` and past ``width``: ``rows`` is a `pl.ds` of
+    ``block_k`` contiguous rows (the dense kernel's tile load) or their int32 ``[block_k]`` ids (a gather)."""
+    if isinstance(rows, pl.Slice):
+        return _load_tile(ref, rows.start, rows.size, in_range, width)
     columns = jnp.arange(ref.shape[-1], dtype=jnp.int32)
     mask = in_range[:, None]
     if width != ref.shape[-1]:
