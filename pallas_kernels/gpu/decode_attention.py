@@ -478,23 +478,46 @@ def _decode_kernel(
     v_ref,  # [S, Hvp]
     *refs,  # quantized: key and value scales [S]; with sinks: the sink logits [N]; then the outputs:
     # (out [B*T*N*Hv],) or (acc [splits*B*T*N*Hv], m [splits*B*T*N], l [splits*B*T*N]), flat
-    rules: Rules,
-    q_len: int,
-    num_heads: int,
-    group: int,
-    head_dim: int,
-    value_head_dim: int,
-    blocks: DecodeBlockSizes,
     quantized: bool,
     has_sinks: bool,
-    products_dtype: jnp.dtype,
+    **statics,
 ):
     (k_scale_ref, v_scale_ref), refs = (refs[:2], refs[2:]) if quantized else ((None, None), refs)
     sink_ref, out_refs = (refs[0], refs[1:]) if has_sinks else (None, refs)
+    block_k = statics["blocks"].block_k
+
+    def tile_rows(tile, k_start, k_pos, in_range):
+        return pl.ds(k_start, block_k)
+
+    decode_program(q_ref, k_ref, v_ref, k_scale_ref, v_scale_ref, sink_ref, out_refs, lengths_ref[()], offsets_ref[()],
+                   tile_rows, **statics)
+
+
+def decode_program(q_ref, k_ref, v_ref, k_scale_ref, v_scale_ref, sink_ref, out_refs, length, offset, tile_rows, *,
+                   rules: Rules, q_len: int, num_heads: int, group: int, head_dim: int, value_head_dim: int,
+                   blocks: DecodeBlockSizes, products_dtype: jnp.dtype):
+    """One program of the split-K decode kernels, dense (`_decode_kernel`) and paged.
+
+    Grid ``(B, K, row_blocks, num_splits)``: the program attends the packed
+    query rows ``row_block`` of KV head ``kv_head`` of row ``batch_row`` to
+    its split's run of the visited key tiles, and writes the output (one
+    split) or its float32 partials ``acc, m, l`` for `_combine_splits`.
+
+    Args:
+      q_ref: ``[B*T*N*H]`` the whole query, flat.
+      k_ref, v_ref: ``[R, Hp]`` and ``[R, Hvp]`` rows of one KV head's keys and values.
+      k_scale_ref, v_scale_ref: ``[R]`` their scales (a quantized cache), or None.
+      sink_ref: ``[N]`` sink logits, or None.
+      out_refs: ``(out,)`` or ``(acc, m, l)``, flat.
+      length, offset: this row's valid keys (clamped to the cache) and first query position.
+      tile_rows: ``(tile, k_start, k_pos, in_range) -> rows``: where key tile ``tile`` (keys
+        ``k_pos = k_start + [0, block_k)``) lies in ``k_ref``: a `pl.ds` of ``block_k``
+        contiguous rows, or their int32 ``[block_k]`` row ids (`_load_rows`).
+    """
     shift = probability_shift(products_dtype)
+    quantized = k_scale_ref is not None
     block_rows, block_k, num_splits = blocks.block_rows, blocks.block_k, blocks.num_splits
     batch_row, kv_head, row_block, split = (pl.program_id(axis) for axis in range(4))
-    length, offset = lengths_ref[()], offsets_ref[()]
 
     # Packed query rows of this KV head, t-major: row = t * G + g reads head kv_head * G + g.
     num_rows = q_len * group
@@ -517,13 +540,15 @@ def _decode_kernel(
 
     def body(i, carry):
         acc, m_prev, l_prev = carry
-        k_start = tile_of(i) * block_k
+        tile = tile_of(i)
+        k_start = tile * block_k
         k_pos = k_start + jnp.arange(block_k, dtype=jnp.int32)
         in_range = k_pos < hi
-        k = _convert(_load_tile(k_ref, k_start, block_k, in_range, head_dim), products_dtype)
+        key_rows = tile_rows(tile, k_start, k_pos, in_range)
+        k = _convert(_load_rows(k_ref, key_rows, in_range, head_dim), products_dtype)
         qk = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         if quantized:  # dequantized keys: q . (k * scale) = (q . k) * scale
-            qk = qk * plgpu.load(k_scale_ref.at[pl.ds(k_start, block_k)], mask=in_range, other=0.0)[None, :]
+            qk = qk * plgpu.load(k_scale_ref.at[key_rows], mask=in_range, other=0.0)[None, :]
         s = _base2_logits(qk, rules.scale, rules.soft_cap)
         mask = in_range[None, :]
         rule = rules.visible(q_pos[:, None], k_pos[None, :])
@@ -533,13 +558,13 @@ def _decode_kernel(
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
         correction = jnp.exp2(m_prev - m_next)
         p = jnp.where(mask, jnp.exp2(s - (m_next[:, None] + shift)), 0.0)
-        v = _convert(_load_tile(v_ref, k_start, block_k, in_range, value_head_dim), products_dtype)
-        v_scale = plgpu.load(v_scale_ref.at[pl.ds(k_start, block_k)], mask=in_range, other=0.0) if quantized else None
+        v = _convert(_load_rows(v_ref, key_rows, in_range, value_head_dim), products_dtype)
+        v_scale = plgpu.load(v_scale_ref.at[key_rows], mask=in_range, other=0.0) if quantized else None
         pv = _value_product(p, v, v_scale, products_dtype)
         return acc * correction[:, None] + pv, m_next, l_prev * correction + jnp.sum(p, axis=1)
 
     m, l = jnp.full((block_rows,), MASK_VALUE, jnp.float32), jnp.zeros((block_rows,), jnp.float32)
-    if has_sinks:  # the sink: one key with no value, in split 0 only (the merge adds the splits)
+    if sink_ref is not None:  # the sink: one key with no value, in split 0 only (the merge adds the splits)
         head = kv_head * group + rows - t * group
         sink = plgpu.load(sink_ref.at[head], mask=real, other=0.0) * LOG2E
         first = split == 0
@@ -624,6 +649,18 @@ def _load_tile(ref, start, block_k: int, in_range, width: int):
     if width != width_padded:
         mask = mask & (jnp.arange(width_padded, dtype=jnp.int32) < width)[None, :]
     return plgpu.load(ref.at[pl.ds(start, block_k), :], mask=mask, other=0.0)
+
+
+def _load_rows(ref, rows, in_range, width: int):
+    """Rows of a ``[R, width_padded]`` ref, zero off ``in_range`` and past ``width``: ``rows`` is a `pl.ds` of
+    ``block_k`` contiguous rows (`_load_tile`) or their int32 ``[block_k]`` ids (a gather)."""
+    if isinstance(rows, pl.Slice):
+        return _load_tile(ref, rows.start, rows.size, in_range, width)
+    columns = jnp.arange(ref.shape[-1], dtype=jnp.int32)
+    mask = in_range[:, None]
+    if width != ref.shape[-1]:
+        mask = mask & (columns < width)[None, :]
+    return plgpu.load(ref.at[rows[:, None], columns[None, :]], mask=mask, other=0.0)
 
 
 def _row_offsets(base, token, width: int, real):

@@ -64,19 +64,12 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.arguments import next_power_of_two
 from pallas_kernels.gpu.decode_attention import (
     DecodeBlockSizes,
-    _base2_logits,
     _combine_splits,
-    _convert,
     _decode_bwd,
-    _load_tile,
     _products_dtype,
-    _row_offsets,
-    _store,
-    _value_product,
+    decode_program,
     default_block_sizes,
-    probability_shift,
 )
-from pallas_kernels.numerics import MASK_VALUE
 from pallas_kernels.paging import gather_pages, paged_request
 from pallas_kernels.rules import Rules
 
@@ -317,48 +310,18 @@ def _paged_decode_kernel(
     v_ref,  # [P * page_size, Hvp]
     *refs,  # quantized: the key and value scale pools [P * page_size]; then the outputs:
     # (out [B*T*N*Hv],) or (acc [splits*B*T*N*Hv], m [splits*B*T*N], l [splits*B*T*N]), flat
-    rules: Rules,
-    q_len: int,
-    num_heads: int,
-    group: int,
-    head_dim: int,
-    value_head_dim: int,
     page_size: int,
     num_pages: int,
-    blocks: DecodeBlockSizes,
     quantized: bool,
-    products_dtype: jnp.dtype,
+    **statics,
 ):
+    """`pallas_kernels.gpu.decode_attention.decode_program` with key tiles found through the page table."""
     (k_scale_ref, v_scale_ref), out_refs = (refs[:2], refs[2:]) if quantized else ((None, None), refs)
-    shift = probability_shift(products_dtype)
-    block_rows, block_k, num_splits = blocks.block_rows, blocks.block_k, blocks.num_splits
-    batch_row, kv_head, row_block, split = (pl.program_id(axis) for axis in range(4))
-    length, offset = lengths_ref[()], offsets_ref[()]
+    block_k = statics["blocks"].block_k
     last_page = page_table_ref.shape[0] - 1
-
-    # Packed query rows of this KV head, t-major: row = t * G + g reads head kv_head * G + g.
-    num_rows = q_len * group
-    first_row = row_block * block_rows
-    rows = first_row + jnp.arange(block_rows, dtype=jnp.int32)
-    t = lax.div(rows, group)
-    real = rows < num_rows
-    token = (batch_row * q_len + t) * num_heads + kv_head * group + rows - t * group  # flat (b, t, n)
-    q_pos = offset + t
-    last_row = jnp.minimum(first_row + block_rows, num_rows) - 1
-    lo, hi = rules.kv_range(offset + lax.div(first_row, group), offset + lax.div(last_row, group), length)
-    # This split's run of the tiles that cover [lo, hi).
-    first_tile = lax.div(lo, block_k)
-    num_tiles = jnp.where(hi > lo, lax.div(hi + block_k - 1, block_k) - first_tile, 0)
-    per_split = lax.div(num_tiles + num_splits - 1, num_splits)
-    start = first_tile + split * per_split
-    stop = jnp.minimum(start + per_split, first_tile + num_tiles)
-
-    q_offsets, q_mask = _row_offsets(0, token, head_dim, real)
-    q = plgpu.load(q_ref.at[q_offsets], mask=q_mask, other=0.0).astype(products_dtype)
-
     tiles_per_page = page_size // block_k if page_size % block_k == 0 else None  # static: the path
 
-    def tile_rows(tile, k_pos, in_range):
+    def tile_rows(tile, k_start, k_pos, in_range):
         """The pool rows of a tile's keys: a slice of one page when tiles are page-aligned, else per-key rows."""
         if tiles_per_page is not None:  # one page id per tile; the loop visits only tiles holding valid keys
             page = jnp.clip(page_table_ref[jnp.minimum(lax.div(tile, tiles_per_page), last_page)], 0, num_pages - 1)
@@ -368,55 +331,5 @@ def _paged_decode_kernel(
                           other=0)
         return jnp.clip(page, 0, num_pages - 1) * page_size + lax.rem(k_pos, page_size)
 
-    def body(tile, carry):
-        acc, m_prev, l_prev = carry
-        k_pos = tile * block_k + jnp.arange(block_k, dtype=jnp.int32)
-        in_range = k_pos < hi
-        pool_rows = tile_rows(tile, k_pos, in_range)
-        k = _convert(_load_rows(k_ref, pool_rows, in_range, head_dim), products_dtype)
-        qk = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        if quantized:  # dequantized keys: q . (k * scale) = (q . k) * scale
-            qk = qk * plgpu.load(k_scale_ref.at[pool_rows], mask=in_range, other=0.0)[None, :]
-        s = _base2_logits(qk, rules.scale, rules.soft_cap)
-        mask = in_range[None, :]
-        rule = rules.visible(q_pos[:, None], k_pos[None, :])
-        if rule is not None:
-            mask = mask & rule
-        s = jnp.where(mask, s, MASK_VALUE)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        correction = jnp.exp2(m_prev - m_next)
-        p = jnp.where(mask, jnp.exp2(s - (m_next[:, None] + shift)), 0.0)
-        v = _convert(_load_rows(v_ref, pool_rows, in_range, value_head_dim), products_dtype)
-        v_scale = plgpu.load(v_scale_ref.at[pool_rows], mask=in_range, other=0.0) if quantized else None
-        pv = _value_product(p, v, v_scale, products_dtype)
-        return acc * correction[:, None] + pv, m_next, l_prev * correction + jnp.sum(p, axis=1)
-
-    init = (
-        jnp.zeros((block_rows, v_ref.shape[-1]), jnp.float32),
-        jnp.full((block_rows,), MASK_VALUE, jnp.float32),
-        jnp.zeros((block_rows,), jnp.float32),
-    )
-    acc, m, l = lax.fori_loop(start, stop, body, init)
-
-    if num_splits == 1:
-        (out_ref,) = out_refs
-        out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
-        _store(out_ref, *_row_offsets(0, token, value_head_dim, real), out.astype(out_ref.dtype))
-    else:
-        acc_ref, m_ref, l_ref = out_refs
-        split_base = split * (m_ref.shape[0] // num_splits)  # B*T*N tokens per split
-        _store(acc_ref, *_row_offsets(split_base * value_head_dim, token, value_head_dim, real), acc)
-        _store(m_ref, split_base + token, real, m)
-        _store(l_ref, split_base + token, real, l)
-
-
-def _load_rows(ref, rows, in_range, width: int):
-    """Rows of a ``[R, width_padded]`` ref, zero off ``in_range`` and past ``width``: ``rows`` is a `pl.ds` of
-    ``block_k`` contiguous rows (the dense kernel's tile load) or their int32 ``[block_k]`` ids (a gather)."""
-    if isinstance(rows, pl.Slice):
-        return _load_tile(ref, rows.start, rows.size, in_range, width)
-    columns = jnp.arange(ref.shape[-1], dtype=jnp.int32)
-    mask = in_range[:, None]
-    if width != ref.shape[-1]:
-        mask = mask & (columns < width)[None, :]
-    return plgpu.load(ref.at[rows[:, None], columns[None, :]], mask=mask, other=0.0)
+    decode_program(q_ref, k_ref, v_ref, k_scale_ref, v_scale_ref, None, out_refs, lengths_ref[()], offsets_ref[()],
+                   tile_rows, **statics)
