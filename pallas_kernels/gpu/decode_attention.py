@@ -391,61 +391,86 @@ def _decode_forward(query, key_cache, value_cache, rules: Rules, key_scale, valu
                     blocks: DecodeBlockSizes, interpret: bool):
     B, T, N, H = query.shape
     _, S, K, Hv = value_cache.shape
-    splits = blocks.num_splits
-    row_blocks = -(-T * (N // K) // blocks.block_rows)
-    head_padded = next_power_of_two(max(H, 16))
-    value_padded = next_power_of_two(max(Hv, 16))
-    tokens = B * T * N
-
-    def whole(size):
-        return pl.BlockSpec((size,), lambda b, k, r, s: (0,))
-
-    row_spec = pl.BlockSpec((None,), lambda b, k, r, s: (b,))
     in_specs = [
-        row_spec,
-        row_spec,
-        whole(tokens * H),
-        pl.BlockSpec((None, S, None, head_padded), lambda b, k, r, s: (b, 0, k, 0)),
-        pl.BlockSpec((None, S, None, value_padded), lambda b, k, r, s: (b, 0, k, 0)),
+        row_spec(),
+        row_spec(),
+        whole_spec(B * T * N * H),
+        pl.BlockSpec((None, S, None, next_power_of_two(max(H, 16))), lambda b, k, r, s: (b, 0, k, 0)),
+        pl.BlockSpec((None, S, None, next_power_of_two(max(Hv, 16))), lambda b, k, r, s: (b, 0, k, 0)),
     ]
     quantized = key_scale is not None
     if quantized:
         in_specs += [pl.BlockSpec((None, S, None), lambda b, k, r, s: (b, 0, k))] * 2
     if sinks is not None:
-        in_specs.append(whole(N))
-    inputs = (rules, query, key_cache, value_cache, key_scale, value_scale, sinks)  # what the outputs vary with
+        in_specs.append(whole_spec(N))
+    kernel = functools.partial(_decode_kernel, quantized=quantized, has_sinks=sinks is not None,
+                               **program_statics(query, value_cache, statics, blocks))
+    return split_k_call(
+        kernel, in_specs,
+        (rules.kv_len, rules.q_offset, query.reshape(-1), key_cache, value_cache,
+         *((key_scale, value_scale) if quantized else ()), *(() if sinks is None else (sinks,))),
+        query=query, value=value_cache, blocks=blocks, interpret=interpret, name="gqa_decode_attention",
+        varying=(rules, query, key_cache, value_cache, key_scale, value_scale, sinks))
+
+
+def row_spec() -> pl.BlockSpec:
+    """The block of a ``[B]`` operand of a split-K decode kernel: this program's batch row (a scalar)."""
+    return pl.BlockSpec((None,), lambda b, k, r, s: (b,))
+
+
+def whole_spec(size: int) -> pl.BlockSpec:
+    """The block of a flat ``[size]`` operand or output of a split-K decode kernel: all of it."""
+    return pl.BlockSpec((size,), lambda b, k, r, s: (0,))
+
+
+def program_statics(query, value, statics: Rules, blocks: DecodeBlockSizes) -> dict:
+    """The static keywords of `decode_program` for a call with ``query [B,T,N,H]`` and a ``value`` cache or pool
+    ``[..., K, Hv]`` (its dtype picks the products' dtype)."""
+    _, T, N, H = query.shape
+    K, Hv = value.shape[-2:]
+    return dict(rules=statics, q_len=T, num_heads=N, group=N // K, head_dim=H, value_head_dim=Hv, blocks=blocks,
+                products_dtype=_products_dtype(query.dtype, value.dtype))
+
+
+def split_k_call(kernel, in_specs, operands, *, query, value, blocks: DecodeBlockSizes, interpret: bool, name: str,
+                 varying=()):
+    """Runs a split-K decode kernel (`decode_program`) and merges its splits: ``[B, T, N, Hv]`` in the query dtype.
+
+    Grid ``(B, K, row_blocks, num_splits)``; one split writes the output, more
+    write float32 partials that `_combine_splits` merges.
+
+    Args:
+      kernel: the kernel body, its statics bound.
+      in_specs: the block specs of ``operands``.
+      operands: the kernel's inputs.
+      query: ``[B, T, N, H]``.
+      value: the value cache or pool ``[..., K, Hv]``.
+      blocks: the tiling.
+      interpret: run in the Pallas interpreter.
+      name: the kernel's name.
+      varying: what the outputs vary with under ``shard_map`` (`out_struct`).
+    """
+    B, T, N, _ = query.shape
+    K, Hv = value.shape[-2:]
+    splits, tokens = blocks.num_splits, B * T * N
     if splits == 1:
-        out_shape = [out_struct((tokens * Hv,), query.dtype, inputs)]
+        out_shape = [out_struct((tokens * Hv,), query.dtype, varying)]
     else:
         out_shape = [
-            out_struct((splits * tokens * Hv,), jnp.float32, inputs),
-            out_struct((splits * tokens,), jnp.float32, inputs),
-            out_struct((splits * tokens,), jnp.float32, inputs),
+            out_struct((splits * tokens * Hv,), jnp.float32, varying),
+            out_struct((splits * tokens,), jnp.float32, varying),
+            out_struct((splits * tokens,), jnp.float32, varying),
         ]
-    kernel = functools.partial(
-        _decode_kernel,
-        rules=statics,
-        q_len=T,
-        num_heads=N,
-        group=N // K,
-        head_dim=H,
-        value_head_dim=Hv,
-        blocks=blocks,
-        quantized=quantized,
-        has_sinks=sinks is not None,
-        products_dtype=_products_dtype(query.dtype, key_cache.dtype),
-    )
     results = pl.pallas_call(
         kernel,
-        grid=(B, K, row_blocks, splits),
+        grid=(B, K, -(-T * (N // K) // blocks.block_rows), splits),
         in_specs=in_specs,
-        out_specs=[whole(x.shape[0]) for x in out_shape],
+        out_specs=[whole_spec(x.shape[0]) for x in out_shape],
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
-        name="gqa_decode_attention",
-    )(rules.kv_len, rules.q_offset, query.reshape(-1), key_cache, value_cache,
-      *((key_scale, value_scale) if quantized else ()), *(() if sinks is None else (sinks,)))
+        name=name,
+    )(*operands)
     if splits == 1:
         return results[0].reshape(B, T, N, Hv)
     acc, m, l = results

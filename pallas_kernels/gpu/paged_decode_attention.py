@@ -64,11 +64,13 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.arguments import next_power_of_two
 from pallas_kernels.gpu.decode_attention import (
     DecodeBlockSizes,
-    _combine_splits,
     _decode_bwd,
-    _products_dtype,
     decode_program,
     default_block_sizes,
+    program_statics,
+    row_spec,
+    split_k_call,
+    whole_spec,
 )
 from pallas_kernels.paging import gather_pages, paged_request
 from pallas_kernels.rules import Rules
@@ -233,68 +235,29 @@ def _paged_forward(query, key_pages, value_pages, page_table, rules: Rules, key_
     B, T, N, H = query.shape
     P, page_size, K, Hv = value_pages.shape
     M = page_table.shape[1]
-    splits = blocks.num_splits
-    row_blocks = -(-T * (N // K) // blocks.block_rows)
-    head_padded = next_power_of_two(max(H, 16))
-    value_padded = next_power_of_two(max(Hv, 16))
-    tokens = B * T * N
     kv_len = jnp.clip(rules.lengths(T, M * page_size)[1], 0, M * page_size)
-
-    def whole(size):
-        return pl.BlockSpec((size,), lambda b, k, r, s: (0,))
-
-    row_spec = pl.BlockSpec((None,), lambda b, k, r, s: (b,))
     in_specs = [
-        row_spec,
-        row_spec,
+        row_spec(),
+        row_spec(),
         pl.BlockSpec((None, M), lambda b, k, r, s: (b, 0)),
-        whole(tokens * H),
-        # The whole pool of one KV head, as rows [P * page_size, H]: tiles gather their rows from it.
-        pl.BlockSpec((P * page_size, None, head_padded), lambda b, k, r, s: (0, k, 0)),
-        pl.BlockSpec((P * page_size, None, value_padded), lambda b, k, r, s: (0, k, 0)),
+        whole_spec(B * T * N * H),
+        # The whole pool of one KV head, as rows [P * page_size, H]: tiles find their rows in it.
+        pl.BlockSpec((P * page_size, None, next_power_of_two(max(H, 16))), lambda b, k, r, s: (0, k, 0)),
+        pl.BlockSpec((P * page_size, None, next_power_of_two(max(Hv, 16))), lambda b, k, r, s: (0, k, 0)),
     ]
     quantized = key_scale_pages is not None
-    if quantized:  # the scale pools of one KV head, as rows [P * page_size]: gathered through the keys' rows
+    if quantized:  # the scale pools of one KV head, as rows [P * page_size]: read through the keys' rows
         in_specs += [pl.BlockSpec((P * page_size, None), lambda b, k, r, s: (0, k))] * 2
-    if splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((tokens * Hv,), query.dtype)]
-    else:
-        out_shape = [
-            jax.ShapeDtypeStruct((splits * tokens * Hv,), jnp.float32),
-            jax.ShapeDtypeStruct((splits * tokens,), jnp.float32),
-            jax.ShapeDtypeStruct((splits * tokens,), jnp.float32),
-        ]
-    kernel = functools.partial(
-        _paged_decode_kernel,
-        rules=statics,
-        q_len=T,
-        num_heads=N,
-        group=N // K,
-        head_dim=H,
-        value_head_dim=Hv,
-        page_size=page_size,
-        num_pages=P,
-        blocks=blocks,
-        quantized=quantized,
-        products_dtype=_products_dtype(query.dtype, key_pages.dtype),
-    )
-    results = pl.pallas_call(
-        kernel,
-        grid=(B, K, row_blocks, splits),
-        in_specs=in_specs,
-        out_specs=[whole(x.shape[0]) for x in out_shape],
-        out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
-        interpret=interpret,
-        name="gqa_paged_decode_attention",
-    )(kv_len, rules.q_offset, page_table, query.reshape(-1), key_pages.reshape(P * page_size, K, H),
-      value_pages.reshape(P * page_size, K, Hv),
-      *((key_scale_pages.reshape(P * page_size, K), value_scale_pages.reshape(P * page_size, K)) if quantized else ()))
-    if splits == 1:
-        return results[0].reshape(B, T, N, Hv)
-    acc, m, l = results
-    out = _combine_splits(acc.reshape(splits, B, T, N, Hv), m.reshape(splits, B, T, N), l.reshape(splits, B, T, N))
-    return out.astype(query.dtype)
+    kernel = functools.partial(_paged_decode_kernel, page_size=page_size, num_pages=P, quantized=quantized,
+                               **program_statics(query, value_pages, statics, blocks))
+    return split_k_call(
+        kernel, in_specs,
+        (kv_len, rules.q_offset, page_table, query.reshape(-1), key_pages.reshape(P * page_size, K, H),
+         value_pages.reshape(P * page_size, K, Hv),
+         *((key_scale_pages.reshape(P * page_size, K), value_scale_pages.reshape(P * page_size, K)) if quantized
+           else ())),
+        query=query, value=value_pages, blocks=blocks, interpret=interpret, name="gqa_paged_decode_attention",
+        varying=(rules, query, key_pages, value_pages, page_table, key_scale_pages, value_scale_pages))
 
 
 # ---------------------------------------------------------------------------
