@@ -40,6 +40,15 @@ def test_quick_benchmark_writes_results(tmp_path, capsys):
     assert e2e_rows["xla bf16 paged cache"]["agreement"] == 1.0  # paging moves no value
 
 
+def test_shapes_and_skip_filter_the_rows(tmp_path):
+    assert main(["--quick", "--only", "prefill", "--reps", "1", "--shapes", "packed", "--skip", "xla",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    packed = [shape.name for shape in prefill.QUICK_SHAPES if "packed" in shape.name]
+    assert packed and sorted({r["case"] for r in rows}) == sorted(packed)
+    assert rows and not any("xla" in r["impl"] for r in rows)
+
+
 def test_end_to_end_paged_cache_generates_the_dense_cache_tokens():
     """The bf16 paged rows generate exactly the bf16 dense rows' tokens (paging must not change results)."""
     shape = e2e.shapes(quick=True)[0]

@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for results.json and charts")
     parser.add_argument("--skip", nargs="*", default=(), metavar="TEXT",
                         help="leave out the implementations whose name contains any of these")
+    parser.add_argument("--shapes", nargs="*", default=(), metavar="TEXT",
+                        help="run only the prefill and decode shapes whose name contains any of these")
     args = parser.parse_args(argv)
     reps = args.reps or (3 if args.quick else 10)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
     prefill_shapes = prefill.QUICK_SHAPES if args.quick else prefill.FULL_SHAPES
     decode_shapes = decode.QUICK_SHAPES if args.quick else decode.FULL_SHAPES
+    if args.shapes:
+        prefill_shapes, decode_shapes = ([shape for shape in shapes if any(text in shape.name for text in args.shapes)]
+                                         for shapes in (prefill_shapes, decode_shapes))
     prefill_impls, decode_impls = prefill.implementations(args.quick), decode.implementations(args.quick)
     if args.skip:
         prefill_impls, decode_impls = ({name: build for name, build in impls.items()
