@@ -29,6 +29,7 @@ from gqa_jax import dispatch
 from gqa_jax.implementations import pallas_mosaic_gpu
 from pallas_kernels.gpu import flash_attention_mgpu as mgpu
 from pallas_kernels.gpu import flash_attention_mgpu_backward as mgpu_bwd
+from pallas_kernels.gpu.mgpu_tiles import segment_tile_ranges
 from pallas_kernels.rules import Rules
 from tests.devices import on_hopper
 from tests.kernel_cases import FLASH_CASES, GRAD_CASES, FlashKernelCases, make_inputs
@@ -208,12 +209,39 @@ def test_segment_ids_lower_on_both_grids(head_dim, persistent, is_causal):
                                     key_value_seq_lengths=jnp.array([500, 123]), block_sizes=blocks)
 
     text = jax.export.export(jax.jit(attend), platforms=["cuda"])(q, kv, kv, q_seg, kv_seg).mlir_module()
-    # offset, q_len, kv_len, q, k, v and the two segment-id arrays; without segment ids the kernel takes six.
-    assert _mosaic_operands(text) == [8], _mosaic_operands(text)
+    # offset, q_len, kv_len, q, k, v, the two segment-id arrays and the key tile ranges of the query tiles'
+    # segments; without segment ids the kernel takes six.
+    assert _mosaic_operands(text) == [9], _mosaic_operands(text)
     plain = jax.export.export(jax.jit(lambda q, k, v: mgpu.flash_attention(q, k, v, is_causal=is_causal,
                                                                            block_sizes=blocks)),
                               platforms=["cuda"])(q, kv, kv).mlir_module()
     assert _mosaic_operands(plain) == [6], _mosaic_operands(plain)
+
+
+@pytest.mark.parametrize("is_sorted", [True, False])
+def test_segment_tile_ranges_hold_every_visible_tile(is_sorted):
+    # Brute force: the column tiles holding a valid column whose id equals a valid row's id of the block must lie in
+    # [lo, hi); for sorted ids (packed documents) the range is exactly the tiles holding an id in the block's range.
+    rng = np.random.default_rng(0 if is_sorted else 1)
+    B, R, C, row_block, col_block = 3, 256, 384, 64, 32
+    row_ids, col_ids = (rng.integers(0, 5, (B, n)) for n in (R, C))
+    if is_sorted:
+        row_ids, col_ids = np.sort(row_ids, axis=1), np.sort(col_ids, axis=1)
+    row_len, col_len = np.array([256, 100, 0]), np.array([384, 200, 384])
+    lo, hi = np.asarray(segment_tile_ranges(jnp.asarray(row_ids), jnp.asarray(col_ids), jnp.asarray(row_len),
+                                            jnp.asarray(col_len), row_block, col_block))
+    for b in range(B):
+        for i in range(R // row_block):
+            rows = row_ids[b, i * row_block:min((i + 1) * row_block, row_len[b])]
+            seen = {c // col_block for c in range(col_len[b]) if col_ids[b, c] in set(rows.tolist())}
+            if not seen:
+                assert lo[b, i] == hi[b, i], (b, i, lo[b, i], hi[b, i])
+                continue
+            assert lo[b, i] <= min(seen) and max(seen) < hi[b, i], (b, i, lo[b, i], hi[b, i], sorted(seen))
+            if is_sorted:  # exactly the tiles holding an id between the block's least and greatest
+                in_range = [c // col_block for c in range(col_len[b]) if rows.min() <= col_ids[b, c] <= rows.max()]
+                assert (lo[b, i], hi[b, i]) == (min(in_range), max(in_range) + 1), (b, i)
+    assert (lo[2] == 0).all() and (hi[2] == 0).all()  # a row of no valid rows sees no tile
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -226,8 +254,9 @@ def test_segment_id_gradients_lower_to_mosaic_forward_and_backward(head_dim, is_
                  query_seq_lengths=np.array([T, T // 2], np.int32), key_value_seq_lengths=np.array([S, 101], np.int32))
     calls, text = _gradient_calls(q, k, k, rules)
     assert calls == ["mosaic_gpu_v2"] * 3, calls  # the forward, dQ and dK/dV kernels
-    # Each kernel takes both segment-id arrays: forward 6 + 2; dQ and dK/dV 9 (with lse, dO, delta) + 2.
-    assert sorted(_mosaic_operands(text)) == [8, 11, 11], _mosaic_operands(text)
+    # Each kernel takes both segment-id arrays and its tile ranges: forward 6 + 3; dQ and dK/dV 9 (with lse, dO,
+    # delta) + 3.
+    assert sorted(_mosaic_operands(text)) == [9, 12, 12], _mosaic_operands(text)
 
 
 def test_segment_ids_at_head_dim_256_fall_back_to_triton_backward():

@@ -45,12 +45,14 @@ Both consumers walk the key tiles the CTA can see (``rules.kv_range`` of its
 rows); tiles outside it are never loaded. For each consumer the tiles its
 rows all see fully (``rules.kv_full_range``) run without mask arithmetic; the
 others are masked (causal/window, key length, query length). With segment ids
-every tile is masked: each consumer loads its rows' query segment ids once
-per item (one per row of its ``wgmma`` logits), and the producer copies each
-key tile's segment ids by TMA into a ring beside K's, behind the same "ready"
-barrier (two arrivals then); the consumers load them (one per column) before
-they release the K slot. Masked logits are
-``-inf`` and the running max starts at a finite floor, so a row that has seen
+a CTA's tiles are also narrowed to those that can hold a key of its rows'
+segments (`mgpu_tiles.segment_tile_ranges`, computed by XLA before the call:
+packed documents skip each other's tiles), and every visited tile is
+masked: each consumer loads its rows' query segment ids once per item (one
+per row of its ``wgmma`` logits), and the producer copies each key tile's
+segment ids by TMA into a ring beside K's, behind the same "ready" barrier
+(two arrivals then); the consumers load them (one per column) before they
+release the K slot. Masked logits are ``-inf`` and the running max starts at a finite floor, so a row that has seen
 nothing keeps ``p == 0`` and ``l == 0`` and never meets ``inf - inf``. In
 bf16, ``p`` is taken against ``m + P_SHIFT`` (so ``p <= 2^-32`` and the float32
 accumulator of ``p * v`` cannot overflow for values near bf16's max; the lse
@@ -78,7 +80,7 @@ from pallas_kernels.arguments import check_qkv, out_struct, pad_axis, round_up, 
 from pallas_kernels.gpu import flash_attention_mgpu_backward as mgpu_backward
 from pallas_kernels.gpu import mgpu_barriers as bars
 from pallas_kernels.gpu.flash_attention import flash_backward
-from pallas_kernels.gpu.mgpu_tiles import cta_kv_blocks, full_kv_blocks
+from pallas_kernels.gpu.mgpu_tiles import clip_to_segments, cta_kv_blocks, full_kv_blocks, segment_tile_ranges
 from pallas_kernels.numerics import DEAD_LSE, LOG2E
 from pallas_kernels.residuals import forward_only, from_base2
 from pallas_kernels.rules import Rules
@@ -384,7 +386,11 @@ def forward(query, key, value, rules: Rules, block_sizes: MosaicBlockSizes | Non
     # Keys past S are padding whatever the lengths say (under jit they are not checked).
     kv_len = jnp.minimum(padded.kv_len, S)
     q_len = jnp.minimum(padded.q_len, T)
-    segments = (padded.q_segment_ids, padded.kv_segment_ids) if padded.has_segments else None
+    segments = None
+    if padded.has_segments:
+        q_seg, kv_seg = padded.q_segment_ids, padded.kv_segment_ids
+        ranges = segment_tile_ranges(q_seg, kv_seg, q_len, kv_len, NUM_CONSUMERS * blocks.block_q, blocks.block_kv)
+        segments = (q_seg, kv_seg, ranges)
     out, lse = _forward_call(padded, blocks, padded.q_offset, q_len, kv_len, q, k, v, segments)
     return out[:, :T], lse[:, :, :T]
 
@@ -392,8 +398,8 @@ def forward(query, key, value, rules: Rules, block_sizes: MosaicBlockSizes | Non
 def _forward_call(rules: Rules, blocks: MosaicBlockSizes, offset, q_len, kv_len, q, k, v, segments):
     """The ``plgpu.kernel`` on padded inputs: ``(out [B,T_pad,N,H], lse [B,N,T_pad])``.
 
-    ``segments`` is ``(q_segment_ids [B,T_pad], kv_segment_ids [B,S_pad])`` or None; the segment work is compiled
-    in only with them.
+    ``segments`` is ``(q_segment_ids [B,T_pad], kv_segment_ids [B,S_pad], key tile ranges [2,B,T_pad/(2*block_q)])``
+    (`segment_tile_ranges`) or None; the segment work is compiled in only with them.
     """
     B, T_pad, N, H = q.shape
     K = k.shape[2]
@@ -466,7 +472,7 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, seg_
                     rules: Rules, blocks: MosaicBlockSizes, num_groups: int, work: tuple[int, int, int],
                     num_ctas: int | None):
     bq, bkv, stages = blocks.block_q, blocks.block_kv, blocks.max_concurrent_steps
-    q_seg_ref, kv_seg_ref = (None, None) if seg_refs is None else seg_refs
+    q_seg_ref, kv_seg_ref, ranges_ref = (None, None, None) if seg_refs is None else seg_refs
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
     shift = P_SHIFT[jnp.dtype(dtype)]
@@ -508,6 +514,8 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, seg_
         offset, q_len, kv_len = offset_ref[batch], q_len_ref[batch], kv_len_ref[batch]
         cta_start = tile * (NUM_CONSUMERS * bq)
         blk_lo, blk_hi = cta_kv_blocks(rules, cta_start, NUM_CONSUMERS * bq, bkv, offset, q_len, kv_len)
+        if ranges_ref is not None:  # only the key tiles of the rows' segments
+            blk_lo, blk_hi = clip_to_segments(ranges_ref, batch, tile, blk_lo, blk_hi)
         return head, batch, offset, q_len, kv_len, cta_start, blk_lo, blk_hi
 
     def for_each_item(body):

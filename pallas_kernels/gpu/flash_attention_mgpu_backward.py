@@ -26,7 +26,8 @@ tiles every row or key of a consumer sees fully skip the mask arithmetic
 masked and dead entries give ``P == 0`` and zero gradients. With segment ids,
 a consumer loads the ids of the rows (dQ) or keys (dK/dV) it holds once, and
 the producer streams the other side's ids with each tile, as one more
-pipeline input. Sequences are zero-padded to the tiles (lse padded with
+pipeline input, and each CTA's loop is narrowed to the tiles that can hold
+its segments (`mgpu_tiles.segment_tile_ranges`). Sequences are zero-padded to the tiles (lse padded with
 `DEAD_LSE`).
 
 Serves what the forward serves with head dims 64 and 128 (at 256 the two
@@ -48,7 +49,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.arguments import out_struct, pad_axis, round_up, vary_like
-from pallas_kernels.gpu.mgpu_tiles import cta_kv_blocks, cta_q_blocks, full_kv_blocks, full_q_blocks
+from pallas_kernels.gpu.mgpu_tiles import (
+    clip_to_segments,
+    cta_kv_blocks,
+    cta_q_blocks,
+    full_kv_blocks,
+    full_q_blocks,
+    segment_tile_ranges,
+)
 from pallas_kernels.numerics import DEAD_LSE, LOG2E
 from pallas_kernels.rules import Rules
 
@@ -200,15 +208,18 @@ def _dkv_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, 
                 dk_ref, dv_ref, k_smem2, v_smem2, kv_ready, *, rules: Rules, blocks: MosaicBackwardBlockSizes,
                 num_groups: int):
     bq, bkv = blocks.block_q_dkv, blocks.block_kv_dkv
-    q_seg_ref, kv_seg_ref = (None, None) if seg_refs is None else seg_refs
+    q_seg_ref, kv_seg_ref, ranges_ref = (None, None, None) if seg_refs is None else seg_refs
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
     batch = lax.axis_index("batch")
     kv_head = lax.axis_index("heads")
     wg = lax.axis_index("wg")
     offset, q_len, kv_len = offset_ref[batch], q_len_ref[batch], kv_len_ref[batch]
-    cta_start = lax.axis_index("kv_tiles") * (NUM_CONSUMERS * bkv)
+    kv_tile = lax.axis_index("kv_tiles")
+    cta_start = kv_tile * (NUM_CONSUMERS * bkv)
     blk_lo, blk_hi = cta_q_blocks(rules, cta_start, NUM_CONSUMERS * bkv, bq, offset, q_len, kv_len)
+    if ranges_ref is not None:  # only the query tiles of the keys' segments
+        blk_lo, blk_hi = clip_to_segments(ranges_ref, batch, kv_tile, blk_lo, blk_hi)
     wg_start = cta_start + wg * bkv
     f_lo, f_hi = full_q_blocks(rules, wg_start, bkv, bq, offset, q_len, kv_len)
     k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
@@ -310,7 +321,7 @@ def _dq_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, l
                q_smem2, do_smem2, q_ready, *, rules: Rules, blocks: MosaicBackwardBlockSizes, num_groups: int,
                num_q_tiles: int):
     bq, bkv = blocks.block_q_dq, blocks.block_kv_dq
-    q_seg_ref, kv_seg_ref = (None, None) if seg_refs is None else seg_refs
+    q_seg_ref, kv_seg_ref, ranges_ref = (None, None, None) if seg_refs is None else seg_refs
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
     batch = lax.axis_index("batch")
@@ -322,6 +333,8 @@ def _dq_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, l
     offset, q_len, kv_len = offset_ref[batch], q_len_ref[batch], kv_len_ref[batch]
     cta_start = tile * (NUM_CONSUMERS * bq)
     blk_lo, blk_hi = cta_kv_blocks(rules, cta_start, NUM_CONSUMERS * bq, bkv, offset, q_len, kv_len)
+    if ranges_ref is not None:  # only the key tiles of the rows' segments
+        blk_lo, blk_hi = clip_to_segments(ranges_ref, batch, tile, blk_lo, blk_hi)
     wg_start = cta_start + wg * bq
     f_lo, f_hi = full_kv_blocks(rules, wg_start, bq, bkv, offset, q_len, kv_len, blk_lo, blk_hi)
     q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
@@ -446,14 +459,19 @@ def backward(query, key, value, out, lse2, d_out, rules: Rules, block_sizes: Mos
     padded = rules.padded(T, S, T_pad, S_pad)
     kv_len = jnp.minimum(padded.kv_len, S)
     q_len = jnp.minimum(padded.q_len, T)
-    segments = (padded.q_segment_ids, padded.kv_segment_ids) if padded.has_segments else None
-    args = (padded.q_offset, q_len, kv_len, q, k, v, do, lse2, delta, segments)
+    rows_dq = NUM_CONSUMERS * blocks.block_q_dq
+    keys_dkv = NUM_CONSUMERS * blocks.block_kv_dkv
+    args = (padded.q_offset, q_len, kv_len, q, k, v, do, lse2, delta)
+    segments_dq = segments_dkv = None
+    if padded.has_segments:  # each kernel narrows its loop to the tiles of its rows' segments (segment_tile_ranges)
+        q_seg, kv_seg = padded.q_segment_ids, padded.kv_segment_ids
+        segments_dq = (q_seg, kv_seg, segment_tile_ranges(q_seg, kv_seg, q_len, kv_len, rows_dq,
+                                                          blocks.block_kv_dq))
+        segments_dkv = (q_seg, kv_seg, segment_tile_ranges(kv_seg, q_seg, kv_len, q_len, keys_dkv,
+                                                           blocks.block_q_dkv))
     statics = dict(rules=rules.statics(), blocks=blocks, num_groups=N // K)
     params = plgpu.CompilerParams(approx_math=True)
     launch = dict(num_threads=NUM_CONSUMERS + 1, thread_name="wg", compiler_params=params)
-
-    rows_dq = NUM_CONSUMERS * blocks.block_q_dq
-    keys_dkv = NUM_CONSUMERS * blocks.block_kv_dkv
 
     def grid(heads: int, tiles: int, tile_name: str):
         if blocks.tiles_first:
@@ -462,7 +480,7 @@ def backward(query, key, value, out, lse2, d_out, rules: Rules, block_sizes: Mos
 
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, num_q_tiles=T_pad // rows_dq, **statics),
-        out_type=out_struct(q.shape, q.dtype, args),
+        out_type=out_struct(q.shape, q.dtype, args, segments_dq),
         scratch_types=[
             plgpu.SMEM((NUM_CONSUMERS, blocks.block_q_dq, H), q.dtype, transforms=_TILED),
             plgpu.SMEM((NUM_CONSUMERS, blocks.block_q_dq, H), q.dtype, transforms=_TILED),
@@ -470,10 +488,10 @@ def backward(query, key, value, out, lse2, d_out, rules: Rules, block_sizes: Mos
         ],
         **grid(N, T_pad // rows_dq, "q_tiles"),
         **launch,
-    )(*args)
+    )(*args, segments_dq)
     dk, dv = plgpu.kernel(
         functools.partial(_dkv_kernel, **statics),
-        out_type=(out_struct(k.shape, k.dtype, args), out_struct(v.shape, v.dtype, args)),
+        out_type=(out_struct(k.shape, k.dtype, args, segments_dkv), out_struct(v.shape, v.dtype, args, segments_dkv)),
         scratch_types=[
             plgpu.SMEM((NUM_CONSUMERS, blocks.block_kv_dkv, H), k.dtype, transforms=_TILED),
             plgpu.SMEM((NUM_CONSUMERS, blocks.block_kv_dkv, H), v.dtype, transforms=_TILED),
@@ -481,6 +499,6 @@ def backward(query, key, value, out, lse2, d_out, rules: Rules, block_sizes: Mos
         ],
         **grid(K, S_pad // keys_dkv, "kv_tiles"),
         **launch,
-    )(*args)
-    dq, dk, dv = vary_like((dq, dk, dv), args)
+    )(*args, segments_dkv)
+    dq, dk, dv = vary_like((dq, dk, dv), (args, segments_dq))
     return dq[:, :T], dk[:, :S], dv[:, :S]

@@ -68,3 +68,53 @@ def full_q_blocks(rules: Rules, wg_start, block_kv: int, block_q: int, offset, q
     f_lo = cdiv(lo, block_q)
     f_hi = jnp.maximum(lax.div(hi, block_q), f_lo)
     return f_lo, f_hi
+
+
+def segment_tile_ranges(row_ids, col_ids, row_len, col_len, row_block: int, col_block: int):
+    """Per block of ``row_block`` rows, the column tiles that can hold a key of one of its segments.
+
+    Computed by XLA before a kernel runs (the kernels narrow their tile loops
+    with `clip_to_segments`): for packed documents, a query tile's keys are
+    those of its documents, so the tiles of the other documents are skipped
+    rather than masked. A tile of ``col_block`` columns is in the range of a
+    row block when the id ranges (min to max) of their valid positions
+    overlap; the range spans from the first such tile to the last, a superset
+    of the tiles holding a key of an equal id (for sorted ids, exactly the
+    tiles holding an id between the block's least and greatest).
+
+    Args:
+      row_ids: int ``[B, R]`` segment ids of the rows (queries, or keys in the dK/dV kernel).
+      col_ids: int ``[B, C]`` segment ids of the columns.
+      row_len, col_len: int ``[B]`` valid rows and columns (positions past them count for nothing).
+      row_block, col_block: block and tile sizes dividing ``R`` and ``C``.
+
+    Returns:
+      int32 ``[2, B, R // row_block]``: ``[lo, hi)`` in column tiles; ``0, 0`` where no column can be seen.
+    """
+    B, R = row_ids.shape
+    C = col_ids.shape[1]
+    big, small = jnp.iinfo(jnp.int32).max, jnp.iinfo(jnp.int32).min
+
+    def id_range(ids, length, size, block):
+        valid = jnp.arange(size)[None, :] < length[:, None]
+        blocks = (B, size // block, block)
+        ids = ids.astype(jnp.int32)
+        return (jnp.where(valid, ids, big).reshape(blocks).min(-1),
+                jnp.where(valid, ids, small).reshape(blocks).max(-1))
+
+    row_min, row_max = id_range(row_ids, row_len, R, row_block)
+    col_min, col_max = id_range(col_ids, col_len, C, col_block)
+    overlap = (col_min[:, None, :] <= row_max[:, :, None]) & (col_max[:, None, :] >= row_min[:, :, None])
+    seen = overlap.any(-1)
+    lo = jnp.argmax(overlap, axis=-1)
+    hi = overlap.shape[-1] - jnp.argmax(overlap[..., ::-1], axis=-1)
+    return jnp.stack([jnp.where(seen, lo, 0), jnp.where(seen, hi, 0)]).astype(jnp.int32)
+
+
+def clip_to_segments(ranges_ref, batch, block, lo, hi):
+    """``[lo, hi)`` narrowed to row block ``block``'s `segment_tile_ranges` (read from ``ranges_ref [2, B, n]``).
+
+    Never ``hi < lo``: an empty range stays empty where it starts, so loops and ring positions never run backwards.
+    """
+    lo = jnp.maximum(lo, ranges_ref[0, batch, block])
+    return lo, jnp.maximum(jnp.minimum(hi, ranges_ref[1, batch, block]), lo)
