@@ -23,7 +23,7 @@ from gqa_jax.decoding import generate, generate_without_cache
 from gqa_jax.kv_cache import KVCache
 from gqa_jax.paged_kv_cache import PagedKVCache
 from pallas_kernels.gpu.decode_attention import DecodeBlockSizes
-from pallas_kernels.gpu.paged_decode_attention import paged_decode_attention
+from pallas_kernels.gpu.paged_decode_attention import page_aligned_block_k, paged_decode_attention
 from tests.devices import has_gpu
 from tests.kernel_cases import GRAD_TOLERANCE, TOLERANCE, TOLERANCE_TF32, assert_close
 from tests.paged_cases import PagedCase, paged_bad_calls, paged_case_inputs, reference_page_grads
@@ -325,6 +325,20 @@ def test_page_aligned_tiles_read_one_page_id_per_tile(block_k, page_ids):
     reads = [out.aval.shape for eqn in _eqns(call.params["jaxpr"]) if eqn.primitive.name in ("get", "masked_load")
              for out in eqn.outvars if out.aval.dtype == jnp.int32]
     assert reads == [(), (), page_ids]
+
+
+def test_default_tiles_are_page_aligned_where_measured():
+    # The table's tile of 128 keys (H=128 bf16) becomes 64 at pages of 64, stays 128 at 128 and 256; pages whose
+    # common power of two with it is under 64 keep the gather at 128.
+    assert [page_aligned_block_k(128, page) for page in (64, 128, 256, 192, 32, 16, 48, 24)] == [
+        64, 128, 128, 64, 128, 128, 128, 128]
+    case = PagedCase("default", 1, 4, 2, 128, 64, (200, 9), dtype="bfloat16")
+    q, key_pages, value_pages, table, lengths, _ = paged_case_inputs(case)
+    jaxpr = jax.make_jaxpr(paged_decode_attention)(q, key_pages, value_pages, table, jnp.asarray(lengths))
+    (call,) = [eqn for eqn in _eqns(jaxpr.jaxpr) if eqn.primitive.name == "pallas_call"]
+    reads = [out.aval.shape for eqn in _eqns(call.params["jaxpr"]) if eqn.primitive.name in ("get", "masked_load")
+             for out in eqn.outvars if out.aval.dtype == jnp.int32]
+    assert reads == [(), (), ()]  # one page id per tile: the page-aligned path
 
 
 @pytest.mark.parametrize("case", [PAGED_CASES[1], PAGED_CASES[2]], ids=["aligned", "gathered"])
