@@ -52,8 +52,9 @@ masked: each consumer loads its rows' query segment ids once per item (one
 per row of its ``wgmma`` logits), and the producer copies each key tile's
 segment ids by TMA into a ring beside K's, behind the same "ready" barrier
 (two arrivals then); the consumers load them (one per column) before they
-release the K slot. Masked logits are ``-inf`` and the running max starts at a finite floor, so a row that has seen
-nothing keeps ``p == 0`` and ``l == 0`` and never meets ``inf - inf``. In
+release the K slot. Masked logits are ``-inf`` and the running max starts at
+a finite floor, so a row that has seen nothing keeps ``p == 0`` and ``l == 0``
+and never meets ``inf - inf``. In
 bf16, ``p`` is taken against ``m + P_SHIFT`` (so ``p <= 2^-32`` and the float32
 accumulator of ``p * v`` cannot overflow for values near bf16's max; the lse
 adds the shift back); fp16 values cannot overflow it. The
