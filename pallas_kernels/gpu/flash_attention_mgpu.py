@@ -80,6 +80,7 @@ from jax._src.lib.mlir.dialects import llvm
 from pallas_kernels.arguments import check_qkv, out_struct, pad_axis, round_up, vary_like
 from pallas_kernels.gpu import flash_attention_mgpu_backward as mgpu_backward
 from pallas_kernels.gpu import mgpu_barriers as bars
+from pallas_kernels.gpu import mgpu_profile
 from pallas_kernels.gpu.flash_attention import flash_backward
 from pallas_kernels.gpu.mgpu_tiles import clip_to_segments, cta_kv_blocks, full_kv_blocks, segment_tile_ranges
 from pallas_kernels.numerics import DEAD_LSE, LOG2E
@@ -443,7 +444,7 @@ def _forward_call(rules: Rules, blocks: MosaicBlockSizes, offset, q_len, kv_len,
         # No automatic barriers around shared-memory accesses: no thread reads and writes the same shared
         # memory (wgmma and TMA read it asynchronously; `commit_smem` orders the output writes before the TMA
         # store, and `wait_smem_to_gmem` the store's reads before the next writes).
-        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True),
+        compiler_params=mgpu_profile.compiler_params(approx_math=True, unsafe_no_auto_barriers=True),
     )(*args)
     return vary_like(outputs, args)
 
@@ -562,13 +563,14 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, seg_
             m = plgpu.layout_cast(jnp.full((bq,), M_FLOOR, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             l = plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             acc = plgpu.layout_cast(jnp.full((bq, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
-            plgpu.barrier_wait(q_ready.at[wg])
+            with jax.named_scope("prologue"):
+                plgpu.barrier_wait(q_ready.at[wg])
 
-            @pl.when(blk_hi > blk_lo)
-            def _():
-                plgpu.barrier_wait(k_ready.at[slot_of(blk_lo)])
+                @pl.when(blk_hi > blk_lo)
+                def _():
+                    plgpu.barrier_wait(k_ready.at[slot_of(blk_lo)])
 
-            pl.when(wg == 1)(wait_my_turn)
+                pl.when(wg == 1)(wait_my_turn)
 
             def body(j, carry, *, masked: bool):
                 acc, m, l = carry
@@ -582,42 +584,41 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, seg_
                     kv_seg = None if q_seg is None else plgpu.load(kv_seg_smem.at[slot], (), layout=_COL)
                     return acc_ref[...], kv_seg
 
-                s, kv_seg = pl.run_scoped(qk_product, plgpu.ACC((bq, bkv), jnp.float32))
-                bars.arrive(k_consumed_id + slot, ring_threads)
-                if pre_scale is not None:
-                    s = jnp.tanh(s * pre_scale)
-                if masked:
-                    row = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
-                    col = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
-                    k_idx = col + j * bkv
-                    visible = (k_idx < kv_len) & (row < q_len - wg_start)
-                    positional = rules.visible(row + (offset + wg_start), k_idx)
-                    if positional is not None:
-                        visible = visible & positional
-                    if q_seg is not None:
-                        visible = visible & (lax.broadcast_in_dim(q_seg, s.shape, [0])
-                                             == lax.broadcast_in_dim(kv_seg, s.shape, [1]))
-                    s = jnp.where(visible, s, -jnp.inf)
-                # Base-2 online softmax; scale2 > 0 commutes with the max, so p is one FMA per logit.
-                m_new = jnp.maximum(m, s.max(axis=1) * scale2)
-                alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new + shift if shift else m_new, s.shape, [0]))
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                l = l * alpha
-                p16 = p.astype(dtype)
-
-                def end_softmax():
+                with jax.named_scope("qk"):
+                    s, kv_seg = pl.run_scoped(qk_product, plgpu.ACC((bq, bkv), jnp.float32))
+                    bars.arrive(k_consumed_id + slot, ring_threads)
+                with jax.named_scope("softmax"):
+                    if pre_scale is not None:
+                        s = jnp.tanh(s * pre_scale)
+                    if masked:
+                        row = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
+                        col = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+                        k_idx = col + j * bkv
+                        visible = (k_idx < kv_len) & (row < q_len - wg_start)
+                        positional = rules.visible(row + (offset + wg_start), k_idx)
+                        if positional is not None:
+                            visible = visible & positional
+                        if q_seg is not None:
+                            visible = visible & (lax.broadcast_in_dim(q_seg, s.shape, [0])
+                                                 == lax.broadcast_in_dim(kv_seg, s.shape, [1]))
+                        s = jnp.where(visible, s, -jnp.inf)
+                    # Base-2 online softmax; scale2 > 0 commutes with the max, so p is one FMA per logit.
+                    m_new = jnp.maximum(m, s.max(axis=1) * scale2)
+                    alpha = jnp.exp2(m - m_new)
+                    p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new + shift if shift else m_new, s.shape, [0]))
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    l = l * alpha
+                    p16 = p.astype(dtype)
+                    # The order of the row sum and the barriers matters for speed (as in jax's example).
+                    if head_dim <= 128:
+                        l = l + p.sum(axis=1)
+                        acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+                with jax.named_scope("wait_v_turn"):
                     plgpu.barrier_wait(v_ready.at[slot])
                     wait_my_turn()
-
-                # The order of the row sum and the barriers matters for speed (as in jax's example).
-                if head_dim <= 128:
-                    l = l + p.sum(axis=1)
-                    acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-                    end_softmax()
-                else:
-                    end_softmax()
-                    l = l + p.sum(axis=1)
+                if head_dim > 128:
+                    with jax.named_scope("softmax"):
+                        l = l + p.sum(axis=1)
 
                 def pv_product(acc_ref):
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -626,8 +627,9 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, seg_
                     def _():
                         plgpu.barrier_wait(k_ready.at[slot_of(j + 1)])
 
-                acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
-                bars.arrive(v_consumed_id + slot, ring_threads)
+                with jax.named_scope("pv"):
+                    acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
+                    bars.arrive(v_consumed_id + slot, ring_threads)
                 return acc, m_new, l
 
             carry = (acc, m, l)
@@ -645,15 +647,16 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, seg_
                 pl.when(wg == 0)(lambda: bars.sync(sched_id + 1, consumer_threads))
                 pl.when(i + 1 < num_items)(functools.partial(load_q, i + 1))  # the query tile is free again
 
-            live = m > 0.5 * M_FLOOR
-            l_safe = jnp.where(live, l, 1.0)
-            acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read their tiles
-            o_tile[...] = acc.astype(dtype)
-            lse_smem.at[wg][...] = jnp.where(live, m + (jnp.log(l_safe) * RCP_LN2 + shift), DEAD_LSE)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_tile, out_ref.at[batch, pl.ds(wg_start, bq), head])
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(wg_start, bq)])
+            with jax.named_scope("epilogue"):
+                live = m > 0.5 * M_FLOOR
+                l_safe = jnp.where(live, l, 1.0)
+                acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read their tiles
+                o_tile[...] = acc.astype(dtype)
+                lse_smem.at[wg][...] = jnp.where(live, m + (jnp.log(l_safe) * RCP_LN2 + shift), DEAD_LSE)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_tile, out_ref.at[batch, pl.ds(wg_start, bq), head])
+                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(wg_start, bq)])
             return None if steps is None else steps + (blk_hi - blk_lo)
 
         for_each_item(item)

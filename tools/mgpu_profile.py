@@ -1,0 +1,94 @@
+"""Where the Mosaic-GPU flash forward spends its time: in-kernel phase profiles on a Hopper GPU.
+
+Run on the GPU machine:
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 tools/mgpu_profile.py [--shapes NAME,...] [--space 640]
+
+For each bench shape (`tools/mgpu_flash_check.py`'s ``BENCH``), causal and
+full, the forward kernel is built with Mosaic GPU's profiler on
+(`pallas_kernels.gpu.mgpu_profile`) and run once; each consumer warpgroup's
+time splits into the phases the kernel marks: ``prologue`` (query and first
+key tile arrive, first turn), ``qk`` (``Q K^T`` on wgmma, issued and
+awaited), ``softmax``, ``wait_v_turn`` (V tile ready and the other consumer's
+``P V`` issued: the ping-pong), ``pv`` (``P V`` issued and awaited, next K
+tile awaited), ``epilogue`` (normalize, store), ``other`` (loop control).
+Profiles use one CTA per work item (not the persistent grid, whose many items
+per CTA would not fit the profiler's shared-memory buffer); the records cost
+a few cycles each, so shares, not absolute times, are the result. CTA spans
+(mean and max, thousands of cycles) show how evenly the work spreads.
+
+Prints one table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gpu import flash_attention_mgpu as mgpu
+from pallas_kernels.gpu import mgpu_profile
+
+from mgpu_flash_check import BENCH  # this script's folder is on sys.path
+
+PHASES = ("prologue", "qk", "softmax", "wait_v_turn", "pv", "epilogue", "other")
+
+
+def profile(shape, causal: bool, space: int) -> dict:
+    """`mgpu_profile.summarize` of one forward call at ``shape = (B, S, N, K, H)``."""
+    B, S, N, K, H = shape
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (B, S, N, H), jnp.bfloat16)
+    k = jax.random.normal(kk, (B, S, K, H), jnp.bfloat16)
+    v = jax.random.normal(kv, (B, S, K, H), jnp.bfloat16)
+    blocks = mgpu.MosaicBlockSizes.for_call(H, causal)
+    blocks = mgpu.MosaicBlockSizes(blocks.block_q, blocks.block_kv, blocks.max_concurrent_steps, persistent=False)
+    with tempfile.TemporaryDirectory() as directory:
+        with mgpu_profile.recording(directory, space):
+            jax.clear_caches()
+            fn = jax.jit(lambda q, k, v: mgpu.flash_attention(q, k, v, is_causal=causal, block_sizes=blocks))
+            jax.block_until_ready(fn(q, k, v))
+        jax.effects_barrier()  # the trace is written by a host callback
+        traces = sorted(glob.glob(os.path.join(directory, "*.json")))
+        if not traces:
+            raise RuntimeError(f"no trace written into {directory}")
+        return mgpu_profile.load(traces[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="all", help="all or comma-separated bench shape names")
+    parser.add_argument("--space", type=int, default=640, help="phases recorded per warpgroup (16 bytes each)")
+    args = parser.parse_args()
+    dev = jax.devices()[0]
+    rows = []
+    for name, shape in BENCH:
+        if args.shapes != "all" and name not in args.shapes.split(","):
+            continue
+        for causal in (True, False):
+            mask = "causal" if causal else "full"
+            try:
+                summary = profile(shape, causal, args.space)
+            except Exception as e:  # noqa: BLE001 - one shape that fails is a row, not a stop
+                rows.append(f"| {name} {mask} | error: {type(e).__name__}: {str(e).splitlines()[0][:90]} |")
+                print(rows[-1], flush=True)
+                continue
+            mean, top = summary["cta_kcycles"]
+            for wg, phases in summary["phases"].items():
+                shares = " | ".join(f"{100 * phases.get(p, 0.0):4.1f}" for p in PHASES)
+                rows.append(f"| {name} {mask} | {wg} | {shares} | {summary['ctas']} | {mean:.0f} / {top:.0f} |")
+                print(rows[-1], flush=True)
+    print(f"\n== Mosaic-GPU forward phases, % of each consumer warpgroup's span (jax {jax.__version__}, "
+          f"{dev.device_kind}) ==")
+    print("| shape | wg | " + " | ".join(PHASES) + " | CTAs | CTA kcycles mean / max |")
+    print("|---|---|" + "---|" * len(PHASES) + "---|---|")
+    for row in rows:
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
