@@ -44,7 +44,8 @@ tile's writes and TMA store.
 Both consumers walk the key tiles the CTA can see (``rules.kv_range`` of its
 rows); tiles outside it are never loaded. For each consumer the tiles its
 rows all see fully (``rules.kv_full_range``) run without mask arithmetic; the
-others are masked (causal/window, key length, query length). With segment ids
+others are masked (causal/window, key length, query length; the length tests
+are compiled in only when lengths are given or the sequences padded). With segment ids
 a CTA's tiles are also narrowed to those that can hold a key of its rows'
 segments (`mgpu_tiles.segment_tile_ranges`, computed by XLA before the call:
 packed documents skip each other's tiles), and every visited tile is
@@ -393,11 +394,14 @@ def forward(query, key, value, rules: Rules, block_sizes: MosaicBlockSizes | Non
         q_seg, kv_seg = padded.q_segment_ids, padded.kv_segment_ids
         ranges = segment_tile_ranges(q_seg, kv_seg, q_len, kv_len, NUM_CONSUMERS * blocks.block_q, blocks.block_kv)
         segments = (q_seg, kv_seg, ranges)
-    out, lse = _forward_call(padded, blocks, padded.q_offset, q_len, kv_len, q, k, v, segments)
+    # Every row and key is valid: masked tiles need only the positional rule (and segment ids).
+    all_valid = rules.q_len is None and rules.kv_len is None and (T_pad, S_pad) == (T, S)
+    out, lse = _forward_call(padded, blocks, padded.q_offset, q_len, kv_len, q, k, v, segments, all_valid)
     return out[:, :T], lse[:, :, :T]
 
 
-def _forward_call(rules: Rules, blocks: MosaicBlockSizes, offset, q_len, kv_len, q, k, v, segments):
+def _forward_call(rules: Rules, blocks: MosaicBlockSizes, offset, q_len, kv_len, q, k, v, segments,
+                  all_valid: bool = False):
     """The ``plgpu.kernel`` on padded inputs: ``(out [B,T_pad,N,H], lse [B,N,T_pad])``.
 
     ``segments`` is ``(q_segment_ids [B,T_pad], kv_segment_ids [B,S_pad], key tile ranges [2,B,T_pad/(2*block_q)])``
@@ -431,7 +435,7 @@ def _forward_call(rules: Rules, blocks: MosaicBlockSizes, offset, q_len, kv_len,
         num_ctas = None
         grid, grid_names = work, ("heads", "q_tiles", "batch")
     kernel = functools.partial(_forward_kernel, rules=rules.statics(), blocks=blocks, num_groups=N // K, work=work,
-                               num_ctas=num_ctas)
+                               num_ctas=num_ctas, all_valid=all_valid)
     args = (offset, q_len, kv_len, q, k, v, segments)
     outputs = plgpu.kernel(
         kernel,
@@ -459,6 +463,11 @@ def num_sms() -> int:
 # Kernel body: two consumer warpgroups and a TMA producer.
 
 
+def _both(a, b):
+    """``a & b`` where either may be None (no condition)."""
+    return b if a is None else a if b is None else a & b
+
+
 def _fence_proxy_async() -> None:
     """``fence.proxy.async.shared::cta``: this thread's view of shared memory ordered against TMA's (async proxy)."""
 
@@ -472,7 +481,7 @@ def _fence_proxy_async() -> None:
 def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, seg_refs, out_ref, lse_ref,
                     q_smem, k_smem, v_smem, lse_smem, kv_seg_smem, k_ready, v_ready, q_ready, *o_smem,
                     rules: Rules, blocks: MosaicBlockSizes, num_groups: int, work: tuple[int, int, int],
-                    num_ctas: int | None):
+                    num_ctas: int | None, all_valid: bool):
     bq, bkv, stages = blocks.block_q, blocks.block_kv, blocks.max_concurrent_steps
     q_seg_ref, kv_seg_ref, ranges_ref = (None, None, None) if seg_refs is None else seg_refs
     head_dim = q_ref.shape[-1]
@@ -594,14 +603,13 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, seg_
                         row = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
                         col = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
                         k_idx = col + j * bkv
-                        visible = (k_idx < kv_len) & (row < q_len - wg_start)
-                        positional = rules.visible(row + (offset + wg_start), k_idx)
-                        if positional is not None:
-                            visible = visible & positional
+                        visible = None if all_valid else (k_idx < kv_len) & (row < q_len - wg_start)
+                        visible = _both(visible, rules.visible(row + (offset + wg_start), k_idx))
                         if q_seg is not None:
-                            visible = visible & (lax.broadcast_in_dim(q_seg, s.shape, [0])
-                                                 == lax.broadcast_in_dim(kv_seg, s.shape, [1]))
-                        s = jnp.where(visible, s, -jnp.inf)
+                            visible = _both(visible, lax.broadcast_in_dim(q_seg, s.shape, [0])
+                                            == lax.broadcast_in_dim(kv_seg, s.shape, [1]))
+                        if visible is not None:
+                            s = jnp.where(visible, s, -jnp.inf)
                     # Base-2 online softmax; scale2 > 0 commutes with the max, so p is one FMA per logit.
                     m_new = jnp.maximum(m, s.max(axis=1) * scale2)
                     alpha = jnp.exp2(m - m_new)
