@@ -98,9 +98,12 @@ def dot_product_attention(
       kv_sharding: optional ``NamedSharding`` of key and value.
       key_scale: float ``[B, S, K]``, required with a quantized key: key ``s``
         of head ``k`` is ``key[b, s, k] * key_scale[b, s, k]`` (see
-        `gqa_jax.quantization`). Applied to the logits after ``q . k``, so
-        the dequantized cache is never made. Served by ``"xla"`` and, for
-        decode-shaped calls, ``"pallas_triton"``; the others refuse it.
+        `gqa_jax.quantization`). ``"xla"`` and the decode kernels
+        (decode-shaped calls of ``"pallas_triton"`` and ``"pallas_tpu"``)
+        apply it to the logits after ``q . k``, so the dequantized cache is
+        never made; the flash kernels (other calls of ``"pallas_triton"``,
+        ``"pallas_mosaic_gpu"`` and ``"pallas_tpu"``) take the cache
+        dequantized to the query dtype. ``"cudnn"`` refuses it.
       value_scale: float ``[B, S, K]``, required with a quantized value:
         applied to the weights before ``p . v``.
       sinks: optional float ``[N]`` (any float dtype; float32 math) learned

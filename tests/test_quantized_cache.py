@@ -250,14 +250,44 @@ def _request(T=1, S=32, **kwargs):
     return gqa_jax.make_request(q, kq, vq, key_scale=ks, value_scale=vs, is_causal=True, **kwargs)
 
 
-def test_implementations_that_cannot_serve_a_quantized_cache_say_why():
+def test_which_implementations_serve_a_quantized_cache():
+    """The decode kernels read it (decode-shaped calls), the flash kernels take it dequantized; cuDNN refuses it."""
     decode, prefill = _request(T=2), _request(T=32)
-    for decode_kernel in (pallas_triton, pallas_tpu):
-        assert decode_kernel.supports(decode) is None
-        assert "decode-shaped calls only" in decode_kernel.supports(prefill)
+    for kernels in (pallas_triton, pallas_tpu):
+        assert kernels.supports(decode) is None
+        assert kernels.supports(prefill) is None
     for request in (decode, prefill):
         assert "quantized cache" in cudnn.supports(request)
-        assert "quantized cache" in pallas_mosaic_gpu.supports(request)
+    assert "decode-shaped" in pallas_mosaic_gpu.supports(decode)
+    # Prefill: whatever the Mosaic kernel says (no Hopper here, or head dim 16), it is not about the quantized cache.
+    assert "quantiz" not in pallas_mosaic_gpu.supports(prefill)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_prefill_on_a_quantized_cache_runs_flash_on_the_dequantized_cache(triton, dtype, monkeypatch):
+    """A chunk of 24 queries over a quantized cache: Triton's flash kernel on the cache dequantized to bfloat16.
+
+    Oracle: float64 attention over ``dequantize(values, scale, bfloat16)`` (the values the kernel reads), and the
+    exactly dequantized cache within the bf16 tolerance too.
+    """
+    from pallas_kernels import gpu
+
+    calls = []
+    flash = gpu.flash_attention_core
+    monkeypatch.setattr(gpu, "flash_attention_core", lambda *a, **k: calls.append("flash") or flash(*a, **k))
+    rng = np.random.default_rng(6)
+    B, T, N, K, S, H = 2, 24, 4, 2, 64, 32
+    q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.bfloat16)
+    (kq, ks), (vq, vs) = (quantize(rng.standard_normal((B, S, K, H)), dtype) for _ in range(2))
+    lengths = np.array([64, 40], np.int32)
+    rules = dict(is_causal=True, query_offset=lengths - T, key_value_seq_lengths=lengths)
+    out = gqa_jax.dot_product_attention(q, kq, vq, key_scale=ks, value_scale=vs, implementation="pallas_triton",
+                                        **rules)
+    assert calls == ["flash"]
+    rounded = [np.asarray(dequantize(x, scale, jnp.bfloat16), np.float64) for x, scale in ((kq, ks), (vq, vs))]
+    assert_close(out, reference_attention(q, *rounded, **rules)[0], "bfloat16")
+    assert_close(out, reference_attention(q, _dequantized64(kq, ks), _dequantized64(vq, vs), **rules)[0],
+                 "bfloat16")
 
 
 def test_dispatch_serves_decode_with_the_kernel(triton):

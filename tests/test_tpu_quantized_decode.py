@@ -132,8 +132,9 @@ def test_dispatch_serves_quantized_decode_with_the_tpu_kernel(on_tpu):
     assert_close(out, _decode_reference(q, kq, vq, ks, vs, lengths, case.T, **rules), "bfloat16")
 
 
-def test_dispatch_zeroes_padded_queries_and_leaves_prefill_to_xla(on_tpu):
-    """Query lengths: the decode kernel computes every query, padded ones are zeroed. T == S: XLA."""
+def test_dispatch_zeroes_padded_queries_and_sends_prefill_to_flash(on_tpu):
+    """Query lengths: the decode kernel computes every query, padded ones are zeroed. T == S: the flash kernel on
+    the dequantized cache (float32 queries: dequantized exactly)."""
     rng = np.random.default_rng(15)
     B, T, N, K, S, H = 2, 3, 4, 2, 40, 64
     q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
@@ -146,5 +147,7 @@ def test_dispatch_zeroes_padded_queries_and_leaves_prefill_to_xla(on_tpu):
     assert_close(out, ref, "float32")
     np.testing.assert_array_equal(np.asarray(out[1, 1:]), 0.0)
     prefill = jnp.asarray(rng.standard_normal((B, S, N, H)), jnp.float32)
-    gqa_jax.dot_product_attention(prefill, kq, vq, key_scale=ks, value_scale=vs, is_causal=True)
-    assert on_tpu == ["decode_attention"]
+    out = gqa_jax.dot_product_attention(prefill, kq, vq, key_scale=ks, value_scale=vs, is_causal=True)
+    assert on_tpu == ["decode_attention", "flash_attention"]
+    ref, _ = reference_attention(prefill, _dequantized64(kq, ks), _dequantized64(vq, vs), is_causal=True)
+    assert_close(out, ref, "float32")

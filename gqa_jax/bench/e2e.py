@@ -20,9 +20,9 @@ A fresh cache is built inside every timed call (`generate` donates it), as
 
 Notes on what runs:
 
-* The Triton kernels serve a quantized cache in decode-shaped calls only, so
-  the int8 rows pin ``implementation=("pallas_triton", "xla")``: Triton decode
-  steps, an XLA prefill.
+* On a quantized cache, the decode steps read the int8 cache in the decode
+  kernel; the prefill runs the flash kernel on the cache dequantized to
+  bfloat16 (`gqa_jax.implementations._common.dequantized`).
 * A paged cache's decode steps run the Pallas paged decode kernel (Triton
   on a GPU: `PagedKVCache.attend` takes ``implementation="pallas_triton"``,
   alone or first, as its own); its prefill gathers each row's pages into a
@@ -119,13 +119,6 @@ def variants(quick: bool) -> list[tuple[str, str]]:
     return rows
 
 
-def implementation_for(implementation: str | None, cache: str) -> str | tuple[str, ...] | None:
-    """The decoder's ``implementation=``: a kernel that serves a quantized cache in decode calls only falls back to
-    XLA for the prefill."""
-    quantized = CACHES[cache][0] is not None
-    return (implementation, "xla") if quantized and implementation not in (None, "xla") else implementation
-
-
 def make_cache(shape: EndToEndShape, config: DecoderConfig, cache: str) -> tuple:
     """An empty cache of kind ``cache`` for the decoder, one per layer, room for ``P + new_tokens`` tokens per row."""
     dtype, paged = CACHES[cache]
@@ -145,7 +138,7 @@ def make_cache(shape: EndToEndShape, config: DecoderConfig, cache: str) -> tuple
 
 def make_generate(shape: EndToEndShape, implementation: str | None, cache: str = BF16_DENSE):
     """A zero-argument callable generating once on a fresh cache of kind ``cache`` (returns the tokens)."""
-    config = dataclasses.replace(shape.config, implementation=implementation_for(implementation, cache))
+    config = dataclasses.replace(shape.config, implementation=implementation)
     model = Decoder(config)
     rng = np.random.default_rng(0)
     prompt = jnp.asarray(rng.integers(1, config.vocab_size, (shape.B, shape.P)), jnp.int32)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from gqa_jax.quantization import dequantize
 from gqa_jax.request import AttentionRequest
 from pallas_kernels.arguments import KERNEL_DTYPES
 
@@ -61,12 +62,29 @@ def kernel_refusal(request: AttentionRequest) -> str | None:
 
 
 def decode_kernel_refusal(request: AttentionRequest) -> str | None:
-    """`kernel_refusal` for an implementation whose decode kernel is the only one that reads a quantized cache."""
-    if request.is_quantized and not is_decode_shaped(request):
-        return "serves a quantized cache in decode-shaped calls only (T <= 16 queries, no dense mask or segments)"
-    if request.is_quantized and request.placement is not None:
-        return "serves a quantized cache on one device only"
+    """`kernel_refusal` for an implementation whose decode kernel reads a quantized cache as it is (one device only);
+    its flash kernel takes the cache `dequantized`."""
+    if request.is_quantized and is_decode_shaped(request) and request.placement is not None:
+        return "serves decode on a quantized cache on one device only"
     return kernel_refusal(request)
+
+
+def dequantized(request: AttentionRequest) -> AttentionRequest:
+    """The request with a quantized cache's keys and values dequantized to the query dtype; others as they are.
+
+    For the flash kernels (prefill-shaped calls), which take keys and values in
+    the query dtype: they attend over ``dequantize(key, key_scale,
+    query.dtype)``, the exact products XLA's path uses rounded once to the
+    query dtype (bf16: a relative 2^-9 per value). One XLA fusion before the
+    kernel reads the int8 or float8 cache and writes it in the query dtype;
+    the decode kernels read the quantized cache itself.
+    """
+    if not request.is_quantized:
+        return request
+    dtype = request.query.dtype
+    return dataclasses.replace(
+        request, key=dequantize(request.key, request.key_scale, dtype),
+        value=dequantize(request.value, request.value_scale, dtype), key_scale=None, value_scale=None)
 
 
 def is_decode_shaped(request: AttentionRequest) -> bool:

@@ -3,8 +3,9 @@
 Decode-shaped requests (a few queries against a longer cache, no dense masks
 or segments) go to the split-K decode kernel, the rest to flash attention; a
 dense boolean mask becomes an additive ``-inf`` bias. The rules (sink tokens
-included) and the sink logits reach the kernel cores unchanged. A quantized
-cache is served by the decode kernel only (decode-shaped calls on one device); XLA serves the rest.
+included) and the sink logits reach the kernel cores unchanged. The decode
+kernel reads a quantized cache as it is (on one device); flash attention takes
+it dequantized to the query dtype by XLA first (`_common.dequantized`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 from gqa_jax.implementations._common import (
     Implementation,
     decode_kernel_refusal,
+    dequantized,
     is_decode_shaped,
     mask_as_bias,
     per_device,
@@ -31,6 +33,8 @@ def supports(request: AttentionRequest) -> str | None:
 
 
 def triton_attention(request: AttentionRequest):
+    if not is_decode_shaped(request):
+        request = dequantized(request)
     return per_device(request, _local)
 
 
