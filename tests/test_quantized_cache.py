@@ -20,7 +20,7 @@ from gqa_jax import KVCache
 from gqa_jax.implementations import cudnn, pallas_mosaic_gpu, pallas_tpu, pallas_triton
 from gqa_jax.quantization import dequantize, quantize
 from pallas_kernels.gpu.decode_attention import DecodeBlockSizes, decode_attention
-from tests.devices import has_gpu
+from tests.devices import has_gpu, on_hopper
 from tests.kernel_cases import DECODE_CASES, GRAD_TOLERANCE, TOLERANCE, TOLERANCE_TF32, assert_close, make_inputs
 from tests.reference import reference_attention
 
@@ -286,6 +286,21 @@ def test_prefill_on_a_quantized_cache_runs_flash_on_the_dequantized_cache(triton
     assert calls == ["flash"]
     rounded = [np.asarray(dequantize(x, scale, jnp.bfloat16), np.float64) for x, scale in ((kq, ks), (vq, vs))]
     assert_close(out, reference_attention(q, *rounded, **rules)[0], "bfloat16")
+    assert_close(out, reference_attention(q, _dequantized64(kq, ks), _dequantized64(vq, vs), **rules)[0],
+                 "bfloat16")
+
+
+@pytest.mark.skipif(not on_hopper(), reason="needs an NVIDIA Hopper GPU (compute capability 9.x) to run Mosaic GPU")
+def test_mosaic_prefill_on_a_quantized_cache():
+    """The Mosaic-GPU flash kernel on an int8 cache (head dim 128, T != S, lengths) against the float64 oracle."""
+    rng = np.random.default_rng(7)
+    B, T, N, K, S, H = 2, 200, 8, 2, 333, 128
+    q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.bfloat16)
+    (kq, ks), (vq, vs) = (quantize(rng.standard_normal((B, S, K, H)), jnp.int8) for _ in range(2))
+    lengths = np.array([333, 250], np.int32)
+    rules = dict(is_causal=True, query_offset=lengths - T, key_value_seq_lengths=lengths)
+    out = gqa_jax.dot_product_attention(q, kq, vq, key_scale=ks, value_scale=vs,
+                                        implementation="pallas_mosaic_gpu", **rules)
     assert_close(out, reference_attention(q, _dequantized64(kq, ks), _dequantized64(vq, vs), **rules)[0],
                  "bfloat16")
 
