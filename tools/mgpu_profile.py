@@ -79,6 +79,8 @@ def main():
                 continue
             mean, top = summary["cta_kcycles"]
             for wg, phases in summary["phases"].items():
+                if not any(p in phases for p in PHASES[:-1]):
+                    continue  # the producer warpgroup marks no phases
                 shares = " | ".join(f"{100 * phases.get(p, 0.0):4.1f}" for p in PHASES)
                 rows.append(f"| {name} {mask} | {wg} | {shares} | {summary['ctas']} | {mean:.0f} / {top:.0f} |")
                 print(rows[-1], flush=True)
