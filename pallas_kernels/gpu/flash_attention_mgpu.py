@@ -401,11 +401,12 @@ def forward(query, key, value, rules: Rules, block_sizes: MosaicBlockSizes | Non
 
 
 def _forward_call(rules: Rules, blocks: MosaicBlockSizes, offset, q_len, kv_len, q, k, v, segments,
-                  all_valid: bool = False):
+                  all_valid: bool):
     """The ``plgpu.kernel`` on padded inputs: ``(out [B,T_pad,N,H], lse [B,N,T_pad])``.
 
     ``segments`` is ``(q_segment_ids [B,T_pad], kv_segment_ids [B,S_pad], key tile ranges [2,B,T_pad/(2*block_q)])``
-    (`segment_tile_ranges`) or None; the segment work is compiled in only with them.
+    (`segment_tile_ranges`) or None; the segment work is compiled in only with them. ``all_valid``: every query
+    and key is valid (no lengths, no padding), so masked tiles skip the length tests.
     """
     B, T_pad, N, H = q.shape
     K = k.shape[2]
