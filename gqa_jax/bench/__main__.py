@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(decode_rows, decode.OURS, "gbps", "GB/s", extra="of_copy"))
     if e2e_rows:
         print("\nEnd-to-end greedy decoding with gqa_jax.decoding.generate (new tokens/s, prefill included; int8 "
-              "rows: Triton decode steps, XLA prefill; paged rows: the paged decode kernel; agreement: fraction of "
-              "greedy tokens equal to the first bf16 dense row's)\n")
+              "rows: Triton decode steps on the int8 cache, flash prefill on it dequantized; paged rows: the paged "
+              "decode kernel; agreement: fraction of greedy tokens equal to the first bf16 dense row's)\n")
         print(markdown_table(e2e_rows, e2e.OURS, "tokens_per_s", "tokens/s", extra="agreement"))
     if sharded_rows:
         print(f"\nSharded attention on {jax.device_count()} devices against one (default implementation)\n")
