@@ -83,7 +83,7 @@ def test_profiled_forward_lowers_with_phase_records(tmp_path, monkeypatch):
     with mgpu_profile.recording(str(tmp_path), 64):
         lower_forward()
     plain, profiled = modules
-    # Six phases (prologue, qk, softmax, wait_v_turn, pv, epilogue): an entry and an exit record each, in the
+    # Six phases (prologue, wait_turn, qk, softmax, pv, epilogue): an entry and an exit record each, in the
     # unmasked and the two masked tile loops where they sit.
     record = "st.shared.v2.u32"  # Mosaic GPU's profiler: (phase tag, cycle counter) into shared memory
     assert record not in plain

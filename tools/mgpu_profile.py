@@ -8,10 +8,13 @@ For each bench shape (`tools/mgpu_flash_check.py`'s ``BENCH``), causal and
 full, the forward kernel is built with Mosaic GPU's profiler on
 (`pallas_kernels.gpu.mgpu_profile`) and run once; each consumer warpgroup's
 time splits into the phases the kernel marks: ``prologue`` (query and first
-key tile arrive, first turn), ``qk`` (``Q K^T`` on wgmma, issued and
-awaited), ``softmax``, ``wait_v_turn`` (V tile ready and the other consumer's
-``P V`` issued: the ping-pong), ``pv`` (``P V`` issued and awaited, next K
-tile awaited), ``epilogue`` (normalize, store), ``other`` (loop control).
+key tile arrive, first turn), ``wait_turn`` (the tiles of the next products
+ready and the other consumer's products issued: the ping-pong), ``qk``
+(``Q K^T`` issued, with the previous tile's ``P V`` at head dims 64 and 128,
+and ``Q K^T`` awaited), ``softmax``, ``pv`` (head dim 256: ``P V`` issued and
+awaited; 64 and 128: ``P`` converted and the output rescaled after ``P V``,
+whose wait itself counts as ``other``), ``epilogue`` (normalize, store),
+``other`` (loop control).
 Profiles use one CTA per work item (not the persistent grid, whose many items
 per CTA would not fit the profiler's shared-memory buffer); the records cost
 a few cycles each, so shares, not absolute times, are the result. CTA spans
@@ -35,7 +38,7 @@ from pallas_kernels.gpu import mgpu_profile
 
 from mgpu_flash_check import BENCH  # this script's folder is on sys.path
 
-PHASES = ("prologue", "qk", "softmax", "wait_v_turn", "pv", "epilogue", "other")
+PHASES = ("prologue", "wait_turn", "qk", "softmax", "pv", "epilogue", "other")
 
 
 def profile(shape, causal: bool, space: int) -> dict:
