@@ -2,7 +2,8 @@
 
 `time_fn` follows DESIGN.md: warm up (compile), then the median over several
 repetitions of many back-to-back dispatches with a single sync at the end, so
-host dispatch latency does not understate fast kernels.
+host dispatch latency does not understate fast kernels; `time_interleaved`
+does the same for several functions with their repetitions interleaved.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib.metadata
 import platform
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
@@ -48,6 +49,49 @@ def time_fn(fn: Callable, arg_sets: Sequence[Sequence[Any]], *, reps: int = 10, 
         _block(out)
         samples.append((time.perf_counter() - start) / calls)
     return statistics.median(samples)
+
+
+def time_interleaved(fns: Mapping[str, Callable], arg_sets: Sequence[Sequence[Any]], *, reps: int = 10,
+                     min_rep_seconds: float = 0.05) -> dict[str, float]:
+    """Median seconds per call of each of ``fns``, their repetitions interleaved.
+
+    `time_fn` for several functions at once: repetition ``r`` of every
+    function runs before repetition ``r + 1`` of any, so a drift of the
+    device's clocks over the run falls on all of them alike (an A/B of two
+    variants of one kernel).
+
+    Args:
+      fns: name -> jitted (or ahead-of-time compiled) function.
+      arg_sets: argument tuples every function takes; calls rotate through them.
+      reps: repetitions per function; the median is returned.
+      min_rep_seconds: each repetition of a function issues enough
+        back-to-back calls to last at least this long, then syncs once.
+
+    Returns:
+      ``{name: median seconds per call}``.
+
+    Raises:
+      ValueError: for no functions or no argument sets.
+    """
+    if not fns or not arg_sets:
+        raise ValueError(f"need functions and argument sets, got {len(fns)} functions, {len(arg_sets)} argument sets")
+    calls = {}
+    for name, fn in fns.items():
+        _block(fn(*arg_sets[0]))  # compile
+        start = time.perf_counter()
+        _block(fn(*arg_sets[0]))
+        once = max(time.perf_counter() - start, 1e-6)
+        calls[name] = max(len(arg_sets), int(min_rep_seconds / once) + 1)
+    samples = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            out = None
+            for i in range(calls[name]):
+                out = fn(*arg_sets[i % len(arg_sets)])
+            _block(out)
+            samples[name].append((time.perf_counter() - start) / calls[name])
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def _version(package: str) -> str:
