@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import jax
@@ -49,6 +50,14 @@ def test_shapes_and_skip_filter_the_rows(tmp_path):
     assert rows and not any("xla" in r["impl"] for r in rows)
 
 
+def test_shapes_filter_the_end_to_end_rows(tmp_path):
+    """``--shapes`` names end-to-end shapes too: a name matching none leaves no `generate` row to run."""
+    assert not any("nothing-like-this" in shape.name for shape in e2e.shapes(quick=True))
+    assert main(["--quick", "--only", "e2e", "--reps", "1", "--shapes", "nothing-like-this",
+                 "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["results"] == []
+
+
 def test_end_to_end_paged_cache_generates_the_dense_cache_tokens():
     """The bf16 paged rows generate exactly the bf16 dense rows' tokens (paging must not change results)."""
     shape = e2e.shapes(quick=True)[0]
@@ -62,9 +71,10 @@ def test_end_to_end_full_rows_and_cache_sizes():
     assert [e2e.row_name(impl, cache) for impl, cache in e2e.variants(quick=False)] == [
         "pallas_triton bf16 dense cache", "pallas_triton int8 dense cache", "pallas_triton bf16 paged cache",
         "pallas_triton int8 paged cache", "xla bf16 dense cache"]
-    shape = e2e.shapes(quick=False)[0]
-    config = shape.config
-    for cache in e2e.CACHES:
+    prefill_heavy, decode_heavy = e2e.shapes(quick=False)
+    assert prefill_heavy.P > prefill_heavy.new_tokens and decode_heavy.new_tokens > decode_heavy.P
+    for shape, cache in itertools.product((prefill_heavy, decode_heavy), e2e.CACHES):
+        config = shape.config
         layers = jax.eval_shape(lambda: e2e.make_cache(shape, config, cache))  # shapes only: no memory
         assert len(layers) == config.num_layers
         layer = layers[0]

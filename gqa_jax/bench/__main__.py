@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", nargs="*", default=(), metavar="TEXT",
                         help="leave out the implementations whose name contains any of these")
     parser.add_argument("--shapes", nargs="*", default=(), metavar="TEXT",
-                        help="run only the prefill and decode shapes whose name contains any of these")
+                        help="run only the shapes (prefill, decode, end to end) whose name contains any of these")
     args = parser.parse_args(argv)
     reps = args.reps or (3 if args.quick else 10)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                                         if not any(text in name for text in args.skip)}
                                        for impls in (prefill_impls, decode_impls))
     e2e_shapes = e2e.shapes(args.quick)
+    if args.shapes:
+        e2e_shapes = [shape for shape in e2e_shapes if any(text in shape.name for text in args.shapes)]
     e2e_variants = [(impl, cache) for impl, cache in e2e.variants(args.quick)
                     if not any(text in e2e.row_name(impl, cache) for text in args.skip)]
     total = (run_prefill * 2 * len(prefill_shapes) * len(prefill_impls)

@@ -83,9 +83,13 @@ def _config(quick: bool, **overrides) -> DecoderConfig:
 
 
 def shapes(quick: bool) -> list[EndToEndShape]:
+    """The end-to-end shapes: long prompts and few new tokens (prefill-heavy), then short prompts and many new
+    tokens (decode-heavy, where the caches' decode steps decide the time)."""
     if quick:
         return [EndToEndShape(_config(True), B=2, P=8, new_tokens=4, page_size=4)]
-    return [EndToEndShape(_config(False), B=16, P=2048, new_tokens=128, page_size=64)]
+    config = _config(False)
+    return [EndToEndShape(config, B=16, P=2048, new_tokens=128, page_size=64),
+            EndToEndShape(config, B=16, P=256, new_tokens=1024, page_size=64)]
 
 
 IMPLEMENTATIONS = ("pallas_triton", "xla")
