@@ -11,8 +11,9 @@ Run on the GPU machine:
 2. Timing: the bench shapes (bf16, causal and full), each block-size variant
    of ours next to ``jax.nn.dot_product_attention(implementation="cudnn")`` and
    the Triton kernel (`pallas_kernels.gpu.flash_attention`),
-   in the same process on the same inputs: median over samples of many
-   back-to-back calls with one sync. FLOPs ``4*B*T*S*N*H``, halved when causal.
+   in the same process on the same inputs, each compiled ahead of time: medians of
+   interleaved repetitions of many back-to-back calls with one sync each
+   (`gqa_jax.bench.timing.time_interleaved`). FLOPs ``4*B*T*S*N*H``, halved when causal.
 
 Prints two short tables last.
 """
@@ -24,13 +25,13 @@ import json
 import math
 import os
 import threading
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gqa_jax.bench.timing import time_interleaved
 from pallas_kernels.gpu import flash_attention_mgpu as mgpu
 from pallas_kernels.gpu.flash_attention import flash_attention as triton_flash
 from pallas_kernels.numerics import DEAD_LSE
@@ -212,24 +213,9 @@ def check_case(name, dims, dtype, kw, blocks, key: int):
     return dict(name=name, ok=ok, rel=rel, lse_err=lse_err, dead=int(dead.sum()), dead_ok=dead_ok, nan=nan)
 
 
-def time_fn(fn, args, flops):
-    """Median seconds per call: samples of back-to-back calls, one sync each."""
-    out = jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    once = max(time.perf_counter() - t0, 1e-5)
-    inner = int(min(200, max(3, 0.03 / once)))
-    samples = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
-
-
-def bench(names, variants, peers):
+def bench(names, variants, peers, reps=7):
+    """Forward TFLOP/s rows of the bench shapes: our block-size variants and the peers, each compiled ahead of time
+    and timed in interleaved repetitions (`time_interleaved`), so clock drift falls on all alike."""
     rows = []
     for name, (B, S, N, K, H) in BENCH:
         if names != "all" and name not in names:
@@ -239,6 +225,7 @@ def bench(names, variants, peers):
         k = jax.random.normal(kk, (B, S, K, H), jnp.float32).astype(BF16)
         v = jax.random.normal(kv, (B, S, K, H), jnp.float32).astype(BF16)
         for causal in (True, False):
+            mask = "causal" if causal else "full"
             flops = 4 * B * S * S * N * H / (2 if causal else 1)
             fns = {}
             for spec in variants:
@@ -254,23 +241,23 @@ def bench(names, variants, peers):
                 if tokamax is not None:
                     fns["tokamax mosaic"] = jax.jit(lambda q, k, v, c=causal: tokamax.dot_product_attention(
                         q, k, v, is_causal=c, implementation="mosaic"))
-            ref = None
+            compiled, outs = {}, {}
             for impl, fn in fns.items():
                 try:
-                    t = time_fn(fn, (q, k, v), flops)
-                    out = np.asarray(fn(q, k, v), np.float32)
-                    if ref is None:
-                        ref = out
-                        err = 0.0
-                    else:
-                        err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-                    row = (name, "causal" if causal else "full", impl, f"{flops / t / 1e12:7.1f}", f"{t * 1e3:8.3f}",
-                           f"{err:.1e}")
+                    compiled[impl] = fn.lower(q, k, v).compile()
+                    outs[impl] = np.asarray(compiled[impl](q, k, v), np.float32)
                 except Exception as e:  # noqa: BLE001 - a variant that does not compile is a row, not a stop
-                    row = (name, "causal" if causal else "full", impl, "  error", f"{type(e).__name__}",
-                           str(e).splitlines()[0][:80] if str(e) else "")
-                rows.append(row)
-                print(*row, flush=True)
+                    rows.append((name, mask, impl, "  error", f"{type(e).__name__}",
+                                 str(e).splitlines()[0][:80] if str(e) else ""))
+                    print(*rows[-1], flush=True)
+            if not compiled:
+                continue
+            ref = next(iter(outs.values()))
+            seconds = time_interleaved(compiled, [(q, k, v)], reps=reps, min_rep_seconds=0.03)
+            for impl, t in seconds.items():
+                err = float(np.linalg.norm(outs[impl] - ref) / np.linalg.norm(ref))
+                rows.append((name, mask, impl, f"{flops / t / 1e12:7.1f}", f"{t * 1e3:8.3f}", f"{err:.1e}"))
+                print(*rows[-1], flush=True)
     return rows
 
 
