@@ -38,15 +38,22 @@ KERNEL = "pallas_kernels/gpu/flash_attention_mgpu.py"
 
 
 def load_revision(rev: str):
-    """The kernel module as it was at ``rev``, imported under its own name."""
-    source = subprocess.run(["git", "show", f"{rev}:{KERNEL}"], capture_output=True, text=True, check=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), f"flash_attention_mgpu_at_{rev}.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location(f"flash_attention_mgpu_at_{rev}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    """The kernel module as it was at git revision ``rev`` (any name git knows), imported under its own name."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=root).stdout
+
+    commit = git("rev-parse", "--short", f"{rev}^{{commit}}").strip()
+    name = f"flash_attention_mgpu_at_{commit}"
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, f"{name}.py")
+        with open(path, "w") as f:
+            f.write(git("show", f"{commit}:{KERNEL}"))
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
     return module
 
 
@@ -58,7 +65,8 @@ def main():
     parser.add_argument("--no-peers", action="store_true", help="leave tokamax out")
     args = parser.parse_args()
     print(environment(), flush=True)
-    kernels = {f"ours@{args.rev}": load_revision(args.rev), "ours": mgpu}
+    before = load_revision(args.rev)
+    kernels = {f"ours@{before.__name__.rsplit('_', 1)[1]}": before, "ours": mgpu}
     tokamax = None if args.no_peers else _tokamax_mosaic()
     rows = []
     for name, (B, S, N, K, H) in BENCH:

@@ -12,8 +12,9 @@ key tile arrive, first turn), ``wait_turn`` (the tiles of the next products
 ready and the other consumer's products issued: the ping-pong), ``qk``
 (``Q K^T`` issued, with the previous tile's ``P V`` at head dims 64 and 128,
 and ``Q K^T`` awaited), ``softmax``, ``pv`` (head dim 256: ``P V`` issued and
-awaited; 64 and 128: ``P`` converted and the output rescaled after ``P V``,
-whose wait itself counts as ``other``), ``epilogue`` (normalize, store),
+awaited, next K tile awaited; 64 and 128: ``P`` converted and the output
+rescaled after ``P V``, whose wait itself counts as ``other``, and the last
+tile's ``P V`` issued and awaited), ``epilogue`` (normalize, store),
 ``other`` (loop control).
 Profiles use one CTA per work item (not the persistent grid, whose many items
 per CTA would not fit the profiler's shared-memory buffer); the records cost

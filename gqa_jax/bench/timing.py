@@ -35,20 +35,7 @@ def time_fn(fn: Callable, arg_sets: Sequence[Sequence[Any]], *, reps: int = 10, 
     Returns:
       Median seconds per call.
     """
-    _block(fn(*arg_sets[0]))  # compile
-    start = time.perf_counter()
-    _block(fn(*arg_sets[0]))
-    once = max(time.perf_counter() - start, 1e-6)
-    calls = max(len(arg_sets), int(min_rep_seconds / once) + 1)
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        out = None
-        for i in range(calls):
-            out = fn(*arg_sets[i % len(arg_sets)])
-        _block(out)
-        samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
+    return time_interleaved({"fn": fn}, arg_sets, reps=reps, min_rep_seconds=min_rep_seconds)["fn"]
 
 
 def time_interleaved(fns: Mapping[str, Callable], arg_sets: Sequence[Sequence[Any]], *, reps: int = 10,
@@ -56,9 +43,10 @@ def time_interleaved(fns: Mapping[str, Callable], arg_sets: Sequence[Sequence[An
     """Median seconds per call of each of ``fns``, their repetitions interleaved.
 
     `time_fn` for several functions at once: repetition ``r`` of every
-    function runs before repetition ``r + 1`` of any, so a drift of the
-    device's clocks over the run falls on all of them alike (an A/B of two
-    variants of one kernel).
+    function runs before repetition ``r + 1`` of any, and the order turns by
+    one each repetition, so a drift of the device's clocks over the run, and
+    whatever one function leaves behind for the next, fall on all of them
+    alike (an A/B of two variants of one kernel).
 
     Args:
       fns: name -> jitted (or ahead-of-time compiled) function.
@@ -71,10 +59,12 @@ def time_interleaved(fns: Mapping[str, Callable], arg_sets: Sequence[Sequence[An
       ``{name: median seconds per call}``.
 
     Raises:
-      ValueError: for no functions or no argument sets.
+      ValueError: for no functions, no argument sets or ``reps < 1``.
     """
     if not fns or not arg_sets:
         raise ValueError(f"need functions and argument sets, got {len(fns)} functions, {len(arg_sets)} argument sets")
+    if reps < 1:
+        raise ValueError(f"reps must be at least 1, got reps={reps}")
     calls = {}
     for name, fn in fns.items():
         _block(fn(*arg_sets[0]))  # compile
@@ -82,9 +72,12 @@ def time_interleaved(fns: Mapping[str, Callable], arg_sets: Sequence[Sequence[An
         _block(fn(*arg_sets[0]))
         once = max(time.perf_counter() - start, 1e-6)
         calls[name] = max(len(arg_sets), int(min_rep_seconds / once) + 1)
-    samples = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    names = list(fns)
+    samples = {name: [] for name in names}
+    for r in range(reps):
+        turn = r % len(names)
+        for name in names[turn:] + names[:turn]:
+            fn = fns[name]
             start = time.perf_counter()
             out = None
             for i in range(calls[name]):

@@ -32,19 +32,21 @@ without causal masking), one CTA per SM walks the items:
 * two consumer warpgroups, each owning ``block_q`` query rows, run
   ``wgmma`` for ``Q K^T`` (Q and K from shared memory) and ``P V`` (P from
   registers), with the online softmax in float32 registers in between. Two
-  named barriers ping-pong them as in FlashAttention-3 (each lets the other
-  go once its matrix products are issued and waits for its turn before it
-  issues the next), so one's softmax overlaps the other's matrix products.
-  At head dims 64 and 128 each consumer also overlaps its own (FA3's
-  intra-warpgroup overlap): a step issues ``Q K^T`` of key tile ``j`` and
-  ``P V`` of tile ``j - 1`` together, awaits only ``Q K^T``, and runs tile
-  ``j``'s softmax while ``P V`` runs (H100, forward TFLOP/s against the
-  sequential order in one run: B2 S4096 H128 causal 521.5 vs 508.9, full
+  named barriers ping-pong them as in FlashAttention-3, so one's softmax
+  overlaps the other's matrix products. At head dims 64 and 128 each
+  consumer also overlaps its own (FA3's intra-warpgroup overlap): a step
+  waits for its turn, issues ``Q K^T`` of key tile ``j`` and ``P V`` of tile
+  ``j - 1`` together, lets the other consumer go, awaits only ``Q K^T``, and
+  runs tile ``j``'s softmax while ``P V`` runs (H100, forward TFLOP/s against
+  the sequential order in one run: B2 S4096 H128 causal 521.5 vs 508.9, full
   596.3 vs 574.2; B1 S16384 causal 623.8 vs 602.5, full 592.0 vs 595.9;
   B8 S1024 causal 387.4 vs 382.9, full 518.5 vs 505.6; B4 S2048 H64 causal
-  306.8 vs 315.2, full 415.0 vs 405.3). Head dim 256 keeps the sequential
-  order (not measured with the overlap: its 128 accumulator registers per
-  thread leave little room for a second tile in flight).
+  306.8 vs 315.2, full 415.0 vs 405.3: ahead on six of eight rows, the two
+  others within the run-to-run spread, so one code path for both head dims).
+  Head dim 256 keeps the sequential order (not measured with the overlap: its
+  128 accumulator registers per thread leave little room for a second tile
+  in flight): it lets the other consumer go once its ``Q K^T`` is issued and
+  waits for its turn before ``P V``.
 
 Pallas's automatic barriers around shared-memory accesses are off
 (``unsafe_no_auto_barriers``): no thread reads and writes the same shared
@@ -570,8 +572,9 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, seg_
                 q_seg = None
                 f_lo, f_hi = full_kv_blocks(rules, wg_start, bq, bkv, offset, q_len, kv_len, blk_lo, blk_hi)
             else:
-                # One segment id per row of the consumer's [bq, bkv] logits.
+                # One segment id per row of the consumer's [bq, bkv] logits; every tile is masked (no full range).
                 q_seg = plgpu.load(q_seg_ref.at[batch, pl.ds(wg_start, bq)], (), layout=_ROW, optimized=False)
+                f_lo = f_hi = None
             if rules.soft_cap is None:
                 pre_scale, scale2 = None, rules.scale * LOG2E
             else:
@@ -670,6 +673,7 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, seg_
                         l_ref[...] = l_ref[...] * alpha + p.sum(axis=1)
                         p_ref[...] = p
 
+                # p_init (and m as alpha's) only give the state its shapes: `step` writes both before any read.
                 p_init = plgpu.layout_cast(jnp.full((bq, bkv), 0, jnp.float32), plgpu.Layout.WGMMA)
                 # Leaving run_state awaits P V (counted as "other" in a profile).
                 acc, m, alpha, l, p = pl.run_state(step)((plgpu.ACC.init(acc), m, m, l, p_init))
@@ -730,12 +734,11 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, seg_
                     bars.arrive(v_consumed_id + slot, ring_threads)
                 return acc, m_new, l
 
-            def tile_loops(step, carry, first, full_range):
-                """Runs ``step`` over key tiles ``[first, blk_hi)``: masked before ``full_range``, unmasked in it,
-                masked after; with segment ids every tile is masked (they can hide any key from any row)."""
-                if q_seg is not None:
+            def tile_loops(step, carry, first, lo, hi):
+                """Runs ``step`` over key tiles ``[first, blk_hi)``: masked before ``lo``, unmasked in ``[lo, hi)``,
+                masked after; all masked where ``lo`` is None (segment ids can hide any key from any row)."""
+                if lo is None:
                     return lax.fori_loop(first, blk_hi, functools.partial(step, masked=True), carry)
-                lo, hi = full_range()
                 carry = lax.fori_loop(first, lo, functools.partial(step, masked=True), carry)
                 carry = lax.fori_loop(lo, hi, functools.partial(step, masked=False), carry)
                 return lax.fori_loop(hi, blk_hi, functools.partial(step, masked=True), carry)
@@ -744,12 +747,14 @@ def _forward_kernel(offset_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, seg_
                 p16 = plgpu.layout_cast(jnp.full((bq, bkv), 0, dtype), plgpu.Layout.WGMMA)
                 some = blk_hi > blk_lo
                 carry = lax.cond(some, first_tile, lambda c: c, (acc, m, l, p16))
-                first = blk_lo + 1  # the first tile's product was issued above
-                carry = tile_loops(overlapped_step, carry, first, lambda: (jnp.maximum(f_lo, first),
-                                                                           jnp.maximum(f_hi, first)))
+                # Tile blk_lo's Q K^T and softmax ran in first_tile (masked, even where its rows see it whole); its
+                # P V runs in the next step, or in last_tile.
+                first = blk_lo + 1
+                lo, hi = (None, None) if f_lo is None else (jnp.maximum(f_lo, first), jnp.maximum(f_hi, first))
+                carry = tile_loops(overlapped_step, carry, first, lo, hi)
                 acc, m, l, _ = lax.cond(some, last_tile, lambda c: c, carry)
             else:
-                acc, m, l = tile_loops(sequential_step, (acc, m, l), blk_lo, lambda: (f_lo, f_hi))
+                acc, m, l = tile_loops(sequential_step, (acc, m, l), blk_lo, f_lo, f_hi)
             if first_item is None:
                 pl.when(wg == 0)(let_other_go)
             else:
