@@ -26,13 +26,12 @@ import sys
 import tempfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gqa_jax.bench.timing import environment, time_interleaved
 from pallas_kernels.gpu import flash_attention_mgpu as mgpu
 
-from mgpu_flash_check import BENCH, _tokamax_mosaic  # this script's folder is on sys.path
+from mgpu_flash_check import BENCH, bench_inputs, tokamax_forward  # this script's folder is on sys.path
 
 KERNEL = "pallas_kernels/gpu/flash_attention_mgpu.py"
 
@@ -67,21 +66,17 @@ def main():
     print(environment(), flush=True)
     before = load_revision(args.rev)
     kernels = {f"ours@{before.__name__.rsplit('_', 1)[1]}": before, "ours": mgpu}
-    tokamax = None if args.no_peers else _tokamax_mosaic()
     rows = []
     for name, (B, S, N, K, H) in BENCH:
         if args.shapes != "all" and name not in args.shapes.split(","):
             continue
-        kq, kk, kv = jax.random.split(jax.random.key(1), 3)
-        q = jax.random.normal(kq, (B, S, N, H), jnp.float32).astype(jnp.bfloat16)
-        k = jax.random.normal(kk, (B, S, K, H), jnp.float32).astype(jnp.bfloat16)
-        v = jax.random.normal(kv, (B, S, K, H), jnp.float32).astype(jnp.bfloat16)
+        q, k, v = bench_inputs(B, S, N, K, H)
         for causal in (True, False):
             fns = {label: jax.jit(lambda q, k, v, m=module, c=causal: m.flash_attention(q, k, v, is_causal=c))
                    for label, module in kernels.items()}
+            tokamax = None if args.no_peers else tokamax_forward(causal)
             if tokamax is not None:
-                fns["tokamax mosaic"] = jax.jit(lambda q, k, v, c=causal: tokamax.dot_product_attention(
-                    q, k, v, is_causal=c, implementation="mosaic"))
+                fns["tokamax mosaic"] = tokamax
             fns = {label: fn.lower(q, k, v).compile() for label, fn in fns.items()}
             outs = {label: np.asarray(fn(q, k, v), np.float32) for label, fn in fns.items()}
             ref = outs["ours"]

@@ -160,6 +160,21 @@ def _tokamax_mosaic():
     return tokamax
 
 
+def tokamax_forward(causal: bool):
+    """tokamax's Mosaic-GPU attention as a jitted ``(q, k, v) -> out``, or None where tokamax is not installed."""
+    tokamax = _tokamax_mosaic()
+    if tokamax is None:
+        return None
+    return jax.jit(lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=causal, implementation="mosaic"))
+
+
+def bench_inputs(B, S, N, K, H, seed: int = 1):
+    """Random bf16 ``q [B,S,N,H], k [B,S,K,H], v [B,S,K,H]`` for a bench shape."""
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    return tuple(jax.random.normal(key, shape, jnp.float32).astype(BF16)
+                 for key, shape in ((kq, (B, S, N, H)), (kk, (B, S, K, H)), (kv, (B, S, K, H))))
+
+
 def _kwargs(kw):
     return {name: (jnp.asarray(val, jnp.int32) if isinstance(val, list) else val) for name, val in kw.items()}
 
@@ -220,10 +235,7 @@ def bench(names, variants, peers, reps=7):
     for name, (B, S, N, K, H) in BENCH:
         if names != "all" and name not in names:
             continue
-        kq, kk, kv = jax.random.split(jax.random.key(1), 3)
-        q = jax.random.normal(kq, (B, S, N, H), jnp.float32).astype(BF16)
-        k = jax.random.normal(kk, (B, S, K, H), jnp.float32).astype(BF16)
-        v = jax.random.normal(kv, (B, S, K, H), jnp.float32).astype(BF16)
+        q, k, v = bench_inputs(B, S, N, K, H)
         for causal in (True, False):
             mask = "causal" if causal else "full"
             flops = 4 * B * S * S * N * H / (2 if causal else 1)
@@ -237,10 +249,9 @@ def bench(names, variants, peers, reps=7):
                 fns["cudnn"] = jax.jit(lambda q, k, v, c=causal: jax.nn.dot_product_attention(
                     q, k, v, is_causal=c, implementation="cudnn"))
                 fns["triton"] = jax.jit(lambda q, k, v, c=causal: triton_flash(q, k, v, is_causal=c))
-                tokamax = _tokamax_mosaic()
+                tokamax = tokamax_forward(causal)
                 if tokamax is not None:
-                    fns["tokamax mosaic"] = jax.jit(lambda q, k, v, c=causal: tokamax.dot_product_attention(
-                        q, k, v, is_causal=c, implementation="mosaic"))
+                    fns["tokamax mosaic"] = tokamax
             compiled, outs = {}, {}
             for impl, fn in fns.items():
                 try:

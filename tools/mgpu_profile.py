@@ -32,12 +32,11 @@ import os
 import tempfile
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels.gpu import flash_attention_mgpu as mgpu
 from pallas_kernels.gpu import mgpu_profile
 
-from mgpu_flash_check import BENCH  # this script's folder is on sys.path
+from mgpu_flash_check import BENCH, bench_inputs  # this script's folder is on sys.path
 
 PHASES = ("prologue", "wait_turn", "qk", "softmax", "pv", "epilogue", "other")
 
@@ -45,10 +44,7 @@ PHASES = ("prologue", "wait_turn", "qk", "softmax", "pv", "epilogue", "other")
 def profile(shape, causal: bool, space: int) -> dict:
     """`mgpu_profile.summarize` of one forward call at ``shape = (B, S, N, K, H)``."""
     B, S, N, K, H = shape
-    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(kq, (B, S, N, H), jnp.bfloat16)
-    k = jax.random.normal(kk, (B, S, K, H), jnp.bfloat16)
-    v = jax.random.normal(kv, (B, S, K, H), jnp.bfloat16)
+    q, k, v = bench_inputs(B, S, N, K, H)
     blocks = mgpu.MosaicBlockSizes.for_call(H, causal)
     blocks = mgpu.MosaicBlockSizes(blocks.block_q, blocks.block_kv, blocks.max_concurrent_steps, persistent=False)
     with tempfile.TemporaryDirectory() as directory:
