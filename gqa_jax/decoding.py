@@ -57,7 +57,7 @@ import numpy as np
 from gqa_jax.kv_cache import KVCache
 from gqa_jax.models import Decoder, check_token_ids
 from gqa_jax.nnx.decoder import linen_decoder
-from gqa_jax.paged_kv_cache import PagedKVCache
+from gqa_jax.paged_kv_cache import PagedKVCache, same_pages
 from gqa_jax.request import concrete_value
 from pallas_kernels.arguments import positive_int
 from pallas_kernels.rules import check_int32_range
@@ -362,21 +362,53 @@ def _last_valid(logits_BTV: Array, lengths_B: Array) -> Array:
 _STATIC = ("model", "max_new_tokens", "sampling")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
-def _generate_cached(model, params, prompt_BP, lengths_B, cache, rng, end_token, pad_token, *, max_new_tokens,
-                     sampling):
-    variables = {"params": params}
-    logits_BPV, cache = model.apply(variables, _zero_padding(prompt_BP, lengths_B), cache, num_new=lengths_B)
+def first_layers_pages(cache: tuple) -> tuple:
+    """Every layer of a tuple of `PagedKVCache` with the first layer's page table, lengths and free stack
+    (`PagedKVCache.with_pages_of`); the pools stay each layer's own."""
+    return tuple(layer.with_pages_of(cache[0]) for layer in cache)
 
-    def step(cache, tokens_B, i):
+
+def decode_step(model, variables, cache, tokens_B: Array, *, shared_pages: bool = False) -> tuple[Array, object]:
+    """One step of a generation loop: the model on one new token per row, through its cache.
+
+    Args:
+      model: a model of the protocol (module docstring).
+      variables: ``{"params": params}``.
+      cache: the model's cache.
+      tokens_B: int32 ``[B]`` the new token of each row.
+      shared_pages: for a `gqa_jax.models.Decoder` whose `PagedKVCache`
+        layers hold the same pages (`gqa_jax.paged_kv_cache.same_pages`):
+        every layer reads the first layer's page table, lengths and free
+        stack, so XLA computes the layers' page allocations and slots once,
+        not once per layer. The returned layers after the first keep the
+        bookkeeping they came with (stale; a loop then carries it unchanged
+        rather than copying the first layer's into every layer):
+        `first_layers_pages` makes the cache whole after the loop.
+
+    Returns:
+      ``(logits_BV, cache)``.
+    """
+    if not shared_pages:
         logits_B1V, cache = model.apply(variables, tokens_B[:, None], cache)
         return logits_B1V[:, 0], cache
+    logits_B1V, new = model.apply(variables, tokens_B[:, None], first_layers_pages(cache))
+    stale = tuple(layer.with_pages_of(old) for layer, old in zip(new[1:], cache[1:]))
+    return logits_B1V[:, 0], new[:1] + stale
 
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("shared_pages",), donate_argnames=("cache",))
+def _generate_cached(model, params, prompt_BP, lengths_B, cache, rng, end_token, pad_token, *, max_new_tokens,
+                     sampling, shared_pages):
+    variables = {"params": params}
+    if shared_pages:
+        cache = first_layers_pages(cache)
+    logits_BPV, cache = model.apply(variables, _zero_padding(prompt_BP, lengths_B), cache, num_new=lengths_B)
     tokens, count, cache = _sample_loop(
-        step, cache, _last_valid(logits_BPV, lengths_B), rng,
+        lambda cache, tokens_B, i: decode_step(model, variables, cache, tokens_B, shared_pages=shared_pages),
+        cache, _last_valid(logits_BPV, lengths_B), rng,
         max_new_tokens=max_new_tokens, sampling=sampling, end_token=end_token, pad_token=pad_token,
     )
-    return Generation(tokens, count, cache)
+    return Generation(tokens, count, first_layers_pages(cache) if shared_pages else cache)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -426,7 +458,11 @@ def generate(
       cache: optional cache (for a `Decoder`: from `gqa_jax.models.init_cache`),
         empty or holding earlier tokens that the prompts continue. It is
         donated: do not use it after the call; use ``Generation.cache``.
-        Default: ``model.init_cache(B, P + max_new_tokens)``.
+        Default: ``model.init_cache(B, P + max_new_tokens)``. A `Decoder`'s
+        `PagedKVCache` layers that hold the same pages (built alike:
+        `gqa_jax.paged_kv_cache.same_pages`) take their pages in one
+        allocation per step for all layers (`decode_step`); layers that
+        differ each allocate their own.
       sampling: greedy by default.
       end_token: a row stops after producing it (None: rows run to
         ``max_new_tokens``).
@@ -457,6 +493,7 @@ def generate(
     return _generate_cached(
         model, params, prompt_BP, lengths_B, cache, _check_rng(rng, sampling),
         *_token_ids(end_token, pad_token, vocab_size), max_new_tokens=int(max_new_tokens), sampling=sampling,
+        shared_pages=isinstance(model, Decoder) and same_pages(cache),
     )
 
 

@@ -14,6 +14,12 @@ Allocation: `PagedKVCache.update` gives each row the pages its new tokens
 need, ``ceil(new length / page_size)`` in all, from the top of the free stack,
 rows in batch order. Pages of rows that grow in turn interleave in the pool.
 
+A model's layers each hold a cache, and take the same writes: layers built
+alike hold the same pages for the same tokens (`same_pages`), and a layer can
+take another's page table, lengths and free stack (`PagedKVCache.with_pages_of`)
+so that XLA computes their allocations once (`gqa_jax.decoding.generate` does
+this for a `gqa_jax.models.Decoder`).
+
 Capacity: a row holds at most ``max_pages_per_row * page_size`` tokens, and
 all rows share the pool's ``num_pages`` pages. A write never overwrites
 another row's page or leaves a gap. When the tokens of a write cannot all be
@@ -73,6 +79,32 @@ Array = jax.Array
 KERNEL_KEYWORDS = frozenset({"scale", "local_window_size", "logits_soft_cap"})
 # The implementation names whose kernel family includes each backend's paged kernel.
 PAGED_IMPLEMENTATIONS = {"gpu": "pallas_triton", "tpu": "pallas_tpu"}
+
+
+# The fields that say which pages hold which tokens: equal in caches that have had the same writes.
+BOOKKEEPING = ("page_table", "lengths", "free_pages", "num_free")
+
+
+def same_pages(caches) -> bool:
+    """Whether ``caches`` (`PagedKVCache` s, e.g. a model's layers) are known to hold the same pages for the same
+    tokens: concrete, with equal page tables, lengths and free stacks (their pools may differ).
+
+    Caches that start so and take the same writes stay so, and then one
+    allocation serves them all (`PagedKVCache.with_pages_of`):
+    `gqa_jax.decoding.generate` uses it for a decoder's layers. False for
+    traced caches (nothing is known), anything not a `PagedKVCache`, and an
+    empty sequence.
+    """
+    if not caches or not all(isinstance(c, PagedKVCache) for c in caches):
+        return False
+    first = [concrete_value(getattr(caches[0], name)) for name in BOOKKEEPING]
+    if any(x is None for x in first):
+        return False
+    for cache in caches[1:]:
+        values = [concrete_value(getattr(cache, name)) for name in BOOKKEEPING]
+        if any(x is None or x.shape != y.shape or not np.array_equal(x, y) for x, y in zip(values, first)):
+            return False
+    return True
 
 
 def _is_neutral(name: str, value, backend: str) -> bool:
@@ -243,6 +275,25 @@ class PagedKVCache:
         count = row_vector("num_new", num_new, self.batch_size)
         total = -(-(self.lengths + count) // self.page_size)
         return jnp.maximum(total - self.pages_per_row, 0)
+
+    def with_pages_of(self, other: "PagedKVCache") -> "PagedKVCache":
+        """This cache's pools with ``other``'s page table, lengths and free stack.
+
+        For caches that hold the same pages for the same tokens (`same_pages`),
+        such as a decoder's layers: when every layer takes the first layer's
+        bookkeeping before a write, their page allocations are one computation
+        that XLA computes once, not once per layer.
+
+        Raises:
+          ValueError: for caches of other batch sizes, page counts or table widths.
+        """
+        if (self.batch_size, self.num_pages, self.max_pages_per_row) != (
+                other.batch_size, other.num_pages, other.max_pages_per_row):
+            raise ValueError(
+                "with_pages_of needs caches of the same batch size, page count and table width, got "
+                f"(B, P, M)={(self.batch_size, self.num_pages, self.max_pages_per_row)} and "
+                f"{(other.batch_size, other.num_pages, other.max_pages_per_row)}")
+        return dataclasses.replace(self, **{name: getattr(other, name) for name in BOOKKEEPING})
 
     # -- writes ------------------------------------------------------------------
 

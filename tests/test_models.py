@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -204,3 +205,47 @@ def test_generate_on_a_paged_cache_gives_the_dense_cache_tokens():
     out = generate(model, params, prompt, lengths, max_new_tokens=5, cache=paged)
     np.testing.assert_array_equal(out.tokens, expected)
     np.testing.assert_array_equal(generate(model, params, prompt, lengths, max_new_tokens=5).tokens, expected)
+
+
+def test_generate_allocates_pages_once_for_all_layers_and_returns_every_layers_pages():
+    """Layers holding the same pages share one allocation per step (`same_pages`); the returned cache holds, in every
+    layer, the dense cache's keys and values at the same positions. Layers with other pages each allocate their own."""
+    from gqa_jax import PagedKVCache
+    from gqa_jax.decoding import generate, generate_without_cache
+    from gqa_jax.paged_kv_cache import same_pages
+    from pallas_kernels.paging import gather_pages
+
+    cfg = CONFIGS["gqa2_untied"]
+    rng = np.random.default_rng(109)
+    params = params_from_hf(random_hf_weights(cfg, rng), cfg)
+    model = Decoder(cfg)
+    prompt = rng.integers(0, cfg.vocab_size, (3, 6))
+    lengths = np.array([6, 2, 4])
+    expected = generate_without_cache(model, params, prompt, lengths, max_new_tokens=5).tokens
+    dense = generate(model, params, prompt, lengths, max_new_tokens=5).cache
+
+    def paged_cache():
+        return tuple(PagedKVCache.init(batch_size=3, num_pages=12, page_size=4, num_kv_heads=cfg.num_kv_heads,
+                                       head_dim=cfg.head_dim, max_pages_per_row=4, dtype=cfg.dtype)
+                     for _ in range(cfg.num_layers))
+
+    shared = paged_cache()
+    assert same_pages(shared)
+    unshared = paged_cache()
+    unshared = (unshared[0],) + tuple(dataclasses.replace(c, free_pages=c.free_pages[::-1]) for c in unshared[1:])
+    assert not same_pages(unshared)
+    for cache, layers_agree in ((shared, True), (unshared, False)):
+        out = generate(model, params, prompt, lengths, max_new_tokens=5, cache=cache)
+        np.testing.assert_array_equal(out.tokens, expected)
+        assert same_pages(out.cache) == layers_agree
+        for i, (layer, reference) in enumerate(zip(out.cache, dense)):
+            np.testing.assert_array_equal(layer.lengths, reference.lengths)
+            held = np.sort(np.asarray(layer.page_table)[np.asarray(layer.page_table) >= 0])
+            free = np.sort(np.asarray(layer.free_pages)[:int(layer.num_free)])
+            assert sorted(held.tolist() + free.tolist()) == list(range(layer.num_pages)), i
+            for name, pages, values in (("key", layer.key_pages, reference.key),
+                                        ("value", layer.value_pages, reference.value)):
+                gathered = np.asarray(gather_pages(pages, layer.page_table))
+                for row, length in enumerate(np.asarray(reference.lengths)):
+                    np.testing.assert_allclose(gathered[row, :length], np.asarray(values)[row, :length],
+                                               rtol=1e-5, atol=1e-5, err_msg=f"layer {i} {name} row {row}")
