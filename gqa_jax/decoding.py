@@ -362,10 +362,39 @@ def _last_valid(logits_BTV: Array, lengths_B: Array) -> Array:
 _STATIC = ("model", "max_new_tokens", "sampling")
 
 
-def first_layers_pages(cache: tuple) -> tuple:
+def first_layers_pages(cache) -> tuple:
     """Every layer of a tuple of `PagedKVCache` with the first layer's page table, lengths and free stack
-    (`PagedKVCache.with_pages_of`); the pools stay each layer's own."""
+    (`PagedKVCache.with_pages_of`); the pools stay each layer's own.
+
+    Raises:
+      TypeError: for a cache that is not a non-empty tuple or list of `PagedKVCache`.
+      ValueError: for layers of other page geometries (`PagedKVCache.page_geometry`).
+    """
+    if not isinstance(cache, (tuple, list)) or not cache or not all(isinstance(c, PagedKVCache) for c in cache):
+        raise TypeError(f"shared pages need a tuple of PagedKVCache (one per layer), got {type(cache).__name__} of "
+                        f"{[type(c).__name__ for c in cache] if isinstance(cache, (tuple, list)) else '-'}")
     return tuple(layer.with_pages_of(cache[0]) for layer in cache)
+
+
+def through_shared_pages(write, cache) -> tuple:
+    """``write(cache) -> (out, new_cache)`` with every layer reading the first layer's page bookkeeping.
+
+    XLA then computes the layers' page allocations and slots once, not once
+    per layer. The returned layers after the first keep the bookkeeping they
+    came with (stale), so that a loop carries it unchanged instead of copying
+    the first layer's into every layer; `first_layers_pages` makes the cache
+    whole after the loop.
+
+    Args:
+      write: takes and returns a tuple of `PagedKVCache` (one per layer) that
+        all take the same writes (a decoder's layers).
+      cache: the tuple, its layers holding the same pages (`same_pages`).
+
+    Returns:
+      ``(out, new_cache)``.
+    """
+    out, new = write(first_layers_pages(cache))
+    return out, tuple(new[:1]) + tuple(layer.with_pages_of(old) for layer, old in zip(new[1:], cache[1:]))
 
 
 def decode_step(model, variables, cache, tokens_B: Array, *, shared_pages: bool = False) -> tuple[Array, object]:
@@ -377,23 +406,23 @@ def decode_step(model, variables, cache, tokens_B: Array, *, shared_pages: bool 
       cache: the model's cache.
       tokens_B: int32 ``[B]`` the new token of each row.
       shared_pages: for a `gqa_jax.models.Decoder` whose `PagedKVCache`
-        layers hold the same pages (`gqa_jax.paged_kv_cache.same_pages`):
-        every layer reads the first layer's page table, lengths and free
-        stack, so XLA computes the layers' page allocations and slots once,
-        not once per layer. The returned layers after the first keep the
-        bookkeeping they came with (stale; a loop then carries it unchanged
-        rather than copying the first layer's into every layer):
-        `first_layers_pages` makes the cache whole after the loop.
+        layers hold the same pages (`gqa_jax.paged_kv_cache.same_pages`): the
+        step runs `through_shared_pages` (one page allocation for all layers;
+        the layers after the first come back with stale bookkeeping, which
+        `first_layers_pages` mends after the loop).
 
     Returns:
       ``(logits_BV, cache)``.
+
+    Raises:
+      TypeError, ValueError: with ``shared_pages``, for a cache that is not a
+        tuple of `PagedKVCache` of one page geometry (`first_layers_pages`).
     """
-    if not shared_pages:
+    def apply(cache):
         logits_B1V, cache = model.apply(variables, tokens_B[:, None], cache)
         return logits_B1V[:, 0], cache
-    logits_B1V, new = model.apply(variables, tokens_B[:, None], first_layers_pages(cache))
-    stale = tuple(layer.with_pages_of(old) for layer, old in zip(new[1:], cache[1:]))
-    return logits_B1V[:, 0], new[:1] + stale
+
+    return through_shared_pages(apply, cache) if shared_pages else apply(cache)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("shared_pages",), donate_argnames=("cache",))

@@ -87,7 +87,8 @@ BOOKKEEPING = ("page_table", "lengths", "free_pages", "num_free")
 
 def same_pages(caches) -> bool:
     """Whether ``caches`` (`PagedKVCache` s, e.g. a model's layers) are known to hold the same pages for the same
-    tokens: concrete, with equal page tables, lengths and free stacks (their pools may differ).
+    tokens: the same page size and pool and table shapes, and concrete, equal page tables, lengths and free stacks
+    (the pools' values and dtypes may differ).
 
     Caches that start so and take the same writes stay so, and then one
     allocation serves them all (`PagedKVCache.with_pages_of`):
@@ -97,12 +98,14 @@ def same_pages(caches) -> bool:
     """
     if not caches or not all(isinstance(c, PagedKVCache) for c in caches):
         return False
+    if len({c.page_geometry for c in caches}) != 1:
+        return False
     first = [concrete_value(getattr(caches[0], name)) for name in BOOKKEEPING]
     if any(x is None for x in first):
         return False
     for cache in caches[1:]:
         values = [concrete_value(getattr(cache, name)) for name in BOOKKEEPING]
-        if any(x is None or x.shape != y.shape or not np.array_equal(x, y) for x, y in zip(values, first)):
+        if any(x is None or not np.array_equal(x, y) for x, y in zip(values, first)):
             return False
     return True
 
@@ -276,6 +279,11 @@ class PagedKVCache:
         total = -(-(self.lengths + count) // self.page_size)
         return jnp.maximum(total - self.pages_per_row, 0)
 
+    @property
+    def page_geometry(self) -> tuple[int, int, int, int]:
+        """``(B, P, page_size, M)``: what caches that share page bookkeeping must have alike."""
+        return self.batch_size, self.num_pages, self.page_size, self.max_pages_per_row
+
     def with_pages_of(self, other: "PagedKVCache") -> "PagedKVCache":
         """This cache's pools with ``other``'s page table, lengths and free stack.
 
@@ -285,14 +293,16 @@ class PagedKVCache:
         that XLA computes once, not once per layer.
 
         Raises:
-          ValueError: for caches of other batch sizes, page counts or table widths.
+          TypeError: for ``other`` not a `PagedKVCache`.
+          ValueError: for caches of other batch sizes, page counts, page sizes
+            or table widths (`page_geometry`).
         """
-        if (self.batch_size, self.num_pages, self.max_pages_per_row) != (
-                other.batch_size, other.num_pages, other.max_pages_per_row):
+        if not isinstance(other, PagedKVCache):
+            raise TypeError(f"with_pages_of takes a PagedKVCache, got {type(other).__name__}")
+        if self.page_geometry != other.page_geometry:
             raise ValueError(
-                "with_pages_of needs caches of the same batch size, page count and table width, got "
-                f"(B, P, M)={(self.batch_size, self.num_pages, self.max_pages_per_row)} and "
-                f"{(other.batch_size, other.num_pages, other.max_pages_per_row)}")
+                "with_pages_of needs caches of the same batch size, page count, page size and table width, got "
+                f"(B, P, page_size, M)={self.page_geometry} and {other.page_geometry}")
         return dataclasses.replace(self, **{name: getattr(other, name) for name in BOOKKEEPING})
 
     # -- writes ------------------------------------------------------------------

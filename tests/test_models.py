@@ -186,66 +186,82 @@ def test_bad_configs_and_inputs():
         params_from_hf(sd, cfg)
 
 
-def test_generate_on_a_paged_cache_gives_the_dense_cache_tokens():
-    """The reference Decoder through `generate` on one `PagedKVCache` per layer (pages of rows interleaved)."""
+def _paged_layers(cfg, page_sizes=(4, 4), dtype=None):
+    """One empty `PagedKVCache` per layer of ``cfg`` for 3 rows: 12 pages of ``page_sizes[i]`` tokens, 4 per row."""
     from gqa_jax import PagedKVCache
-    from gqa_jax.decoding import generate, generate_without_cache
 
+    return tuple(PagedKVCache.init(batch_size=3, num_pages=12, page_size=size, num_kv_heads=cfg.num_kv_heads,
+                                   head_dim=cfg.head_dim, max_pages_per_row=4, dtype=dtype or cfg.dtype)
+                 for size in page_sizes)
+
+
+def _generation_inputs(seed):
     cfg = CONFIGS["gqa2_untied"]
-    rng = np.random.default_rng(107)
+    rng = np.random.default_rng(seed)
     params = params_from_hf(random_hf_weights(cfg, rng), cfg)
-    model = Decoder(cfg)
-    prompt = rng.integers(0, cfg.vocab_size, (3, 6))
-    lengths = np.array([6, 2, 4])
-    expected = generate_without_cache(model, params, prompt, lengths, max_new_tokens=5).tokens
-    paged = tuple(
-        PagedKVCache.init(batch_size=3, num_pages=12, page_size=4, num_kv_heads=cfg.num_kv_heads,
-                          head_dim=cfg.head_dim, max_pages_per_row=4, dtype=cfg.dtype)
-        for _ in range(cfg.num_layers))
-    out = generate(model, params, prompt, lengths, max_new_tokens=5, cache=paged)
-    np.testing.assert_array_equal(out.tokens, expected)
-    np.testing.assert_array_equal(generate(model, params, prompt, lengths, max_new_tokens=5).tokens, expected)
+    return cfg, Decoder(cfg), params, rng.integers(0, cfg.vocab_size, (3, 6)), np.array([6, 2, 4])
 
 
-def test_generate_allocates_pages_once_for_all_layers_and_returns_every_layers_pages():
-    """Layers holding the same pages share one allocation per step (`same_pages`); the returned cache holds, in every
-    layer, the dense cache's keys and values at the same positions. Layers with other pages each allocate their own."""
-    from gqa_jax import PagedKVCache
-    from gqa_jax.decoding import generate, generate_without_cache
+def test_generate_on_a_paged_cache_gives_the_dense_cache_tokens_and_values(monkeypatch):
+    """The reference Decoder through `generate` on one `PagedKVCache` per layer (pages of rows interleaved): the
+    uncached pass's tokens, and in every layer of the returned cache the dense cache's keys and values. Layers that
+    hold the same pages take one allocation per step (`same_pages`); layers with another free stack or page size
+    each take their own."""
+    from gqa_jax import decoding
     from gqa_jax.paged_kv_cache import same_pages
     from pallas_kernels.paging import gather_pages
 
-    cfg = CONFIGS["gqa2_untied"]
-    rng = np.random.default_rng(109)
-    params = params_from_hf(random_hf_weights(cfg, rng), cfg)
-    model = Decoder(cfg)
-    prompt = rng.integers(0, cfg.vocab_size, (3, 6))
-    lengths = np.array([6, 2, 4])
-    expected = generate_without_cache(model, params, prompt, lengths, max_new_tokens=5).tokens
-    dense = generate(model, params, prompt, lengths, max_new_tokens=5).cache
-
-    def paged_cache():
-        return tuple(PagedKVCache.init(batch_size=3, num_pages=12, page_size=4, num_kv_heads=cfg.num_kv_heads,
-                                       head_dim=cfg.head_dim, max_pages_per_row=4, dtype=cfg.dtype)
-                     for _ in range(cfg.num_layers))
-
-    shared = paged_cache()
-    assert same_pages(shared)
-    unshared = paged_cache()
-    unshared = (unshared[0],) + tuple(dataclasses.replace(c, free_pages=c.free_pages[::-1]) for c in unshared[1:])
-    assert not same_pages(unshared)
-    for cache, layers_agree in ((shared, True), (unshared, False)):
-        out = generate(model, params, prompt, lengths, max_new_tokens=5, cache=cache)
-        np.testing.assert_array_equal(out.tokens, expected)
-        assert same_pages(out.cache) == layers_agree
-        for i, (layer, reference) in enumerate(zip(out.cache, dense)):
-            np.testing.assert_array_equal(layer.lengths, reference.lengths)
-            held = np.sort(np.asarray(layer.page_table)[np.asarray(layer.page_table) >= 0])
-            free = np.sort(np.asarray(layer.free_pages)[:int(layer.num_free)])
-            assert sorted(held.tolist() + free.tolist()) == list(range(layer.num_pages)), i
+    cfg, model, params, prompt, lengths = _generation_inputs(107)
+    expected = decoding.generate_without_cache(model, params, prompt, lengths, max_new_tokens=5).tokens
+    dense = decoding.generate(model, params, prompt, lengths, max_new_tokens=5)
+    np.testing.assert_array_equal(dense.tokens, expected)
+    shared_flags, generate_cached = [], decoding._generate_cached
+    monkeypatch.setattr(decoding, "_generate_cached",
+                        lambda *a, **kw: (shared_flags.append(kw["shared_pages"]), generate_cached(*a, **kw))[1])
+    other_stack = _paged_layers(cfg)
+    other_stack = other_stack[:1] + tuple(dataclasses.replace(c, free_pages=c.free_pages[::-1]) for c in other_stack[1:])
+    cases = {"same pages": (_paged_layers(cfg), True), "other free stack": (other_stack, False),
+             "other page size": (_paged_layers(cfg, page_sizes=(4, 8)), False)}
+    for case, (cache, shared) in cases.items():
+        out = decoding.generate(model, params, prompt, lengths, max_new_tokens=5, cache=cache)
+        assert shared_flags[-1] == shared, case
+        np.testing.assert_array_equal(out.tokens, expected, err_msg=case)
+        assert same_pages(out.cache) == shared, case
+        for i, (layer, reference) in enumerate(zip(out.cache, dense.cache)):
+            np.testing.assert_array_equal(layer.lengths, reference.lengths, err_msg=case)
+            table = np.asarray(layer.page_table)
+            free = np.asarray(layer.free_pages)[:int(layer.num_free)]
+            assert sorted(table[table >= 0].tolist() + free.tolist()) == list(range(layer.num_pages)), (case, i)
             for name, pages, values in (("key", layer.key_pages, reference.key),
                                         ("value", layer.value_pages, reference.value)):
                 gathered = np.asarray(gather_pages(pages, layer.page_table))
                 for row, length in enumerate(np.asarray(reference.lengths)):
                     np.testing.assert_allclose(gathered[row, :length], np.asarray(values)[row, :length],
-                                               rtol=1e-5, atol=1e-5, err_msg=f"layer {i} {name} row {row}")
+                                               rtol=1e-5, atol=1e-5, err_msg=f"{case}: layer {i} {name} row {row}")
+
+
+def test_decode_step_with_shared_pages_allocates_from_the_first_layer():
+    """`decode_step(shared_pages=True)`: the first layer comes back with the step's bookkeeping, the others with what
+    they came with (stale), every pool written as without sharing; `first_layers_pages` makes it whole. An int8 cache
+    alike. A cache that is not paged layers of one page geometry is refused."""
+    from gqa_jax.decoding import decode_step, first_layers_pages
+    from gqa_jax.paged_kv_cache import BOOKKEEPING
+
+    cfg, model, params, prompt, lengths = _generation_inputs(113)
+    variables, tokens = {"params": params}, jnp.asarray(prompt[:, 0], jnp.int32)
+    for dtype in (None, jnp.int8):
+        _, cache = model.apply(variables, prompt, _paged_layers(cfg, dtype=dtype), num_new=lengths)
+        plain_logits, plain = decode_step(model, variables, cache, tokens)
+        logits, shared = decode_step(model, variables, cache, tokens, shared_pages=True)
+        np.testing.assert_array_equal(logits, plain_logits)
+        for name in BOOKKEEPING:
+            np.testing.assert_array_equal(getattr(shared[0], name), getattr(plain[0], name))
+            for stale, before in zip(shared[1:], cache[1:]):
+                assert getattr(stale, name) is getattr(before, name), name
+        for whole, reference in zip(first_layers_pages(shared), plain):
+            for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(reference)):
+                np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError, match="tuple of PagedKVCache"):
+        decode_step(model, variables, init_cache(cfg, 3, 16), tokens, shared_pages=True)
+    with pytest.raises(ValueError, match=r"page size .*\(3, 12, 4, 4\) and \(3, 12, 8, 4\)"):
+        decode_step(model, variables, _paged_layers(cfg, page_sizes=(8, 4)), tokens, shared_pages=True)

@@ -50,6 +50,7 @@ def test_same_pages_and_with_pages_of():
     first, second = _paged().update(k, v, num_new=n), _paged().update(-k, v, num_new=n)  # other values, same pages
     assert same_pages((first, second)) and same_pages((first,))
     assert not same_pages(()) and not same_pages((first, KVCache.init(B, 24, K, H)))
+    assert same_pages((_paged(), _paged())) and not same_pages((_paged(), _paged(page_size=8)))  # empty, equal tables
     for name, changed in (("page_table", first.page_table.at[0, 0].set(23)), ("lengths", first.lengths + 1),
                           ("free_pages", first.free_pages[::-1]), ("num_free", first.num_free - 1)):
         assert not same_pages((first, dataclasses.replace(second, **{name: changed}))), name
@@ -62,8 +63,12 @@ def test_same_pages_and_with_pages_of():
     for name in ("page_table", "lengths", "free_pages", "num_free"):
         np.testing.assert_array_equal(getattr(moved, name), getattr(first, name))
     assert moved.key_pages is other.key_pages and moved.value_pages is other.value_pages
-    with pytest.raises(ValueError, match=r"\(B, P, M\)=\(3, 24, 6\) and \(3, 12, 6\)"):
+    with pytest.raises(ValueError, match=r"page_size, M\)=\(3, 24, 4, 6\) and \(3, 12, 4, 6\)"):
         first.with_pages_of(_paged(num_pages=12))
+    with pytest.raises(ValueError, match=r"\(3, 24, 4, 6\) and \(3, 24, 8, 6\)"):
+        first.with_pages_of(_paged(page_size=8))
+    with pytest.raises(TypeError, match="takes a PagedKVCache, got KVCache"):
+        first.with_pages_of(KVCache.init(B, 24, K, H))
 
 
 def _step_inputs(rng, num_new):
