@@ -46,7 +46,7 @@ import numpy as np
 
 from gqa_jax.bench import e2e
 from gqa_jax.bench.timing import environment, time_interleaved
-from gqa_jax.decoding import decode_step
+from gqa_jax.decoding import decode_step, through_shared_pages
 from gqa_jax.models import Decoder
 from gqa_jax.paged_kv_cache import PagedKVCache
 
@@ -71,14 +71,8 @@ def filled_cache(shape: e2e.EndToEndShape, model, params, kind: str, length: int
 def restart(cache, start):
     """``cache`` with its lengths (and page bookkeeping) set back to ``start``'s: the values stay, the rows shrink."""
     if isinstance(cache, PagedKVCache):
-        return dataclasses.replace(cache, lengths=start.lengths, page_table=start.page_table,
-                                   free_pages=start.free_pages, num_free=start.num_free)
+        return cache.with_pages_of(start)
     return dataclasses.replace(cache, lengths=start.lengths)
-
-
-def bookkeeping(caches):
-    """The small arrays of each layer's cache (lengths, and a paged cache's table and free stack)."""
-    return tuple(restart(c, c) for c in caches)
 
 
 def step_loop(model, start, *, shared: bool):
@@ -98,43 +92,58 @@ def step_loop(model, start, *, shared: bool):
 
 
 def write_loop(start, *, shared: bool):
-    """``STEPS`` rounds of one-token ``update`` in every layer's cache (``shared``: one page allocation for all)."""
+    """``STEPS`` rounds of one-token ``update`` in every layer's cache (``shared``: one page allocation for all,
+    `gqa_jax.decoding.through_shared_pages`). The new keys and values differ per layer and step, as a model's do,
+    so that neither their quantization nor the writes merge across layers or leave the loop."""
 
     def run(caches, tokens, new_kv):
         caches = tuple(restart(c, s) for c, s in zip(caches, start))
 
-        def body(_, caches):
-            if not shared:
-                return tuple(c.update(*new_kv) for c in caches)
-            new = tuple(c.with_pages_of(caches[0]).update(*new_kv) for c in caches)
-            return new[:1] + tuple(n.with_pages_of(old) for n, old in zip(new[1:], caches[1:]))  # as decode_step
+        def body(i, caches):
+            def write(caches):
+                return None, tuple(c.update(*((x + i.astype(x.dtype)) * (layer + 1) for x in new_kv))
+                                   for layer, c in enumerate(caches))
+
+            return (through_shared_pages(write, caches) if shared else write(caches))[1]
 
         return jax.lax.fori_loop(0, STEPS, body, caches), tokens
 
     return run
 
 
-def attend_loop(caches, query):
+def attend_loop(caches, query, implementation):
     """``STEPS`` rounds of every layer's ``attend`` of one query per row (the caches unchanged; each round's query
-    depends on the last, so the rounds are not merged)."""
+    depends on the last, so the rounds are not merged; what depends on the caches alone may leave the loop, e.g.
+    the page gather of the CPU's dense path)."""
 
     def body(_, acc):
-        return acc + sum(c.attend(query + acc.astype(query.dtype)) for c in caches).mean()
+        return acc + sum(c.attend(query + acc.astype(query.dtype), implementation=implementation)
+                         for c in caches).mean()
 
     return jax.lax.fori_loop(0, STEPS, body, jnp.zeros((), jnp.float32))
 
 
+TRIVIAL_OPS = frozenset({"parameter", "get-tuple-element", "tuple", "constant", "bitcast"})
+
+
 def loop_body_ops(compiled_text: str) -> int:
-    """Top-level instructions of the largest ``while`` body in a compiled module's text (a fusion counts once):
-    what one step of the loop launches (on a GPU, about one kernel each)."""
-    bodies = set(re.findall(r"body=%?([\w.\-]+)", compiled_text))
-    counts = [0]
-    for computation in re.split(r"\n(?=\S.*\{\n)", compiled_text):
-        if computation.split(" ", 1)[0].lstrip("%") in bodies:
-            ops = re.findall(r"= \S+ ([\w-]+)\(", computation)
-            counts.append(sum(op not in ("parameter", "get-tuple-element", "tuple", "constant", "bitcast")
-                              for op in ops))
-    return max(counts)
+    """Instructions of the largest ``while`` body in a compiled module's text, a fusion counting once and a
+    ``call`` (a GPU command buffer) as the instructions it calls: what one step of the loop launches (on a GPU,
+    about one kernel each)."""
+    computations = {c.split(" ", 1)[0].lstrip("%"): c for c in re.split(r"\n(?=\S.*\{\n)", compiled_text)}
+
+    def count(name):
+        total = 0
+        for line in computations[name].split("\n")[1:]:
+            op = re.search(r"= .*? ([a-z][\w-]*)\(", line)
+            if op is None or op.group(1) in TRIVIAL_OPS:
+                continue
+            called = re.search(r"to_apply=%?([\w.\-]+)", line) if op.group(1) == "call" else None
+            total += count(called.group(1)) if called and called.group(1) in computations else 1
+        return total
+
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", compiled_text)) & set(computations)
+    return max((count(body) for body in bodies), default=0)
 
 
 def time_carried(fns: dict, inputs: dict, fixed: tuple, reps: int) -> dict[str, float]:
@@ -163,7 +172,7 @@ def main():
     if args.quick:  # the toy width with the full model's layer count: the per-layer bookkeeping shows
         base = dataclasses.replace(base, config=dataclasses.replace(base.config, num_layers=16))
     shape = dataclasses.replace(base, P=args.length, new_tokens=STEPS)  # each loop restarts: room for STEPS
-    config = dataclasses.replace(shape.config, implementation=None)
+    config = dataclasses.replace(shape.config, implementation="xla" if args.quick else "pallas_triton")  # as e2e
     model = Decoder(config)
     params = model.init(jax.random.key(0), jnp.zeros((shape.B, 8), jnp.int32))["params"]
     rng = np.random.default_rng(1)
@@ -175,7 +184,7 @@ def main():
     loops, inputs, fixed, attends = {}, {}, {}, {}
     for kind in e2e.CACHES:
         caches = filled_cache(shape, model, params, kind, args.length)
-        start = bookkeeping(caches)
+        start = caches  # every loop restarts from these lengths and pages
         parts = {"step": (step_loop(model, start, shared=False), params),
                  "writes": (write_loop(start, shared=False), new_kv)}
         if is_paged(kind):
@@ -186,8 +195,8 @@ def main():
             loops[name] = jax.jit(fn, donate_argnums=0)
             inputs[name] = (jax.tree.map(jnp.copy, caches), tokens)  # each loop donates its own copy
             fixed[name] = (argument,)
-        attend = jax.jit(attend_loop)
-        attends[kind] = lambda attend=attend, caches=caches: attend(caches, query)
+        attend = jax.jit(attend_loop, static_argnums=2)
+        attends[kind] = lambda attend=attend, caches=caches: attend(caches, query, config.implementation)
         print(f"{kind}: filled, lengths {np.asarray(caches[0].lengths).tolist()}", flush=True)
 
     ops = {name: loop_body_ops(loop.lower(*inputs[name], *fixed[name]).compile().as_text())
