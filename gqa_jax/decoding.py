@@ -386,8 +386,9 @@ def through_shared_pages(write, cache) -> tuple:
     whole after the loop.
 
     Args:
-      write: takes and returns a tuple of `PagedKVCache` (one per layer) that
-        all take the same writes (a decoder's layers).
+      write: takes a tuple of `PagedKVCache` (one per layer) and returns
+        ``(out, new tuple)``, every layer taking the same writes (a
+        decoder's layers do).
       cache: the tuple, its layers holding the same pages (`same_pages`).
 
     Returns:
