@@ -54,10 +54,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gqa_jax.cache_bookkeeping import first_layers_bookkeeping, same_bookkeeping, through_shared_bookkeeping
 from gqa_jax.kv_cache import KVCache
 from gqa_jax.models import Decoder, check_token_ids
 from gqa_jax.nnx.decoder import linen_decoder
-from gqa_jax.paged_kv_cache import PagedKVCache, same_pages
+from gqa_jax.paged_kv_cache import PagedKVCache
 from gqa_jax.request import concrete_value
 from pallas_kernels.arguments import positive_int
 from pallas_kernels.rules import check_int32_range
@@ -362,43 +363,8 @@ def _last_valid(logits_BTV: Array, lengths_B: Array) -> Array:
 _STATIC = ("model", "max_new_tokens", "sampling")
 
 
-def first_layers_pages(cache) -> tuple:
-    """Every layer of a tuple of `PagedKVCache` with the first layer's page table, lengths and free stack
-    (`PagedKVCache.with_pages_of`); the pools stay each layer's own.
-
-    Raises:
-      TypeError: for a cache that is not a non-empty tuple or list of `PagedKVCache`.
-      ValueError: for layers of other page geometries (`PagedKVCache.page_geometry`).
-    """
-    if not isinstance(cache, (tuple, list)) or not cache or not all(isinstance(c, PagedKVCache) for c in cache):
-        raise TypeError(f"shared pages need a tuple of PagedKVCache (one per layer), got {type(cache).__name__} of "
-                        f"{[type(c).__name__ for c in cache] if isinstance(cache, (tuple, list)) else '-'}")
-    return tuple(layer.with_pages_of(cache[0]) for layer in cache)
-
-
-def through_shared_pages(write, cache) -> tuple:
-    """``write(cache) -> (out, new_cache)`` with every layer reading the first layer's page bookkeeping.
-
-    XLA then computes the layers' page allocations and slots once, not once
-    per layer. The returned layers after the first keep the bookkeeping they
-    came with (stale), so that a loop carries it unchanged instead of copying
-    the first layer's into every layer; `first_layers_pages` makes the cache
-    whole after the loop.
-
-    Args:
-      write: takes a tuple of `PagedKVCache` (one per layer) and returns
-        ``(out, new tuple)``, every layer taking the same writes (a
-        decoder's layers do).
-      cache: the tuple, its layers holding the same pages (`same_pages`).
-
-    Returns:
-      ``(out, new_cache)``.
-    """
-    out, new = write(first_layers_pages(cache))
-    return out, tuple(new[:1]) + tuple(layer.with_pages_of(old) for layer, old in zip(new[1:], cache[1:]))
-
-
-def decode_step(model, variables, cache, tokens_B: Array, *, shared_pages: bool = False) -> tuple[Array, object]:
+def decode_step(model, variables, cache, tokens_B: Array, *, shared_bookkeeping: bool = False
+                ) -> tuple[Array, object]:
     """One step of a generation loop: the model on one new token per row, through its cache.
 
     Args:
@@ -406,39 +372,42 @@ def decode_step(model, variables, cache, tokens_B: Array, *, shared_pages: bool 
       variables: ``{"params": params}``.
       cache: the model's cache.
       tokens_B: int32 ``[B]`` the new token of each row.
-      shared_pages: for a `gqa_jax.models.Decoder` whose `PagedKVCache`
-        layers hold the same pages (`gqa_jax.paged_kv_cache.same_pages`): the
-        step runs `through_shared_pages` (one page allocation for all layers;
-        the layers after the first come back with stale bookkeeping, which
-        `first_layers_pages` mends after the loop).
+      shared_bookkeeping: for a `gqa_jax.models.Decoder` whose layers' caches
+        agree (`gqa_jax.cache_bookkeeping.same_bookkeeping`): the step runs
+        `gqa_jax.cache_bookkeeping.through_shared_bookkeeping` (the lengths,
+        slots and page allocation computed once for all layers; the layers
+        after the first come back with stale bookkeeping, which
+        `gqa_jax.cache_bookkeeping.first_layers_bookkeeping` mends after the
+        loop).
 
     Returns:
       ``(logits_BV, cache)``.
 
     Raises:
-      TypeError, ValueError: with ``shared_pages``, for a cache that is not a
-        tuple of `PagedKVCache` of one page geometry (`first_layers_pages`).
+      TypeError, ValueError: with ``shared_bookkeeping``, for a cache that is
+        not a tuple of caches of one type and geometry.
     """
     def apply(cache):
         logits_B1V, cache = model.apply(variables, tokens_B[:, None], cache)
         return logits_B1V[:, 0], cache
 
-    return through_shared_pages(apply, cache) if shared_pages else apply(cache)
+    return through_shared_bookkeeping(apply, cache) if shared_bookkeeping else apply(cache)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("shared_pages",), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=_STATIC + ("shared_bookkeeping",), donate_argnames=("cache",))
 def _generate_cached(model, params, prompt_BP, lengths_B, cache, rng, end_token, pad_token, *, max_new_tokens,
-                     sampling, shared_pages):
+                     sampling, shared_bookkeeping):
     variables = {"params": params}
-    if shared_pages:
-        cache = first_layers_pages(cache)
+    if shared_bookkeeping:
+        cache = first_layers_bookkeeping(cache)
     logits_BPV, cache = model.apply(variables, _zero_padding(prompt_BP, lengths_B), cache, num_new=lengths_B)
     tokens, count, cache = _sample_loop(
-        lambda cache, tokens_B, i: decode_step(model, variables, cache, tokens_B, shared_pages=shared_pages),
+        lambda cache, tokens_B, i: decode_step(model, variables, cache, tokens_B,
+                                               shared_bookkeeping=shared_bookkeeping),
         cache, _last_valid(logits_BPV, lengths_B), rng,
         max_new_tokens=max_new_tokens, sampling=sampling, end_token=end_token, pad_token=pad_token,
     )
-    return Generation(tokens, count, first_layers_pages(cache) if shared_pages else cache)
+    return Generation(tokens, count, first_layers_bookkeeping(cache) if shared_bookkeeping else cache)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -488,11 +457,11 @@ def generate(
       cache: optional cache (for a `Decoder`: from `gqa_jax.models.init_cache`),
         empty or holding earlier tokens that the prompts continue. It is
         donated: do not use it after the call; use ``Generation.cache``.
-        Default: ``model.init_cache(B, P + max_new_tokens)``. A `Decoder`'s
-        `PagedKVCache` layers that hold the same pages (built alike:
-        `gqa_jax.paged_kv_cache.same_pages`) take their pages in one
-        allocation per step for all layers (`decode_step`); layers that
-        differ each allocate their own.
+        Default: ``model.init_cache(B, P + max_new_tokens)``. The layers of a
+        `Decoder`'s cache that agree (built alike:
+        `gqa_jax.cache_bookkeeping.same_bookkeeping`) share one update of
+        their lengths, slots and pages per step (`decode_step`); layers that
+        differ each update their own.
       sampling: greedy by default.
       end_token: a row stops after producing it (None: rows run to
         ``max_new_tokens``).
@@ -523,7 +492,7 @@ def generate(
     return _generate_cached(
         model, params, prompt_BP, lengths_B, cache, _check_rng(rng, sampling),
         *_token_ids(end_token, pad_token, vocab_size), max_new_tokens=int(max_new_tokens), sampling=sampling,
-        shared_pages=isinstance(model, Decoder) and same_pages(cache),
+        shared_bookkeeping=isinstance(model, Decoder) and same_bookkeeping(cache),
     )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -226,6 +227,10 @@ class KVCache:
     key_scale: Array | None = None
     value_scale: Array | None = None
 
+    # Which tokens each row holds, and what layers sharing it must have alike (`gqa_jax.cache_bookkeeping`).
+    BOOKKEEPING: ClassVar[tuple[str, ...]] = ("lengths",)
+    GEOMETRY: ClassVar[str] = "(B,)"
+
     @classmethod
     def init(
         cls,
@@ -267,6 +272,11 @@ class KVCache:
     def capacity(self) -> int:
         """``S``, the most tokens a row can hold."""
         return self.key.shape[1]
+
+    @property
+    def geometry(self) -> tuple[int]:
+        """``(B,)``: what caches that share their lengths must have alike (`gqa_jax.cache_bookkeeping`)."""
+        return (self.lengths.shape[0],)
 
     @property
     def is_quantized(self) -> bool:

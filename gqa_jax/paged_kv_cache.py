@@ -14,11 +14,10 @@ Allocation: `PagedKVCache.update` gives each row the pages its new tokens
 need, ``ceil(new length / page_size)`` in all, from the top of the free stack,
 rows in batch order. Pages of rows that grow in turn interleave in the pool.
 
-A model's layers each hold a cache, and take the same writes: layers built
-alike hold the same pages for the same tokens (`same_pages`), and a layer can
-take another's page table, lengths and free stack (`PagedKVCache.with_pages_of`)
-so that XLA computes their allocations once (`gqa_jax.decoding.generate` does
-this for a `gqa_jax.models.Decoder`).
+A model's layers each hold a cache and take the same writes, so layers built
+alike hold the same pages for the same tokens: `gqa_jax.cache_bookkeeping`
+lets them share one page allocation per step (`gqa_jax.decoding.generate`
+does for a `gqa_jax.models.Decoder`).
 
 Capacity: a row holds at most ``max_pages_per_row * page_size`` tokens, and
 all rows share the pool's ``num_pages`` pages. A write never overwrites
@@ -58,6 +57,7 @@ dequantizes the whole cache.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -79,35 +79,6 @@ Array = jax.Array
 KERNEL_KEYWORDS = frozenset({"scale", "local_window_size", "logits_soft_cap"})
 # The implementation names whose kernel family includes each backend's paged kernel.
 PAGED_IMPLEMENTATIONS = {"gpu": "pallas_triton", "tpu": "pallas_tpu"}
-
-
-# The fields that say which pages hold which tokens: equal in caches that have had the same writes.
-BOOKKEEPING = ("page_table", "lengths", "free_pages", "num_free")
-
-
-def same_pages(caches) -> bool:
-    """Whether ``caches`` (`PagedKVCache` s, e.g. a model's layers) are known to hold the same pages for the same
-    tokens: the same page size and pool and table shapes, and concrete, equal page tables, lengths and free stacks
-    (the pools' values and dtypes may differ).
-
-    Caches that start so and take the same writes stay so, and then one
-    allocation serves them all (`PagedKVCache.with_pages_of`):
-    `gqa_jax.decoding.generate` uses it for a decoder's layers. False for
-    traced caches (nothing is known), anything not a `PagedKVCache`, and an
-    empty sequence.
-    """
-    if not caches or not all(isinstance(c, PagedKVCache) for c in caches):
-        return False
-    if len({c.page_geometry for c in caches}) != 1:
-        return False
-    first = [concrete_value(getattr(caches[0], name)) for name in BOOKKEEPING]
-    if any(x is None for x in first):
-        return False
-    for cache in caches[1:]:
-        values = [concrete_value(getattr(cache, name)) for name in BOOKKEEPING]
-        if any(x is None or not np.array_equal(x, y) for x, y in zip(values, first)):
-            return False
-    return True
 
 
 def _is_neutral(name: str, value, backend: str) -> bool:
@@ -170,6 +141,10 @@ class PagedKVCache:
     num_free: Array
     key_scale_pages: Array | None = None
     value_scale_pages: Array | None = None
+
+    # Which pages hold which tokens, and what layers sharing it must have alike (`gqa_jax.cache_bookkeeping`).
+    BOOKKEEPING: ClassVar[tuple[str, ...]] = ("page_table", "lengths", "free_pages", "num_free")
+    GEOMETRY: ClassVar[str] = "(B, P, page_size, M)"
 
     @classmethod
     def init(
@@ -280,30 +255,10 @@ class PagedKVCache:
         return jnp.maximum(total - self.pages_per_row, 0)
 
     @property
-    def page_geometry(self) -> tuple[int, int, int, int]:
-        """``(B, P, page_size, M)``: what caches that share page bookkeeping must have alike."""
+    def geometry(self) -> tuple[int, int, int, int]:
+        """``(B, P, page_size, M)``: what caches that share their page bookkeeping must have alike
+        (`gqa_jax.cache_bookkeeping`)."""
         return self.batch_size, self.num_pages, self.page_size, self.max_pages_per_row
-
-    def with_pages_of(self, other: "PagedKVCache") -> "PagedKVCache":
-        """This cache's pools with ``other``'s page table, lengths and free stack.
-
-        For caches that hold the same pages for the same tokens (`same_pages`),
-        such as a decoder's layers: when every layer takes the first layer's
-        bookkeeping before a write, their page allocations are one computation
-        that XLA computes once, not once per layer.
-
-        Raises:
-          TypeError: for ``other`` not a `PagedKVCache`.
-          ValueError: for caches of other batch sizes, page counts, page sizes
-            or table widths (`page_geometry`).
-        """
-        if not isinstance(other, PagedKVCache):
-            raise TypeError(f"with_pages_of takes a PagedKVCache, got {type(other).__name__}")
-        if self.page_geometry != other.page_geometry:
-            raise ValueError(
-                "with_pages_of needs caches of the same batch size, page count, page size and table width, got "
-                f"(B, P, page_size, M)={self.page_geometry} and {other.page_geometry}")
-        return dataclasses.replace(self, **{name: getattr(other, name) for name in BOOKKEEPING})
 
     # -- writes ------------------------------------------------------------------
 

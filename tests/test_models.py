@@ -205,19 +205,21 @@ def _generation_inputs(seed):
 def test_generate_on_a_paged_cache_gives_the_dense_cache_tokens_and_values(monkeypatch):
     """The reference Decoder through `generate` on one `PagedKVCache` per layer (pages of rows interleaved): the
     uncached pass's tokens, and in every layer of the returned cache the dense cache's keys and values. Layers that
-    hold the same pages take one allocation per step (`same_pages`); layers with another free stack or page size
-    each take their own."""
+    agree (`same_bookkeeping`: the default dense cache, paged layers built alike) share one bookkeeping update per
+    step; paged layers with another free stack or page size each update their own."""
     from gqa_jax import decoding
-    from gqa_jax.paged_kv_cache import same_pages
+    from gqa_jax.cache_bookkeeping import same_bookkeeping
     from pallas_kernels.paging import gather_pages
 
     cfg, model, params, prompt, lengths = _generation_inputs(107)
+    shared_flags, generate_cached = [], decoding._generate_cached
+    monkeypatch.setattr(decoding, "_generate_cached", lambda *a, **kw: (
+        shared_flags.append(kw["shared_bookkeeping"]), generate_cached(*a, **kw))[1])
     expected = decoding.generate_without_cache(model, params, prompt, lengths, max_new_tokens=5).tokens
     dense = decoding.generate(model, params, prompt, lengths, max_new_tokens=5)
+    assert shared_flags == [True]
     np.testing.assert_array_equal(dense.tokens, expected)
-    shared_flags, generate_cached = [], decoding._generate_cached
-    monkeypatch.setattr(decoding, "_generate_cached",
-                        lambda *a, **kw: (shared_flags.append(kw["shared_pages"]), generate_cached(*a, **kw))[1])
+    assert same_bookkeeping(dense.cache)
     other_stack = _paged_layers(cfg)
     other_stack = other_stack[:1] + tuple(dataclasses.replace(c, free_pages=c.free_pages[::-1]) for c in other_stack[1:])
     cases = {"same pages": (_paged_layers(cfg), True), "other free stack": (other_stack, False),
@@ -226,7 +228,7 @@ def test_generate_on_a_paged_cache_gives_the_dense_cache_tokens_and_values(monke
         out = decoding.generate(model, params, prompt, lengths, max_new_tokens=5, cache=cache)
         assert shared_flags[-1] == shared, case
         np.testing.assert_array_equal(out.tokens, expected, err_msg=case)
-        assert same_pages(out.cache) == shared, case
+        assert same_bookkeeping(out.cache) == shared, case
         for i, (layer, reference) in enumerate(zip(out.cache, dense.cache)):
             np.testing.assert_array_equal(layer.lengths, reference.lengths, err_msg=case)
             table = np.asarray(layer.page_table)
@@ -240,28 +242,29 @@ def test_generate_on_a_paged_cache_gives_the_dense_cache_tokens_and_values(monke
                                                rtol=1e-5, atol=1e-5, err_msg=f"{case}: layer {i} {name} row {row}")
 
 
-def test_decode_step_with_shared_pages_allocates_from_the_first_layer():
-    """`decode_step(shared_pages=True)`: the first layer comes back with the step's bookkeeping, the others with what
-    they came with (stale), every pool written as without sharing; `first_layers_pages` makes it whole. An int8 cache
-    alike. A cache that is not paged layers of one page geometry is refused."""
-    from gqa_jax.decoding import decode_step, first_layers_pages
-    from gqa_jax.paged_kv_cache import BOOKKEEPING
+def test_decode_step_with_shared_bookkeeping_updates_it_in_the_first_layer():
+    """`decode_step(shared_bookkeeping=True)`: the first layer comes back with the step's bookkeeping, the others
+    with what they came with (stale), every layer's values written as without sharing; `first_layers_bookkeeping`
+    makes it whole. Dense, paged and int8 paged caches. Caches of mixed types or page geometries are refused."""
+    from gqa_jax.cache_bookkeeping import first_layers_bookkeeping
+    from gqa_jax.decoding import decode_step
 
     cfg, model, params, prompt, lengths = _generation_inputs(113)
     variables, tokens = {"params": params}, jnp.asarray(prompt[:, 0], jnp.int32)
-    for dtype in (None, jnp.int8):
-        _, cache = model.apply(variables, prompt, _paged_layers(cfg, dtype=dtype), num_new=lengths)
+    for empty in (init_cache(cfg, 3, 16), _paged_layers(cfg), _paged_layers(cfg, dtype=jnp.int8)):
+        _, cache = model.apply(variables, prompt, empty, num_new=lengths)
         plain_logits, plain = decode_step(model, variables, cache, tokens)
-        logits, shared = decode_step(model, variables, cache, tokens, shared_pages=True)
+        logits, shared = decode_step(model, variables, cache, tokens, shared_bookkeeping=True)
         np.testing.assert_array_equal(logits, plain_logits)
-        for name in BOOKKEEPING:
+        for name in type(cache[0]).BOOKKEEPING:
             np.testing.assert_array_equal(getattr(shared[0], name), getattr(plain[0], name))
             for stale, before in zip(shared[1:], cache[1:]):
                 assert getattr(stale, name) is getattr(before, name), name
-        for whole, reference in zip(first_layers_pages(shared), plain):
+        for whole, reference in zip(first_layers_bookkeeping(shared), plain):
             for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(reference)):
                 np.testing.assert_array_equal(a, b)
-    with pytest.raises(TypeError, match="tuple of PagedKVCache"):
-        decode_step(model, variables, init_cache(cfg, 3, 16), tokens, shared_pages=True)
-    with pytest.raises(ValueError, match=r"page size .*\(3, 12, 4, 4\) and \(3, 12, 8, 4\)"):
-        decode_step(model, variables, _paged_layers(cfg, page_sizes=(8, 4)), tokens, shared_pages=True)
+    mixed = (init_cache(cfg, 3, 16)[0], _paged_layers(cfg)[0])
+    with pytest.raises(TypeError, match="got PagedKVCache and KVCache"):
+        decode_step(model, variables, mixed, tokens, shared_bookkeeping=True)
+    with pytest.raises(ValueError, match=r"\(B, P, page_size, M\)=\(3, 12, 4, 4\) and \(3, 12, 8, 4\)"):
+        decode_step(model, variables, _paged_layers(cfg, page_sizes=(8, 4)), tokens, shared_bookkeeping=True)

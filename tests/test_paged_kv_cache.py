@@ -21,7 +21,7 @@ import pytest
 import gqa_jax
 from gqa_jax.decoding import generate, generate_without_cache
 from gqa_jax.kv_cache import KVCache
-from gqa_jax.paged_kv_cache import PagedKVCache, same_pages
+from gqa_jax.paged_kv_cache import PagedKVCache
 from pallas_kernels.gpu.decode_attention import DecodeBlockSizes
 from pallas_kernels.gpu.paged_decode_attention import page_aligned_block_k, paged_decode_attention
 from tests.devices import has_gpu
@@ -40,35 +40,6 @@ def _normal(rng, shape, dtype=jnp.float32):
 def _paged(num_pages=24, page_size=4, max_pages_per_row=6, **sizes):
     sizes = dict(dict(batch_size=B, num_kv_heads=K, head_dim=H), **sizes)
     return PagedKVCache.init(num_pages=num_pages, page_size=page_size, max_pages_per_row=max_pages_per_row, **sizes)
-
-
-def test_same_pages_and_with_pages_of():
-    """Layers that took the same writes hold the same pages; any difference in the bookkeeping, a traced cache or
-    another kind of cache is not known to."""
-    rng = np.random.default_rng(11)
-    _, k, v, n = _step_inputs(rng, [5, 0, 3])
-    first, second = _paged().update(k, v, num_new=n), _paged().update(-k, v, num_new=n)  # other values, same pages
-    assert same_pages((first, second)) and same_pages((first,))
-    assert not same_pages(()) and not same_pages((first, KVCache.init(B, 24, K, H)))
-    assert same_pages((_paged(), _paged())) and not same_pages((_paged(), _paged(page_size=8)))  # empty, equal tables
-    for name, changed in (("page_table", first.page_table.at[0, 0].set(23)), ("lengths", first.lengths + 1),
-                          ("free_pages", first.free_pages[::-1]), ("num_free", first.num_free - 1)):
-        assert not same_pages((first, dataclasses.replace(second, **{name: changed}))), name
-    seen = []
-    jax.jit(lambda a, b: seen.append(same_pages((a, b))))(first, second)
-    assert seen == [False]
-
-    other = _paged().update(k[:, :1], v[:, :1])  # one token per row
-    moved = other.with_pages_of(first)
-    for name in ("page_table", "lengths", "free_pages", "num_free"):
-        np.testing.assert_array_equal(getattr(moved, name), getattr(first, name))
-    assert moved.key_pages is other.key_pages and moved.value_pages is other.value_pages
-    with pytest.raises(ValueError, match=r"page_size, M\)=\(3, 24, 4, 6\) and \(3, 12, 4, 6\)"):
-        first.with_pages_of(_paged(num_pages=12))
-    with pytest.raises(ValueError, match=r"\(3, 24, 4, 6\) and \(3, 24, 8, 6\)"):
-        first.with_pages_of(_paged(page_size=8))
-    with pytest.raises(TypeError, match="takes a PagedKVCache, got KVCache"):
-        first.with_pages_of(KVCache.init(B, 24, K, H))
 
 
 def _step_inputs(rng, num_new):

@@ -12,10 +12,11 @@ per cache kind (`gqa_jax.bench.e2e.CACHES`), in milliseconds per decode step:
 
 * ``step``: one whole decode step (`gqa_jax.decoding.decode_step`: the
   model on one token per row, greedy tokens fed back), the cache donated and
-  carried, each layer allocating its own pages;
-* ``step shared``: for paged caches, the same with one page allocation for
-  all layers (the layers read the first one's page table: what
-  `gqa_jax.decoding.generate` does when the layers hold the same pages);
+  carried, each layer updating its own bookkeeping (lengths; a paged
+  cache's page allocation and slots);
+* ``step shared``: the same with one bookkeeping update for all layers (the
+  layers read the first one's: what `gqa_jax.decoding.generate` does when
+  the layers agree, `gqa_jax.cache_bookkeeping`);
 * ``writes`` / ``writes shared``: what the step's layers do to their caches,
   without the model: ``update`` of one new token per row in each layer's
   cache (shared: as in ``step shared``);
@@ -46,16 +47,11 @@ import numpy as np
 
 from gqa_jax.bench import e2e
 from gqa_jax.bench.timing import environment, time_interleaved
-from gqa_jax.decoding import decode_step, through_shared_pages
+from gqa_jax.cache_bookkeeping import through_shared_bookkeeping, with_bookkeeping_of
+from gqa_jax.decoding import decode_step
 from gqa_jax.models import Decoder
-from gqa_jax.paged_kv_cache import PagedKVCache
 
 STEPS = 16  # decode steps per timed call
-
-
-def is_paged(kind: str) -> bool:
-    """Whether cache kind ``kind`` (a key of `gqa_jax.bench.e2e.CACHES`) is a `PagedKVCache`."""
-    return e2e.CACHES[kind][1]
 
 
 def filled_cache(shape: e2e.EndToEndShape, model, params, kind: str, length: int):
@@ -69,21 +65,19 @@ def filled_cache(shape: e2e.EndToEndShape, model, params, kind: str, length: int
 
 
 def restart(cache, start):
-    """``cache`` with its lengths (and page bookkeeping) set back to ``start``'s: the values stay, the rows shrink."""
-    if isinstance(cache, PagedKVCache):
-        return cache.with_pages_of(start)
-    return dataclasses.replace(cache, lengths=start.lengths)
+    """``cache`` with its bookkeeping set back to ``start``'s (lengths, pages): the values stay, the rows shrink."""
+    return with_bookkeeping_of(cache, start)
 
 
 def step_loop(model, start, *, shared: bool):
     """``STEPS`` greedy decode steps of the whole model from ``start``'s lengths, the cache carried
-    (`gqa_jax.decoding.decode_step`; ``shared``: one page allocation for all layers, as `generate` does)."""
+    (`gqa_jax.decoding.decode_step`; ``shared``: one bookkeeping update for all layers, as `generate` does)."""
 
     def run(caches, tokens, params):
         caches = tuple(restart(c, s) for c, s in zip(caches, start))
 
         def body(_, carry):
-            logits, caches = decode_step(model, {"params": params}, *carry, shared_pages=shared)
+            logits, caches = decode_step(model, {"params": params}, *carry, shared_bookkeeping=shared)
             return caches, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
         return jax.lax.fori_loop(0, STEPS, body, (caches, tokens))
@@ -92,8 +86,8 @@ def step_loop(model, start, *, shared: bool):
 
 
 def write_loop(start, *, shared: bool):
-    """``STEPS`` rounds of one-token ``update`` in every layer's cache (``shared``: one page allocation for all,
-    `gqa_jax.decoding.through_shared_pages`). The new keys and values differ per layer and step, as a model's do,
+    """``STEPS`` rounds of one-token ``update`` in every layer's cache (``shared``: one bookkeeping update for all,
+    `gqa_jax.cache_bookkeeping.through_shared_bookkeeping`). The new keys and values differ per layer and step, as a model's do,
     so that neither their quantization nor the writes merge across layers or leave the loop."""
 
     def run(caches, tokens, new_kv):
@@ -104,7 +98,7 @@ def write_loop(start, *, shared: bool):
                 return None, tuple(c.update(*((x + i.astype(x.dtype)) * (layer + 1) for x in new_kv))
                                    for layer, c in enumerate(caches))
 
-            return (through_shared_pages(write, caches) if shared else write(caches))[1]
+            return (through_shared_bookkeeping(write, caches) if shared else write(caches))[1]
 
         return jax.lax.fori_loop(0, STEPS, body, caches), tokens
 
@@ -186,10 +180,9 @@ def main():
         caches = filled_cache(shape, model, params, kind, args.length)
         start = caches  # every loop restarts from these lengths and pages
         parts = {"step": (step_loop(model, start, shared=False), params),
-                 "writes": (write_loop(start, shared=False), new_kv)}
-        if is_paged(kind):
-            parts["step shared"] = (step_loop(model, start, shared=True), params)
-            parts["writes shared"] = (write_loop(start, shared=True), new_kv)
+                 "step shared": (step_loop(model, start, shared=True), params),
+                 "writes": (write_loop(start, shared=False), new_kv),
+                 "writes shared": (write_loop(start, shared=True), new_kv)}
         for part, (fn, argument) in parts.items():
             name = f"{kind} {part}"
             loops[name] = jax.jit(fn, donate_argnums=0)
@@ -208,7 +201,7 @@ def main():
     columns = ("step", "step shared", "writes", "writes shared")
     print(f"{'cache':<12}" + "".join(f"{c:>14}" for c in columns) + f"{'attend':>14}")
     for kind in e2e.CACHES:
-        cells = [ms(carried[f"{kind} {c}"]) if f"{kind} {c}" in carried else "-" for c in columns]
+        cells = [ms(carried[f"{kind} {c}"]) for c in columns]
         print(f"{kind:<12}" + "".join(f"{c:>14}" for c in cells + [ms(attended[kind])]))
     print("ops per step (top-level instructions of the compiled loop body): "
           + ", ".join(f"{name} {count}" for name, count in ops.items()))

@@ -27,9 +27,9 @@ Notes on what runs:
   on a GPU: `PagedKVCache.attend` takes ``implementation="pallas_triton"``,
   alone or first, as its own); its prefill gathers each row's pages into a
   dense cache and attends over it with the pinned implementation.
-* A paged cache's layers are built alike, so `generate` gives them their
-  pages in one allocation per step for all layers
-  (`gqa_jax.decoding.decode_step`), not one per layer.
+* Every cache's layers are built alike, so `generate` updates their
+  lengths (and pages) once per step for all layers
+  (`gqa_jax.cache_bookkeeping`), not once per layer.
 
 Greedy tokens are compared with the case's first bf16 dense run (Triton's,
 where it ran): ``agreement`` is the fraction of generated tokens equal to it.
