@@ -251,15 +251,18 @@ def test_decode_step_with_shared_bookkeeping_updates_it_in_the_first_layer():
 
     cfg, model, params, prompt, lengths = _generation_inputs(113)
     variables, tokens = {"params": params}, jnp.asarray(prompt[:, 0], jnp.int32)
+    prefill = jax.jit(lambda variables, cache: model.apply(variables, prompt, cache, num_new=lengths)[1])
+    step = jax.jit(decode_step, static_argnums=0, static_argnames="shared_bookkeeping")
     for empty in (init_cache(cfg, 3, 16), _paged_layers(cfg), _paged_layers(cfg, dtype=jnp.int8)):
-        _, cache = model.apply(variables, prompt, empty, num_new=lengths)
-        plain_logits, plain = decode_step(model, variables, cache, tokens)
-        logits, shared = decode_step(model, variables, cache, tokens, shared_bookkeeping=True)
+        cache = prefill(variables, empty)
+        plain_logits, plain = step(model, variables, cache, tokens)
+        logits, shared = step(model, variables, cache, tokens, shared_bookkeeping=True)
         np.testing.assert_array_equal(logits, plain_logits)
+        np.testing.assert_array_equal(plain[0].lengths, cache[0].lengths + 1)
         for name in type(cache[0]).BOOKKEEPING:
             np.testing.assert_array_equal(getattr(shared[0], name), getattr(plain[0], name))
             for stale, before in zip(shared[1:], cache[1:]):
-                assert getattr(stale, name) is getattr(before, name), name
+                np.testing.assert_array_equal(getattr(stale, name), getattr(before, name), err_msg=name)
         for whole, reference in zip(first_layers_bookkeeping(shared), plain):
             for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(reference)):
                 np.testing.assert_array_equal(a, b)
