@@ -1,8 +1,10 @@
 """Where a decode step's time goes on each kind of cache: the whole step, the cache writes, the attention.
 
-Run on the GPU machine (about a minute on an H100)::
+Run on the GPU machine (a few minutes, most of it compiling eight decode loops of the 1B model;
+``--caches`` runs fewer kinds)::
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 tools/decode_step_breakdown.py [--reps 9] [--length 512] [--quick]
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 tools/decode_step_breakdown.py [--reps 9] [--length 512]
+        [--caches "bf16 dense,bf16 paged"] [--quick]
 
 Issue 16: a paged cache cost 16% end to end over the dense one
 (`gqa_jax.bench.e2e`, bf16) where the paged decode kernel alone costs less.
@@ -160,7 +162,12 @@ def main():
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--length", type=int, default=512, help="prompt tokens per row before the steps (ragged)")
     parser.add_argument("--quick", action="store_true", help="a toy-width 16-layer model (CPU check)")
+    parser.add_argument("--caches", default=",".join(e2e.CACHES),
+                        help=f"comma-separated cache kinds of {list(e2e.CACHES)}")
     args = parser.parse_args()
+    kinds = args.caches.split(",")
+    if unknown := sorted(set(kinds) - set(e2e.CACHES)):
+        parser.error(f"unknown cache kinds {unknown}; known: {list(e2e.CACHES)}")
     print(environment())
     base = e2e.shapes(args.quick)[-1]
     if args.quick:  # the toy width with the full model's layer count: the per-layer bookkeeping shows
@@ -176,7 +183,7 @@ def main():
     tokens = jnp.asarray(rng.integers(1, config.vocab_size, (shape.B,)), jnp.int32)
 
     loops, inputs, fixed, attends = {}, {}, {}, {}
-    for kind in e2e.CACHES:
+    for kind in kinds:
         caches = filled_cache(shape, model, params, kind, args.length)
         start = caches  # every loop restarts from these lengths and pages
         parts = {"step": (step_loop(model, start, shared=False), params),
@@ -185,26 +192,26 @@ def main():
                  "writes shared": (write_loop(start, shared=True), new_kv)}
         for part, (fn, argument) in parts.items():
             name = f"{kind} {part}"
-            loops[name] = jax.jit(fn, donate_argnums=0)
             inputs[name] = (jax.tree.map(jnp.copy, caches), tokens)  # each loop donates its own copy
             fixed[name] = (argument,)
+            loops[name] = jax.jit(fn, donate_argnums=0).lower(*inputs[name], *fixed[name]).compile()  # compiled once
         attend = jax.jit(attend_loop, static_argnums=2)
         attends[kind] = lambda attend=attend, caches=caches: attend(caches, query, config.implementation)
         print(f"{kind}: filled, lengths {np.asarray(caches[0].lengths).tolist()}", flush=True)
 
-    ops = {name: loop_body_ops(loop.lower(*inputs[name], *fixed[name]).compile().as_text())
-           for name, loop in loops.items() if name.endswith("step") or name.endswith("step shared")}
+    ops = {name: loop_body_ops(loop.as_text()) for name, loop in loops.items() if " step" in name}
     carried = time_carried(loops, inputs, fixed, args.reps)
     attended = time_interleaved(attends, [()], reps=args.reps, min_rep_seconds=0.02)
     ms = lambda seconds: f"{1e3 * seconds / STEPS:.3f}"
     print(f"\n{shape.name} at lengths ~{args.length}; ms per decode step (median of {args.reps}, {STEPS} steps a call)")
     columns = ("step", "step shared", "writes", "writes shared")
     print(f"{'cache':<12}" + "".join(f"{c:>14}" for c in columns) + f"{'attend':>14}")
-    for kind in e2e.CACHES:
+    for kind in kinds:
         cells = [ms(carried[f"{kind} {c}"]) for c in columns]
         print(f"{kind:<12}" + "".join(f"{c:>14}" for c in cells + [ms(attended[kind])]))
     print("ops per step (top-level instructions of the compiled loop body): "
           + ", ".join(f"{name} {count}" for name, count in ops.items()))
+
 
 if __name__ == "__main__":
     main()
